@@ -1,0 +1,276 @@
+"""Datasets with no download: the embedded 8x8 digits and a reader for MNIST-format IDX files.
+
+* :func:`load_digits` reads ``cbn/data/digits.npz``, shipped in the package:
+  the UCI "Optical Recognition of Handwritten Digits" test set (1,797 images,
+  8x8 pixels of 0..16, CC BY 4.0; see ``cbn/data/DIGITS_LICENSE.txt``).
+* :func:`train_test_split` makes a deterministic, stratified split.
+* :func:`standardize` scales inputs with the mean and standard deviation of
+  the *training* set only ("normalizing inputs" of the lecture).
+* :func:`load_idx` and :func:`load_mnist_dir` read the IDX files of MNIST
+  and Fashion-MNIST (plain or ``.gz``), from a directory the user names.
+"""
+
+import gzip
+import importlib.resources
+import io
+import numbers
+import os
+
+import numpy as np
+
+__all__ = [
+    "load_digits",
+    "train_test_split",
+    "standardize",
+    "load_idx",
+    "load_mnist_dir",
+    "IDX_DTYPES",
+]
+
+# IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/).
+IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def load_digits(*, flatten=True, dtype=np.float32):
+    """Load the 1,797 embedded 8x8 handwritten digits.
+
+    Parameters
+    ----------
+    flatten : bool, default True
+        Return images as rows of 64 features instead of 8x8 arrays.
+    dtype : numpy dtype, default float32
+        dtype of the returned images (pixel values 0..16, not scaled).
+
+    Returns
+    -------
+    X : ndarray of shape (1797, 64) or (1797, 8, 8)
+    y : ndarray of shape (1797,), int64, labels 0..9
+    """
+    ref = importlib.resources.files("cbn").joinpath("data", "digits.npz")
+    with ref.open("rb") as fh, np.load(io.BytesIO(fh.read())) as archive:
+        images, labels = archive["images"], archive["labels"]
+    X = images.reshape(len(images), -1) if flatten else images
+    return X.astype(dtype), labels.astype(np.int64)
+
+
+def _fraction(value, name):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+    return float(value)
+
+
+def train_test_split(X, y, *, test_fraction=0.25, seed=0, stratify=True):
+    """Split ``(X, y)`` into a training and a test set, deterministically.
+
+    Parameters
+    ----------
+    X : ndarray of shape (N, ...)
+    y : ndarray of shape (N,), integer labels
+    test_fraction : float in (0, 1), default 0.25
+        Share of the examples (of each class, when stratified) put in the test set.
+    seed : int, default 0
+        Seed of the permutation: the same seed always gives the same split.
+    stratify : bool, default True
+        Keep the class proportions equal in both parts.
+
+    Returns
+    -------
+    X_train, X_test, y_train, y_test : ndarray
+        Test indices are taken per class and both parts are shuffled.
+    """
+    X, y = np.asarray(X), np.asarray(y)
+    if y.ndim != 1 or len(X) != len(y):
+        raise ValueError(f"X and y must have the same length N and y shape (N,), got "
+                         f"X {X.shape} and y {y.shape}")
+    test_fraction = _fraction(test_fraction, "test_fraction")
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
+    test = []
+    for idx in groups:
+        idx = rng.permutation(idx)
+        test.append(idx[: int(round(test_fraction * len(idx)))])
+    test = np.concatenate(test)
+    is_test = np.zeros(len(y), bool)
+    is_test[test] = True
+    train = rng.permutation(np.flatnonzero(~is_test))
+    test = rng.permutation(test)
+    return X[train], X[test], y[train], y[test]
+
+
+def standardize(train, *others, eps=1e-8):
+    """Standardize features with the statistics of ``train`` only.
+
+    Each feature becomes ``(x - mean) / std`` with ``mean`` and ``std`` (biased)
+    computed per column of ``train``; a constant column (``std <= eps``, e.g.
+    a pixel that is always blank) is only centred.
+
+    Parameters
+    ----------
+    train : ndarray of shape (N, D)
+    *others : ndarray of shape (M, D)
+        Validation or test sets, transformed with the training statistics.
+    eps : float, default 1e-8
+
+    Returns
+    -------
+    tuple of ndarray
+        The standardized ``train`` followed by each of ``others``; floating
+        inputs keep their dtype, integer inputs become float64.
+    """
+    arrays = [np.asarray(a) for a in (train, *others)]
+    for i, a in enumerate(arrays):
+        if a.ndim != 2:
+            raise ValueError(f"standardize expects 2-D (N, D) arrays; argument {i} has shape "
+                             f"{a.shape}")
+        if a.shape[1] != arrays[0].shape[1]:
+            raise ValueError(f"argument {i} has {a.shape[1]} features, train has "
+                             f"{arrays[0].shape[1]}")
+    if len(arrays[0]) == 0:
+        raise ValueError("train must hold at least one row")
+    mean = arrays[0].mean(axis=0, dtype=np.float64)
+    std = arrays[0].std(axis=0, dtype=np.float64)
+    std = np.where(std > eps, std, 1.0)
+    out = []
+    for a in arrays:
+        dtype = a.dtype if a.dtype.kind == "f" else np.float64
+        out.append(((a - mean) / std).astype(dtype, copy=False))
+    return tuple(out)
+
+
+def _read_bytes(path):
+    """The content of ``path``, decompressed when it ends in ``.gz``."""
+    path = os.fspath(path)
+    if path.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        except (EOFError, gzip.BadGzipFile, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ValueError(f"{path}: not a valid gzip file ({exc})") from exc
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def load_idx(path):
+    """Read one IDX file (the MNIST format), plain or gzip-compressed.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        File name; a name ending in ``.gz`` is decompressed.
+
+    Returns
+    -------
+    ndarray
+        Shape and dtype from the header (``uint8`` for MNIST), native byte order.
+
+    Raises
+    ------
+    ValueError
+        On a bad magic number, an unknown type byte, or a data size that does
+        not match the header (a truncated file or trailing bytes).
+    """
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise ValueError(f"{path}: truncated IDX file, {len(data)} bytes, not even a header")
+    if data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: bad magic number {data[:4].hex()}: not an IDX file "
+                         "(expected 0x0000 then type and rank bytes)")
+    type_code, ndim = data[2], data[3]
+    if type_code not in IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX type byte 0x{type_code:02x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX file, header needs {header} bytes, "
+                         f"got {len(data)}")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    dtype = IDX_DTYPES[type_code]
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "trailing bytes in"
+        raise ValueError(f"{path}: {what} IDX file: header says shape {shape} of {dtype.name} "
+                         f"({expected} bytes), file has {len(data)} bytes")
+    arr = np.frombuffer(data, dtype, offset=header).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="))
+
+
+_SPLITS = {"train": "train", "test": "t10k"}
+
+
+def _find(directory, prefix, kind, rank):
+    """Locate e.g. ``train-images-idx3-ubyte[.gz]`` (or ``train-images.idx3-ubyte``)."""
+    names = [f"{prefix}-{kind}-idx{rank}-ubyte", f"{prefix}-{kind}.idx{rank}-ubyte"]
+    for name in names:
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(directory, candidate)
+            if os.path.isfile(path):
+                return path
+    raise FileNotFoundError(f"{directory}: no {names[0]} or {names[0]}.gz "
+                            "(MNIST-format IDX files expected)")
+
+
+def load_mnist_dir(directory, *, n_classes=10, flatten=True, dtype=np.float32):
+    """Load an MNIST-format dataset (MNIST, Fashion-MNIST) from a directory.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+        ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each
+        possibly ``.gz`` (Debian's ``dataset-fashion-mnist`` installs them).
+    n_classes : int, default 10
+        Labels must lie in ``[0, n_classes)``.
+    flatten : bool, default True
+        Return images as rows of ``H*W`` features.
+    dtype : numpy dtype, default float32
+        dtype of the returned images (raw pixel values, not scaled).
+
+    Returns
+    -------
+    X_train, X_test, y_train, y_test : ndarray
+        Labels are int64.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a file is missing.
+    ValueError
+        If a file is malformed (see :func:`load_idx`), images are not 3-D,
+        labels not 1-D, counts of images and labels differ, or a label is out
+        of range.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"data directory {directory!r} does not exist")
+    out = {}
+    for split, prefix in _SPLITS.items():
+        img_path = _find(directory, prefix, "images", 3)
+        lbl_path = _find(directory, prefix, "labels", 1)
+        images, labels = load_idx(img_path), load_idx(lbl_path)
+        if images.ndim != 3:
+            raise ValueError(f"{img_path}: images must be 3-D (N, H, W), got shape {images.shape}")
+        if labels.ndim != 1:
+            raise ValueError(f"{lbl_path}: labels must be 1-D (N,), got shape {labels.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{split} set: {len(images)} images in {img_path} but "
+                             f"{len(labels)} labels in {lbl_path}")
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"{lbl_path}: labels must be integers, got {labels.dtype}")
+        bad = (labels < 0) | (labels >= n_classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{lbl_path}: label {int(labels[i])} at index {i} is out of range "
+                             f"[0, {n_classes})")
+        X = images.reshape(len(images), -1) if flatten else images
+        out[split] = (X.astype(dtype), labels.astype(np.int64))
+    return out["train"][0], out["test"][0], out["train"][1], out["test"][1]

@@ -1,0 +1,533 @@
+"""Minimal neural-network layers that share one protocol with :class:`cbn.BatchNorm`.
+
+Every layer here, like ``BatchNorm``, offers
+
+* ``forward(x)`` (also ``layer(x)``) and ``backward(dy) -> dx``; ``backward``
+  uses what the last ``forward`` cached and *overwrites* the gradient arrays
+  (there is no accumulation, so there is nothing to zero between steps);
+* ``params`` and ``grads``: dicts mapping a name to the very arrays that are
+  updated in place (an optimizer holds on to them);
+* ``train(mode=True)`` and ``eval()``, returning the layer, and a ``training``
+  flag.
+
+Arrays are ``(N, features)`` batches.  A model has one floating dtype
+(``float32`` by default, ``float64`` for gradient checks); layers with
+parameters raise ``TypeError`` on an input of another dtype, as ``BatchNorm``
+does, and :func:`cbn.trainer.fit` converts the data once, up front.
+
+The stack follows the lecture (Ioffe & Szegedy, 2015): ``Linear`` without a bias
+before batch norm, since BN's ``beta`` replaces it; see :func:`mlp`.
+"""
+
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "Module",
+    "Linear",
+    "ReLU",
+    "Sigmoid",
+    "Tanh",
+    "Sequential",
+    "SoftmaxCrossEntropy",
+    "mlp",
+    "as_generator",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+
+
+def as_generator(rng):
+    """Return a ``numpy.random.Generator`` for ``rng``.
+
+    Parameters
+    ----------
+    rng : None, int or numpy.random.Generator
+        ``None`` for fresh OS entropy, an ``int`` seed, or a generator that is
+        returned as is (so several layers can draw from one stream).
+
+    Returns
+    -------
+    numpy.random.Generator
+    """
+    if rng is None or isinstance(rng, np.random.Generator):
+        return np.random.default_rng(rng)
+    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise TypeError(
+        f"rng must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}"
+    )
+
+
+def _float_dtype(dtype, name="dtype"):
+    """Validate a model dtype: float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from exc
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dt}")
+    return dt
+
+
+def _positive_int(value, name):
+    """Validate a strictly positive integer argument."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_float_array(x, name="x"):
+    """Raise unless ``x`` is a float32/float64 ndarray."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+
+
+class Module:
+    """Base class of the layers: a ``training`` flag and no parameters.
+
+    Subclasses implement ``forward`` and ``backward``; layers with parameters
+    override ``params`` and ``grads``.
+    """
+
+    training = True
+
+    def __call__(self, x):
+        """Same as :meth:`forward`."""
+        return self.forward(x)
+
+    def forward(self, x):  # pragma: no cover - abstract
+        """Compute the output for a batch ``x``."""
+        raise NotImplementedError
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        """Return ``dL/dx`` given ``dy = dL/dy`` of the last forward."""
+        raise NotImplementedError
+
+    def train(self, mode=True):
+        """Set training mode (``mode=True``) or evaluation mode; return ``self``."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode; return ``self``."""
+        return self.train(False)
+
+    @property
+    def params(self):
+        """dict of str to ndarray: trainable parameters (empty here)."""
+        return {}
+
+    @property
+    def grads(self):
+        """dict of str to ndarray: gradients, same keys as :attr:`params`."""
+        return {}
+
+    def _cached(self, attr):
+        """Return the forward cache ``attr``, or raise if forward never ran."""
+        value = getattr(self, attr, None)
+        if value is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return value
+
+    def _check_dy(self, dy, like):
+        """Validate an upstream gradient against the cached forward output shape."""
+        if not isinstance(dy, np.ndarray) or dy.shape != like.shape:
+            got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+            raise ValueError(f"dy must be an ndarray of shape {like.shape}, got {got}")
+
+
+class Linear(Module):
+    """Fully connected layer ``y = x @ W + b``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Input and output widths; ``W`` has shape ``(in_features, out_features)``.
+    bias : bool, default True
+        Whether to add ``b`` of shape ``(out_features,)``.  Use ``False`` in
+        front of :class:`cbn.BatchNorm`, whose ``beta`` takes its role.
+    init : {"he", "xavier"}, default "he"
+        ``W ~ N(0, 2 / in_features)`` (He et al. 2015, for ReLU) or
+        ``W ~ N(0, 2 / (in_features + out_features))`` (Glorot & Bengio 2010,
+        for sigmoid/tanh and the output layer).  ``b`` starts at zero.
+    rng : None, int or numpy.random.Generator
+        Source of the initial weights (see :func:`as_generator`).
+    dtype : float32 or float64, default float32
+        dtype of the parameters and of the accepted input.
+
+    Notes
+    -----
+    Backward, for ``dy`` of shape ``(N, out_features)``::
+
+        dW = x.T @ dy,   db = sum_n dy[n],   dx = dy @ W.T
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, init="he", rng=None,
+                 dtype=np.float32):
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        if init not in ("he", "xavier"):
+            raise ValueError(f"init must be 'he' or 'xavier', got {init!r}")
+        self.dtype = _float_dtype(dtype)
+        self.init = init
+        fan = self.in_features if init == "he" else (self.in_features + self.out_features) / 2
+        std = np.sqrt(2.0 / fan)
+        gen = as_generator(rng)
+        self.W = (gen.standard_normal((self.in_features, self.out_features)) * std).astype(
+            self.dtype)
+        self.dW = np.zeros_like(self.W)
+        self.b = np.zeros(self.out_features, self.dtype) if bias else None
+        self.db = np.zeros_like(self.b) if bias else None
+        self._x = None
+
+    @property
+    def bias(self):
+        """bool: whether the layer has a bias ``b``."""
+        return self.b is not None
+
+    def forward(self, x):
+        """Return ``x @ W (+ b)`` for ``x`` of shape ``(N, in_features)`` and the layer's dtype."""
+        _check_float_array(x)
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must have shape (N, {self.in_features}), got {x.shape}")
+        self._x = x
+        y = x @ self.W
+        if self.b is not None:
+            y += self.b
+        return y
+
+    def backward(self, dy):
+        """Write ``dW`` (and ``db``) in place and return ``dx = dy @ W.T``."""
+        x = self._cached("_x")
+        if not isinstance(dy, np.ndarray) or dy.shape != (x.shape[0], self.out_features):
+            got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+            raise ValueError(
+                f"dy must be an ndarray of shape {(x.shape[0], self.out_features)}, got {got}")
+        np.matmul(x.T, dy, out=self.dW)
+        if self.db is not None:
+            np.sum(dy, axis=0, out=self.db)
+        return dy @ self.W.T
+
+    @property
+    def params(self):
+        """dict: ``{"W": W}`` plus ``"b"`` when the layer has a bias."""
+        return {"W": self.W} if self.b is None else {"W": self.W, "b": self.b}
+
+    @property
+    def grads(self):
+        """dict: ``{"W": dW}`` plus ``"b": db`` when the layer has a bias."""
+        return {"W": self.dW} if self.b is None else {"W": self.dW, "b": self.db}
+
+    def state_dict(self):
+        """Return copies of the parameters, keyed as :attr:`params`."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state):
+        """Copy arrays from ``state`` (as made by :meth:`state_dict`) into the parameters."""
+        _load_into(self.params, state, type(self).__name__)
+
+    def __repr__(self):
+        return (f"Linear({self.in_features}, {self.out_features}, bias={self.bias}, "
+                f"init={self.init!r}, dtype={self.dtype.name})")
+
+
+def _load_into(params, state, owner):
+    """Copy ``state`` into the arrays of ``params``, checking keys and shapes."""
+    if set(state) != set(params):
+        raise ValueError(f"{owner}: state keys {sorted(state)} != expected {sorted(params)}")
+    for key, arr in params.items():
+        src = np.asarray(state[key])
+        if src.shape != arr.shape:
+            raise ValueError(f"{owner}: state[{key!r}] has shape {src.shape}, expected {arr.shape}")
+        arr[...] = src
+
+
+class ReLU(Module):
+    """Rectified linear unit ``y = max(x, 0)``; backward passes ``dy`` where ``x > 0``."""
+
+    def forward(self, x):
+        """Return ``max(x, 0)``, keeping the dtype of ``x``."""
+        _check_float_array(x)
+        self._mask = x > 0
+        return x * self._mask
+
+    def backward(self, dy):
+        """Return ``dy * (x > 0)``."""
+        mask = self._cached("_mask")
+        self._check_dy(dy, mask)
+        return dy * mask
+
+    def __repr__(self):
+        return "ReLU()"
+
+
+class Sigmoid(Module):
+    """Logistic function ``y = 1 / (1 + exp(-x))``, evaluated without overflow.
+
+    Backward: ``dx = dy * y * (1 - y)``.
+    """
+
+    def forward(self, x):
+        """Return ``sigmoid(x)``, keeping the dtype of ``x``."""
+        _check_float_array(x)
+        e = np.exp(-np.abs(x))  # in (0, 1]: never overflows
+        y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        """Return ``dy * y * (1 - y)``."""
+        y = self._cached("_y")
+        self._check_dy(dy, y)
+        return dy * y * (1 - y)
+
+    def __repr__(self):
+        return "Sigmoid()"
+
+
+class Tanh(Module):
+    """Hyperbolic tangent ``y = tanh(x)``; backward ``dx = dy * (1 - y**2)``."""
+
+    def forward(self, x):
+        """Return ``tanh(x)``, keeping the dtype of ``x``."""
+        _check_float_array(x)
+        self._y = np.tanh(x)
+        return self._y
+
+    def backward(self, dy):
+        """Return ``dy * (1 - y**2)``."""
+        y = self._cached("_y")
+        self._check_dy(dy, y)
+        return dy * (1 - y * y)
+
+    def __repr__(self):
+        return "Tanh()"
+
+
+class Sequential(Module):
+    """A chain of layers: forward runs them in order, backward in reverse.
+
+    Parameters
+    ----------
+    *layers
+        Objects with ``forward``, ``backward``, ``params``, ``grads``,
+        ``train`` and ``eval`` (the layers of this module or ``cbn.BatchNorm``).
+
+    Notes
+    -----
+    ``params`` and ``grads`` prefix each child's keys with its position,
+    e.g. ``"0.W"``, ``"1.gamma"``; the values are the children's own arrays,
+    so an optimizer built over ``model.params`` updates the layers in place.
+    """
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            missing = [m for m in ("forward", "backward", "train", "eval") if
+                       not callable(getattr(layer, m, None))]
+            if missing:
+                raise TypeError(
+                    f"layers[{i}] ({type(layer).__name__}) lacks the layer methods {missing}")
+        self.layers = list(layers)
+        self.training = True
+        self.train(True)
+
+    def forward(self, x):
+        """Run ``x`` through every layer and return the last output."""
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        """Backpropagate ``dy`` through the layers in reverse; return ``dL/dx``."""
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def train(self, mode=True):
+        """Set the mode of this container and of every child; return ``self``."""
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.train(self.training)
+        return self
+
+    def _collect(self, attr):
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for key, arr in (getattr(layer, attr, None) or {}).items():
+                out[f"{i}.{key}"] = arr
+        return out
+
+    @property
+    def params(self):
+        """dict: every child's parameters, keyed ``"<index>.<name>"``."""
+        return self._collect("params")
+
+    @property
+    def grads(self):
+        """dict: every child's gradients, same keys as :attr:`params`."""
+        return self._collect("grads")
+
+    def state_dict(self):
+        """Return the state of every child that has one, keyed ``"<index>.<name>"``."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if callable(getattr(layer, "state_dict", None)):
+                for key, value in layer.state_dict().items():
+                    out[f"{i}.{key}"] = value
+        return out
+
+    def load_state_dict(self, state):
+        """Load a dict made by :meth:`state_dict` into the children."""
+        per_child = {}
+        for key, value in state.items():
+            index, _, name = key.partition(".")
+            if not index.isdigit() or int(index) >= len(self.layers) or not name:
+                raise ValueError(f"state key {key!r} names no layer of this Sequential")
+            per_child.setdefault(int(index), {})[name] = value
+        for index, child_state in per_child.items():
+            layer = self.layers[index]
+            if not callable(getattr(layer, "load_state_dict", None)):
+                raise ValueError(f"layer {index} ({type(layer).__name__}) has no state to load")
+            layer.load_state_dict(child_state)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+
+class SoftmaxCrossEntropy:
+    """Softmax followed by the cross-entropy with integer labels, mean over the batch.
+
+    ``loss = -(1/N) * sum_n log softmax(z_n)[y_n]``, computed as
+    ``logsumexp(z_n) - z_n[y_n]`` with the row maximum subtracted first, so it
+    neither overflows nor takes ``log(0)``.  The gradient is
+    ``dL/dz = (softmax(z) - onehot(y)) / N``.
+
+    Use either ``loss = crit.forward(logits, y)`` then ``dz = crit.backward()``,
+    or the combined ``loss, dz = crit(logits, y)``.
+    """
+
+    def forward(self, logits, y):
+        """Return the mean loss (a Python float) and cache what :meth:`backward` needs.
+
+        Parameters
+        ----------
+        logits : ndarray of shape (N, K), float32 or float64
+        y : ndarray of shape (N,), integer labels in ``[0, K)``
+        """
+        _check_float_array(logits, "logits")
+        if logits.ndim != 2 or logits.shape[0] == 0:
+            raise ValueError(f"logits must have shape (N, K) with N >= 1, got {logits.shape}")
+        y = _check_labels(y, logits.shape[0], logits.shape[1])
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        rows = np.arange(len(y))
+        loss = float(np.mean(np.log(s[:, 0]) - z[rows, y]))
+        self._probs = e / s
+        self._y = y
+        return loss
+
+    def backward(self):
+        """Return ``dL/dlogits = (softmax(logits) - onehot(y)) / N`` of the last forward."""
+        probs = getattr(self, "_probs", None)
+        if probs is None:
+            raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
+        grad = probs.copy()
+        grad[np.arange(len(self._y)), self._y] -= 1
+        grad /= len(self._y)
+        return grad
+
+    def __call__(self, logits, y):
+        """Return ``(loss, dL/dlogits)`` in one call."""
+        loss = self.forward(logits, y)
+        return loss, self.backward()
+
+    def __repr__(self):
+        return "SoftmaxCrossEntropy()"
+
+
+def _check_labels(y, n, n_classes):
+    """Validate integer labels: shape ``(n,)``, values in ``[0, n_classes)``."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if y.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) to match the logits, got {y.shape}")
+    if n and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"y must lie in [0, {n_classes}), got values in [{y.min()}, {y.max()}]")
+    return y.astype(np.intp, copy=False)
+
+
+def mlp(sizes, *, batch_norm=True, activation="relu", rng=None, dtype=np.float32,
+        n_threads=1):
+    """Build a multilayer perceptron as a :class:`Sequential`.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Widths ``[n_inputs, hidden_1, ..., n_classes]``; at least two entries.
+    batch_norm : bool, default True
+        Insert :class:`cbn.BatchNorm` after every hidden ``Linear``.
+    activation : {"relu", "sigmoid", "tanh"}, default "relu"
+        Hidden activation.  ``relu`` uses He initialization, the others Xavier.
+    rng : None, int or numpy.random.Generator
+        Source of the initial weights.  The weights are drawn in the same order
+        whatever ``batch_norm`` is, so two models built with the same seed
+        start from identical weights (biases start at zero).
+    dtype : float32 or float64, default float32
+    n_threads : int, default 1
+        Passed to each ``BatchNorm``.
+
+    Returns
+    -------
+    Sequential
+        Per hidden layer, with batch norm: ``Linear(bias=False)`` then
+        ``BatchNorm(activation="relu")`` (ReLU fused into the layer) for ReLU,
+        or ``Linear(bias=False), BatchNorm, Sigmoid/Tanh``; without:
+        ``Linear(bias=True)`` then the activation.  The last layer is a
+        ``Linear(bias=True)`` producing logits.
+    """
+    sizes = list(sizes) if not isinstance(sizes, (str, bytes)) else None
+    if sizes is None or len(sizes) < 2:
+        raise ValueError("sizes must be a sequence of at least two ints, "
+                         "[n_inputs, ..., n_classes]")
+    sizes = [_positive_int(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    dtype = _float_dtype(dtype)
+    gen = as_generator(rng)
+    init = "he" if activation == "relu" else "xavier"
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]):
+        layers.append(Linear(fan_in, fan_out, bias=not batch_norm, init=init, rng=gen,
+                             dtype=dtype))
+        if batch_norm:
+            from .layer import BatchNorm  # the compiled layer; imported when needed
+
+            fused = "relu" if activation == "relu" else None
+            layers.append(BatchNorm(fan_out, dtype=dtype, activation=fused,
+                                    n_threads=n_threads))
+            if fused:
+                continue
+        layers.append({"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}[activation]())
+    layers.append(Linear(sizes[-2], sizes[-1], bias=True, init="xavier", rng=gen, dtype=dtype))
+    return Sequential(*layers)
