@@ -1,0 +1,512 @@
+"""Validated, stateless batch normalization over the compiled kernels.
+
+Every function here checks its arguments, raises ``TypeError``/``ValueError``
+with a message that names the argument, the shape or dtype it got and what was
+expected, builds the ``(outer, C, inner)`` view that the kernels work on
+(copying once if the input is not C-contiguous), allocates outputs unless
+``out=`` is given, and calls ``cbn._kernels`` without the GIL.
+
+Formulas (Ioffe & Szegedy 2015), per channel over the ``m`` values that share
+it, ``g`` the incoming gradient (masked by the ReLU when ``activation="relu"``)::
+
+    mean = sum(x) / m
+    var  = sum((x - mean)**2) / m                  # biased
+    y    = gamma * (x - mean) / sqrt(var + eps) + beta
+    dbeta  = sum(g)
+    dgamma = sum(g * x_hat)
+    dx     = gamma / sqrt(var + eps) * (g - dbeta/m - x_hat * dgamma/m)   # training
+    dx     = gamma / sqrt(var + eps) * g                                  # fixed statistics
+
+The statistics are float64 whatever the input dtype; outputs have the input's
+dtype. Threads: ``n_threads=None`` uses :func:`default_threads`; ``-1`` uses
+every thread OpenMP allows (``OMP_NUM_THREADS``, threadpoolctl). Results are
+bit-identical for any thread count.
+"""
+
+import math
+import operator
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = [
+    "batch_norm_train",
+    "batch_norm_eval",
+    "batch_norm_backward",
+    "batch_stats",
+    "update_running_stats",
+    "default_threads",
+    "resolve_threads",
+    "channel_view",
+    "FLOAT_DTYPES",
+    "ACTIVATIONS",
+]
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+ACTIVATIONS = (None, "relu")
+
+# Inputs smaller than this many values run on one thread: below it, waking a
+# second thread costs more than it saves (see benchmarks/).
+PARALLEL_MIN_SIZE = 1 << 16
+
+
+# ---------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------
+
+
+def default_threads(size):
+    """Thread count used when ``n_threads=None``, for an input of ``size`` values.
+
+    One thread for small inputs (thread start-up dominates them); otherwise
+    every thread OpenMP allows, which honours ``OMP_NUM_THREADS`` and
+    threadpoolctl limits.
+    """
+    if size < PARALLEL_MIN_SIZE:
+        return 1
+    return _kernels.max_threads()
+
+
+def resolve_threads(n_threads, size):
+    """Turn the ``n_threads`` argument into a positive thread count."""
+    if n_threads is None:
+        return default_threads(size)
+    try:
+        n = operator.index(n_threads)
+    except TypeError:
+        raise TypeError(
+            f"n_threads must be an int, -1 or None, got {type(n_threads).__name__}"
+        ) from None
+    if n == -1:
+        return _kernels.max_threads()
+    if n < 1:
+        raise ValueError(f"n_threads must be >= 1, -1 (all) or None (auto), got {n}")
+    return n
+
+
+def check_activation(activation):
+    """Validate the ``activation`` argument; returns True for a fused ReLU."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def check_eps(eps):
+    """Validate ``eps`` (a positive finite float) and return it as a float."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a positive float, got {eps!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    return value
+
+
+def _as_float_array(x, name, dtype=None):
+    """``x`` as an ndarray of float32/float64 (or exactly ``dtype`` if given)."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists and other non-arrays
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}: {exc}") from None
+    if dtype is not None:
+        if x.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}, expected {dtype} (the dtype of the "
+                f"layer or of x); convert it with {name}.astype(numpy.{dtype})"
+            )
+    elif x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    return x
+
+
+def normalize_axis(axis, ndim, name="axis"):
+    """``axis`` as a non-negative index into an ``ndim``-dimensional array."""
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
+    return axis % ndim
+
+
+def channel_view(x, axis, name="x", dtype=None, n_features=None):
+    """Validate a batch and return ``(x_c, x3)``.
+
+    ``x_c`` is ``x`` itself if it is C-contiguous, else a C-contiguous copy;
+    ``x3`` is the ``(outer, C, inner)`` view of ``x_c`` that the kernels use.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float32/float64 array (or not ``dtype``).
+    ValueError
+        ``x`` has fewer than 2 dimensions, no values, or not ``n_features``
+        channels along ``axis``.
+    """
+    x = _as_float_array(x, name, dtype)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (batch, channels, ...), got shape {x.shape}"
+        )
+    axis = normalize_axis(axis, x.ndim)
+    channels = x.shape[axis]
+    if n_features is not None and channels != n_features:
+        raise ValueError(
+            f"{name} has {channels} channels along axis {axis} (shape {x.shape}), "
+            f"expected {n_features} (num_features)"
+        )
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape}); a batch needs at least one value")
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    outer = math.prod(x.shape[:axis])
+    inner = math.prod(x.shape[axis + 1 :])
+    return x, x.reshape(outer, channels, inner)
+
+
+def _channel_vector(v, name, channels, dtype, default):
+    """A per-channel parameter as a C-contiguous (C,) array of ``dtype``."""
+    if v is None:
+        return np.full(channels, default, dtype=dtype)
+    v = _as_float_array(v, name)
+    if v.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def _check_out(out, x, name="out"):
+    """Validate an ``out=`` buffer for a result shaped and typed like ``x``."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"{name} must have shape {x.shape} and dtype {x.dtype}, "
+            f"got shape {out.shape} and dtype {out.dtype}"
+        )
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+
+
+def _same_buffer(a, b):
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+    )
+
+
+def _stats_vectors(mean, var, channels):
+    """Running or given statistics as float64 (C,) arrays, checked."""
+    mean = _channel_vector(mean, "mean", channels, np.float64, 0.0)
+    var = _channel_vector(var, "var", channels, np.float64, 1.0)
+    if np.any(var < 0):
+        raise ValueError("var must be non-negative")
+    return mean, var
+
+
+# ---------------------------------------------------------------------------
+# Error reporting of kernel status codes
+# ---------------------------------------------------------------------------
+
+
+def _nonfinite_channels(*vectors):
+    bad = np.zeros(vectors[0].shape, dtype=bool)
+    for v in vectors:
+        bad |= ~np.isfinite(v)
+    idx = np.flatnonzero(bad)
+    shown = ", ".join(str(i) for i in idx[:8]) + (", ..." if idx.size > 8 else "")
+    return shown
+
+
+def _raise_for_status(status, what, params=()):
+    """Raise the exception that a kernel status code stands for."""
+    if status == _kernels.OK:
+        return
+    if status == _kernels.NO_MEMORY:
+        raise MemoryError(f"cbn: out of memory for the per-channel scratch of {what}")
+    for name, value in params:
+        if not np.all(np.isfinite(value)):
+            raise FloatingPointError(
+                f"{name} contains NaN or Inf (channel {_nonfinite_channels(value)}); {what} "
+                "would not be finite"
+            )
+    raise FloatingPointError(what)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------
+
+
+def batch_stats(x, *, axis=1, n_threads=None):
+    """Per-channel mean and biased variance of a batch.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64, at least 2-d, any layout
+        The batch; ``axis`` is its channel axis.
+    axis : int
+        Channel axis: ``1`` for ``(N, C, *)``, ``-1`` for channels-last.
+    n_threads : int or None
+
+    Returns
+    -------
+    mean, var : ndarray of float64, shape (C,)
+        ``var`` is the biased variance (divides by m), computed in one pass
+        with shifted block sums merged pairwise (never ``E[x^2] - E[x]^2``).
+    """
+    x_c, x3 = channel_view(x, axis)
+    channels = x3.shape[1]
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    status = _kernels.batch_stats(x3, mean, var, resolve_threads(n_threads, x3.size))
+    _raise_for_status(status, "the batch statistics")
+    return mean, var
+
+
+def batch_norm_train(
+    x, gamma=None, beta=None, *, axis=1, eps=1e-5, activation=None, out=None, n_threads=None
+):
+    """Training forward pass: normalize with the statistics of the batch itself.
+
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, then
+    ``max(y, 0)`` when ``activation="relu"``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64, at least 2-d, any layout, may be read-only
+        The batch, with ``C`` channels along ``axis`` and more than one value
+        per channel.
+    gamma, beta : array_like of shape (C,), optional
+        Scale and shift (default 1 and 0), converted to x's dtype.
+    axis : int
+        Channel axis (1 for ``(N, C, *)``, -1 for channels-last).
+    eps : float
+        Added to the variance for numerical stability.
+    activation : None or "relu"
+        Fused activation applied in the same pass.
+    out : ndarray, optional
+        C-contiguous, writable array of x's shape and dtype to write y into
+        (may be ``x`` itself).
+    n_threads : int or None
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of x, C-contiguous
+    mean, var : ndarray of float64, shape (C,)
+        Batch mean and biased variance, which :func:`batch_norm_backward` needs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments (messages name the argument).
+    FloatingPointError
+        The batch statistics or the output are not finite (NaN or Inf in x,
+        gamma or beta).
+    """
+    relu = check_activation(activation)
+    eps = check_eps(eps)
+    x_c, x3 = channel_view(x, axis)
+    channels = x3.shape[1]
+    if x3.shape[0] * x3.shape[2] < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape {x_c.shape}"
+        )
+    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0)
+    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0)
+    y, y3 = _result(out, x_c, x3, sources=(x_c,))
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    status = _kernels.forward_train(
+        x3, y3, gamma, beta, eps, mean, var, relu, resolve_threads(n_threads, x3.size)
+    )
+    if status == _kernels.NONFINITE_STATS:
+        raise FloatingPointError(
+            "the batch statistics are not finite: x contains NaN or Inf (or values whose "
+            f"square overflows) in channel {_nonfinite_channels(mean, var)}"
+        )
+    _raise_for_status(
+        status,
+        "the output is not finite: x contains NaN or Inf",
+        (("gamma", gamma), ("beta", beta)),
+    )
+    return y, mean, var
+
+
+def batch_norm_eval(
+    x,
+    mean,
+    var,
+    gamma=None,
+    beta=None,
+    *,
+    axis=1,
+    eps=1e-5,
+    activation=None,
+    out=None,
+    n_threads=None,
+):
+    """Evaluation forward pass: normalize with given (running) statistics.
+
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, then
+    ``max(y, 0)`` when ``activation="relu"``. A batch of one is fine here.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64, at least 2-d, any layout
+    mean, var : array_like of shape (C,)
+        Statistics to normalize with (any float dtype; used in float64).
+    gamma, beta, axis, eps, activation, out, n_threads
+        As in :func:`batch_norm_train`.
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of x
+
+    Raises
+    ------
+    FloatingPointError
+        x, the statistics, gamma or beta contain NaN or Inf.
+    """
+    relu = check_activation(activation)
+    eps = check_eps(eps)
+    x_c, x3 = channel_view(x, axis)
+    channels = x3.shape[1]
+    mean, var = _stats_vectors(mean, var, channels)
+    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0)
+    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0)
+    y, y3 = _result(out, x_c, x3, sources=(x_c,))
+    status = _kernels.forward_eval(
+        x3, y3, mean, var, gamma, beta, eps, relu, resolve_threads(n_threads, x3.size)
+    )
+    _raise_for_status(
+        status,
+        "the output is not finite: x contains NaN or Inf",
+        (("mean", mean), ("var", var), ("gamma", gamma), ("beta", beta)),
+    )
+    return y
+
+
+def batch_norm_backward(
+    dy,
+    x,
+    mean,
+    var,
+    gamma=None,
+    beta=None,
+    *,
+    axis=1,
+    eps=1e-5,
+    training=True,
+    activation=None,
+    out=None,
+    n_threads=None,
+):
+    """Backward pass: gradients with respect to x, gamma and beta.
+
+    With ``training=True`` the gradient flows through the batch statistics
+    (``mean``, ``var`` must be the ones :func:`batch_norm_train` returned for
+    ``x``); with ``training=False`` they are constants (evaluation mode,
+    frozen statistics for fine-tuning).
+
+    Parameters
+    ----------
+    dy : ndarray, shape and dtype of x
+        Gradient of the loss with respect to the output y.
+    x : ndarray
+        The input of the forward pass.
+    mean, var : array_like of shape (C,)
+        Statistics the forward pass normalized with (``var`` biased).
+    gamma, beta : array_like of shape (C,), optional
+        As in the forward pass (beta matters only for the ReLU mask).
+    axis, eps, activation, n_threads
+        As in the forward pass.
+    out : ndarray, optional
+        Buffer for dx (may be ``dy`` itself).
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of x
+    dgamma, dbeta : ndarray of shape (C,), dtype of x
+    """
+    relu = check_activation(activation)
+    eps = check_eps(eps)
+    x_c, x3 = channel_view(x, axis)
+    dy_c, dy3 = _matching_gradient(dy, x_c, axis)
+    channels = x3.shape[1]
+    if training and x3.shape[0] * x3.shape[2] < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape {x_c.shape}"
+        )
+    mean, var = _stats_vectors(mean, var, channels)
+    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0)
+    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0)
+    dx, dx3 = _result(out, x_c, x3, name="out", sources=(dy_c, x_c))
+    dgamma = np.empty(channels, dtype=x_c.dtype)
+    dbeta = np.empty(channels, dtype=x_c.dtype)
+    status = _kernels.backward(
+        dy3, x3, mean, var, gamma, beta, eps, dx3, dgamma, dbeta,
+        bool(training), True, relu, resolve_threads(n_threads, x3.size),
+    )
+    _raise_for_status(
+        status,
+        "the gradient is not finite: dy or x contains NaN or Inf",
+        (("mean", mean), ("var", var), ("gamma", gamma), ("beta", beta)),
+    )
+    return dx, dgamma, dbeta
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, factor):
+    """Fold batch statistics into running statistics, in place.
+
+    ``running = (1 - factor) * running + factor * batch``, where the variance
+    folded in is the unbiased ``var * count / (count - 1)`` (PyTorch's rule).
+
+    Parameters
+    ----------
+    running_mean, running_var : ndarray of float32 or float64, shape (C,), C-contiguous, writable
+    mean, var : ndarray of float64, shape (C,)
+        Batch mean and biased variance.
+    count : int
+        Values per channel in the batch (must be > 1).
+    factor : float
+        ``momentum``, or ``1 / num_batches_tracked`` for a cumulative average.
+    """
+    if count < 2:
+        raise ValueError(f"count must be > 1 to unbias the variance, got {count}")
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"factor must be in [0, 1], got {factor}")
+    if _kernels.ema_update(running_mean, running_var, mean, var, float(count), float(factor)):
+        raise FloatingPointError(
+            f"the running statistics would not be finite in {running_mean.dtype} "
+            "(the batch variance overflows it); they were left unchanged"
+        )
+
+
+def _result(out, x_c, x3, name="out", sources=()):
+    """The output array and its (outer, C, inner) view: ``out`` or a fresh array."""
+    if out is None:
+        y = np.empty_like(x_c)
+    else:
+        _check_out(out, x_c, name)
+        for src in sources:
+            # Elementwise kernels may write over their own input, but not over
+            # an input shifted against the output: that would read half-written data.
+            if np.may_share_memory(out, src) and not _same_buffer(out, src):
+                raise ValueError(f"{name} overlaps an input without being the same array")
+        y = out
+    return y, y.reshape(x3.shape)
+
+
+def _matching_gradient(dy, x_c, axis):
+    """Validate dy against x: same shape and dtype; returns ``(dy_c, dy3)``."""
+    dy = _as_float_array(dy, "dy")
+    if dy.shape != x_c.shape:
+        raise ValueError(f"dy must have the shape of x, {x_c.shape}, got {dy.shape}")
+    if dy.dtype != x_c.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}, expected {x_c.dtype} (the dtype of x)")
+    return channel_view(dy, axis, "dy")

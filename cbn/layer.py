@@ -1,0 +1,516 @@
+"""The batch-norm layer: parameters, running statistics, forward and backward."""
+
+import numbers
+import threading
+
+import numpy as np
+
+from . import _kernels
+from .functional import (
+    FLOAT_DTYPES,
+    _nonfinite_channels,
+    _raise_for_status,
+    channel_view,
+    check_activation,
+    check_eps,
+    resolve_threads,
+)
+
+__all__ = ["BatchNorm"]
+
+
+class BatchNorm:
+    r"""Batch normalization (Ioffe & Szegedy 2015) for NumPy trainers.
+
+    Normalizes each channel over every other axis of the batch, then scales
+    and shifts it with the learned ``gamma`` and ``beta``.
+
+    Training (per channel, over the ``m`` values of the mini-batch)::
+
+        mu    = mean(x)                 var = mean((x - mu)**2)   # biased
+        y     = gamma * (x - mu) / sqrt(var + eps) + beta
+        running_mean = (1 - momentum) * running_mean + momentum * mu
+        running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1)
+
+    Evaluation (``eval()``), and training while :meth:`freeze` is in effect::
+
+        y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+
+    These are the semantics of ``torch.nn.BatchNorm1d/2d/3d``; Keras'
+    ``momentum`` is ``1 - momentum`` here.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels ``C``.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running statistics; ``None`` gives a
+        cumulative moving average (weight ``1 / num_batches_tracked``).
+    affine : bool, default True
+        Learn ``gamma`` (init 1) and ``beta`` (init 0); if False, they are None.
+    track_running_stats : bool, default True
+        Keep running statistics; if False, batch statistics are used in
+        evaluation too and the running attributes are None.
+    axis : int, default 1
+        Channel axis of the input: 1 for ``(N, C, *)``, -1 for channels-last
+        ``(N, *, C)``; inputs of any rank >= 2.
+    dtype : numpy.float32 or numpy.float64, default float32
+        Dtype of the parameters, of the running statistics and of every input.
+    activation : None or "relu"
+        Fuse a ReLU into the layer: ``forward`` returns ``max(y, 0)`` and
+        ``backward`` masks the gradient, recomputing the mask from x, so no
+        second activation array is stored.
+    n_threads : int or None
+        Threads for the kernels; None picks by input size
+        (:func:`cbn.functional.default_threads`), -1 uses all OpenMP allows.
+
+    Attributes
+    ----------
+    gamma, beta : ndarray (C,) or None
+        Learned scale and shift, updated in place by optimizers.
+    dgamma, dbeta : ndarray (C,) or None
+        Gradients written (overwritten, not accumulated) by :meth:`backward`.
+    running_mean, running_var : ndarray (C,) or None
+        Running statistics (``running_var`` unbiased, as in PyTorch).
+    num_batches_tracked : int or None
+        Training batches folded into the running statistics.
+    training : bool
+        Training mode (True after construction).
+    frozen : bool
+        Normalize with the running statistics even in training mode.
+
+    Notes
+    -----
+    ``forward`` keeps a reference to its (C-contiguous) input and the batch
+    mean and variance for ``backward``; modifying the input array in place
+    between the two gives a wrong gradient, as it would in any framework that
+    does not copy its inputs. A layer serves one thread at a time: a call that
+    overlaps another on the same layer raises ``RuntimeError``.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        *,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        axis=1,
+        dtype=np.float32,
+        activation=None,
+        n_threads=None,
+    ):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(
+                f"num_features must be a positive int, got {type(num_features).__name__}"
+            )
+        if num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features}")
+        self.num_features = int(num_features)
+        self.eps = check_eps(eps)
+        self.momentum = _check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.axis = int(axis)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}") from None
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {self.dtype}")
+        check_activation(activation)
+        self.activation = activation
+        resolve_threads(n_threads, 0)
+        self.n_threads = n_threads
+
+        C, dt = self.num_features, self.dtype
+        # affine=False normalizes with these constants; they are never exposed.
+        self._ones = np.ones(C, dt)
+        self._zeros = np.zeros(C, dt)
+        self._scratch_grads = (np.empty(C, dt), np.empty(C, dt))
+        self._gamma = np.ones(C, dt) if self.affine else None
+        self._beta = np.zeros(C, dt) if self.affine else None
+        self.dgamma = np.zeros(C, dt) if self.affine else None
+        self.dbeta = np.zeros(C, dt) if self.affine else None
+        self._running_mean = np.zeros(C, dt) if self.track_running_stats else None
+        self._running_var = np.ones(C, dt) if self.track_running_stats else None
+        self.num_batches_tracked = 0 if self.track_running_stats else None
+        self.training = True
+        self.frozen = False
+        self._cache = None
+        self._busy = threading.Lock()
+
+    # -- parameters and statistics: assignment copies into the owned arrays,
+    # so that optimizers holding `params` keep seeing the live values.
+
+    gamma = property(
+        lambda self: self._gamma,
+        lambda self, v: self._assign("_gamma", "gamma", v),
+        doc="Learned scale, shape (C,), or None when affine=False.",
+    )
+    beta = property(
+        lambda self: self._beta,
+        lambda self, v: self._assign("_beta", "beta", v),
+        doc="Learned shift, shape (C,), or None when affine=False.",
+    )
+    running_mean = property(
+        lambda self: self._running_mean,
+        lambda self, v: self._assign("_running_mean", "running_mean", v),
+        doc="Running mean, shape (C,), or None when track_running_stats=False.",
+    )
+    running_var = property(
+        lambda self: self._running_var,
+        lambda self, v: self._assign("_running_var", "running_var", v),
+        doc="Running (unbiased) variance, shape (C,), or None when track_running_stats=False.",
+    )
+
+    def _assign(self, attr, name, value):
+        target = getattr(self, attr)
+        if target is None:
+            raise AttributeError(f"{name} is None for this layer and cannot be assigned")
+        target[...] = _checked_vector(value, name, self.num_features, self.dtype)
+
+    @property
+    def params(self):
+        """``{"gamma": gamma, "beta": beta}``: the arrays optimizers update in place."""
+        if not self.affine:
+            return {}
+        return {"gamma": self._gamma, "beta": self._beta}
+
+    @property
+    def grads(self):
+        """``{"gamma": dgamma, "beta": dbeta}``, matching :attr:`params`."""
+        if not self.affine:
+            return {}
+        return {"gamma": self.dgamma, "beta": self.dbeta}
+
+    # -- modes
+
+    def train(self, mode=True):
+        """Set training mode (``mode=False`` is :meth:`eval`); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode: normalize with the running statistics; returns self."""
+        return self.train(False)
+
+    def freeze(self):
+        """Fix the running statistics and normalize with them, even in training mode.
+
+        Gradients still flow to gamma, beta and x (through fixed statistics), as
+        fine-tuning needs. ``train()`` does not undo this; :meth:`unfreeze` does.
+        Returns self.
+        """
+        if not self.track_running_stats:
+            raise ValueError("freeze() needs running statistics (track_running_stats=True)")
+        self.frozen = True
+        return self
+
+    def unfreeze(self):
+        """Undo :meth:`freeze`; returns self."""
+        self.frozen = False
+        return self
+
+    @property
+    def uses_batch_stats(self):
+        """Whether the next forward normalizes with the batch's own statistics."""
+        return (self.training and not self.frozen) or not self.track_running_stats
+
+    # -- computation
+
+    def __call__(self, x):
+        """Same as :meth:`forward`."""
+        return self.forward(x)
+
+    def forward(self, x):
+        """Normalize a batch.
+
+        Parameters
+        ----------
+        x : ndarray of the layer's dtype, rank >= 2, ``num_features`` channels along ``axis``
+            Any memory layout; read-only arrays are fine. In training mode each
+            channel needs more than one value.
+
+        Returns
+        -------
+        ndarray
+            Same shape and dtype as x, C-contiguous.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad input (the message names it); nothing in the layer changes.
+        FloatingPointError
+            NaN or Inf in x or in the parameters; nothing in the layer changes.
+        RuntimeError
+            The layer is in use by another thread.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(_BUSY)
+        try:
+            return self._forward(x)
+        finally:
+            self._busy.release()
+
+    def _forward(self, x):
+        x_c, x3 = channel_view(x, self.axis, "x", self.dtype, self.num_features)
+        count = x3.shape[0] * x3.shape[2]
+        gamma, beta = (self._gamma, self._beta) if self.affine else (self._ones, self._zeros)
+        relu = self.activation == "relu"
+        threads = resolve_threads(self.n_threads, x3.size)
+        y = np.empty_like(x_c)
+        y3 = y.reshape(x3.shape)
+        C = self.num_features
+        if self.uses_batch_stats:
+            if count < 2:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, "
+                    f"got input of shape {x_c.shape}"
+                )
+            mean = np.empty(C)
+            var = np.empty(C)
+            status = _kernels.forward_train(x3, y3, gamma, beta, self.eps, mean, var, relu, threads)
+            if status == _kernels.NONFINITE_STATS:
+                raise FloatingPointError(
+                    "the batch statistics are not finite: x contains NaN or Inf (or values "
+                    f"whose square overflows) in channel {_nonfinite_channels(mean, var)}; "
+                    "the running statistics were left unchanged"
+                )
+            _raise_for_status(status, _NONFINITE_OUT, (("gamma", gamma), ("beta", beta)))
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean, var, count)
+        else:
+            mean = self._running_mean.astype(np.float64)
+            var = self._running_var.astype(np.float64)
+            status = _kernels.forward_eval(
+                x3, y3, mean, var, gamma, beta, self.eps, relu, threads
+            )
+            _raise_for_status(
+                status,
+                _NONFINITE_OUT,
+                (
+                    ("running_mean", mean),
+                    ("running_var", var),
+                    ("gamma", gamma),
+                    ("beta", beta),
+                ),
+            )
+        self._cache = (x_c, x3, mean, var, self.uses_batch_stats)
+        return y
+
+    def _update_running_stats(self, mean, var, count):
+        n = self.num_batches_tracked + 1
+        factor = self.momentum if self.momentum is not None else 1.0 / n
+        if _kernels.ema_update(
+            self._running_mean, self._running_var, mean, var, float(count), factor
+        ):
+            raise FloatingPointError(
+                f"the running statistics would overflow {self.dtype} (batch variance up to "
+                f"{var.max():.3g}); they were left unchanged. Use dtype=numpy.float64 "
+                "or rescale the input"
+            )
+        self.num_batches_tracked = n
+
+    def backward(self, dy):
+        """Back-propagate through the last :meth:`forward`.
+
+        Writes ``dgamma`` and ``dbeta`` (overwriting them) and returns ``dx``.
+        After a training-mode forward the gradient flows through the batch
+        statistics; after an evaluation-mode (or frozen) forward they are
+        constants, the gradient fine-tuning needs.
+
+        Parameters
+        ----------
+        dy : ndarray, the shape and dtype of the last forward's input
+            Gradient of the loss with respect to this layer's output.
+
+        Returns
+        -------
+        dx : ndarray, shape and dtype of dy
+
+        Raises
+        ------
+        RuntimeError
+            No forward pass yet, or the layer is in use by another thread.
+        TypeError, ValueError
+            dy does not match the input of the forward pass.
+        FloatingPointError
+            dy contains NaN or Inf; dgamma and dbeta are left unchanged.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(_BUSY)
+        try:
+            return self._backward(dy)
+        finally:
+            self._busy.release()
+
+    def _backward(self, dy):
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward(): there is nothing to differentiate")
+        x_c, x3, mean, var, batch_stats = self._cache
+        dy = dy if isinstance(dy, np.ndarray) else np.asarray(dy)
+        if dy.shape != x_c.shape:
+            raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
+        dy_c, dy3 = channel_view(dy, self.axis, "dy", self.dtype, self.num_features)
+        if self.affine:
+            gamma, beta = self._gamma, self._beta
+            dgamma, dbeta = self.dgamma, self.dbeta
+        else:
+            gamma, beta = self._ones, self._zeros
+            dgamma, dbeta = self._scratch_grads
+        dx = np.empty_like(dy_c)
+        status = _kernels.backward(
+            dy3, x3, mean, var, gamma, beta, self.eps, dx.reshape(x3.shape), dgamma, dbeta,
+            batch_stats, self.affine, self.activation == "relu",
+            resolve_threads(self.n_threads, x3.size),
+        )
+        _raise_for_status(
+            status,
+            "the gradient is not finite: dy contains NaN or Inf",
+            (("gamma", gamma), ("beta", beta)),
+        )
+        return dx
+
+    # -- state
+
+    def state_dict(self):
+        """Copies of the layer's state, under PyTorch's names for the statistics.
+
+        Returns
+        -------
+        dict
+            ``gamma``, ``beta`` (if affine), ``running_mean``, ``running_var``
+            and ``num_batches_tracked`` (a 0-d int64 array; if tracking).
+        """
+        state = {}
+        if self.affine:
+            state["gamma"] = self._gamma.copy()
+            state["beta"] = self._beta.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self._running_mean.copy()
+            state["running_var"] = self._running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state):
+        """Load a state from :meth:`state_dict` or from ``torch.nn.BatchNorm*d``.
+
+        PyTorch's ``weight``/``bias`` are accepted for ``gamma``/``beta``, and
+        tensors or arrays of any float dtype are converted to the layer's dtype.
+        Everything is validated before anything is assigned, so a failed load
+        leaves the layer unchanged.
+
+        Raises
+        ------
+        TypeError
+            ``state`` is not a mapping, or a value is not numeric.
+        KeyError
+            A required key is missing, or an unexpected key is present.
+        ValueError
+            A value has the wrong shape, is not finite, or is out of range.
+        """
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        state = dict(state)
+        for alias, name in (("weight", "gamma"), ("bias", "beta")):
+            if alias in state:
+                if name in state:
+                    raise KeyError(f"state has both {alias!r} and {name!r}")
+                state[name] = state.pop(alias)
+        expected = []
+        if self.affine:
+            expected += ["gamma", "beta"]
+        if self.track_running_stats:
+            expected += ["running_mean", "running_var", "num_batches_tracked"]
+        missing = [k for k in expected if k not in state]
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise KeyError(
+                f"state does not match this layer: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        values = {
+            k: _checked_vector(state[k], k, self.num_features, self.dtype)
+            for k in expected
+            if k != "num_batches_tracked"
+        }
+        if "running_var" in values and np.any(values["running_var"] < 0):
+            raise ValueError("running_var must be non-negative")
+        if self.track_running_stats:
+            tracked = _checked_count(state["num_batches_tracked"])
+        for k, v in values.items():
+            getattr(self, "_" + k)[...] = v
+        if self.track_running_stats:
+            self.num_batches_tracked = tracked
+        self._cache = None
+
+    def __repr__(self):
+        extra = ", activation='relu'" if self.activation else ""
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"axis={self.axis}, dtype={self.dtype.name}{extra})"
+        )
+
+
+_BUSY = (
+    "this BatchNorm is being used by another thread; a layer holds the state of one "
+    "forward/backward at a time, so give each thread its own layer"
+)
+_NONFINITE_OUT = "the output is not finite: x contains NaN or Inf"
+
+
+def _check_momentum(momentum):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    return float(momentum)
+
+
+def _to_numpy(value):
+    """An ndarray from an array, a list or a CPU tensor (PyTorch state dicts)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _checked_vector(value, name, channels, dtype):
+    """A finite (C,) float vector cast to ``dtype``, or a clear error."""
+    try:
+        arr = _to_numpy(value)
+    except Exception as exc:
+        raise TypeError(f"{name} must be an array of shape ({channels},): {exc}") from None
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {arr.shape}")
+    with np.errstate(over="ignore"):
+        cast = arr.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise ValueError(
+            f"{name} contains NaN or Inf (as {dtype}) in channel {_nonfinite_channels(cast)}"
+        )
+    return cast
+
+
+def _checked_count(value):
+    try:
+        arr = _to_numpy(value)
+    except Exception as exc:
+        raise TypeError(f"num_batches_tracked must be an integer: {exc}") from None
+    if arr.shape not in ((), (1,)) or arr.dtype.kind not in "iu":
+        raise ValueError(
+            f"num_batches_tracked must be a non-negative integer, got {arr.dtype} of shape {arr.shape}"
+        )
+    n = int(arr.reshape(()))
+    if n < 0:
+        raise ValueError(f"num_batches_tracked must be non-negative, got {n}")
+    return n
