@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, io
 from .functional import (
     FLOAT_DTYPES,
     _nonfinite_channels,
@@ -449,6 +449,49 @@ class BatchNorm:
             self.num_batches_tracked = tracked
         self._cache = None
 
+    def config(self):
+        """The constructor arguments, as a dict that ``BatchNorm(**config)`` accepts."""
+        return {
+            "num_features": self.num_features,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "axis": self.axis,
+            "dtype": self.dtype.name,
+            "activation": self.activation,
+        }
+
+    def save(self, path):
+        """Save configuration and state to ``path`` (``.npz``, no pickle), atomically.
+
+        The file is written to a temporary name in the same folder and renamed
+        over ``path``, so an interrupted save never destroys an existing file.
+        Load it with :meth:`BatchNorm.load`.
+        """
+        io.save_arrays(path, _FORMAT, {**_config_arrays(self.config()), **self.state_dict()})
+
+    @classmethod
+    def load(cls, path):
+        """Create a layer from a file written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such file.
+        ValueError
+            Truncated, corrupt or foreign file, newer format version, or an
+            invalid configuration or state (each named in the message).
+        """
+        arrays = io.load_arrays(path, _FORMAT)
+        config = _config_from_arrays(arrays, path)
+        try:
+            layer = cls(**config)
+            layer.load_state_dict(arrays)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: invalid BatchNorm file: {exc}") from None
+        return layer
+
     def __repr__(self):
         extra = ", activation='relu'" if self.activation else ""
         return (
@@ -456,6 +499,35 @@ class BatchNorm:
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
             f"axis={self.axis}, dtype={self.dtype.name}{extra})"
         )
+
+
+_FORMAT = "cbn.BatchNorm"
+_CONFIG_KEYS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "axis",
+                "dtype", "activation")
+
+
+def _config_arrays(config):
+    """Configuration as 0-d arrays; None (momentum, activation) is stored as NaN / ""."""
+    out = {}
+    for key, value in config.items():
+        if value is None:
+            value = np.nan if key == "momentum" else ""
+        out["config." + key] = np.array(value)
+    return out
+
+
+def _config_from_arrays(arrays, path):
+    """Inverse of :func:`_config_arrays`; removes the entries from ``arrays``."""
+    kinds = {"num_features": "iu", "eps": "f", "momentum": "f", "affine": "b",
+             "track_running_stats": "b", "axis": "iu", "dtype": "U", "activation": "U"}
+    config = {}
+    for key in _CONFIG_KEYS:
+        config[key] = io.scalar(arrays, "config." + key, kinds[key], path)
+        del arrays["config." + key]
+    if config["momentum"] != config["momentum"]:  # NaN: cumulative average
+        config["momentum"] = None
+    config["activation"] = config["activation"] or None
+    return config
 
 
 _BUSY = (
