@@ -8,6 +8,7 @@ that over several learning rates.  ``bench`` forwards its arguments to
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ DEFAULTS = {
     "epochs": 30,
     "batch_size": 32,
     "lr": 0.1,
-    "optimizer": "sgd",
+    "optimizer": "momentum",
     "activation": "sigmoid",
     "hidden": "100,100,100",
     "target": 0.9,
@@ -99,6 +100,9 @@ def build_parser():
     d.add_argument("--eval-every", type=_positive(int), default=None,
                    help="evaluate the test set every N steps (default: 4 times per epoch)")
     d.add_argument("--threads", type=_positive(int), default=1, help="BatchNorm n_threads")
+    d.add_argument("--blas-threads", type=int, default=1,
+                   help="limit NumPy's BLAS to N threads with threadpoolctl, if installed "
+                        "(the small matrix products here run fastest on one); 0: no limit")
     d.add_argument("--lr-sweep", type=_floats, default=None, metavar="LR1,LR2,...",
                    help="instead of one run, train both models at each learning rate and "
                         "print one row per rate")
@@ -299,7 +303,8 @@ def _check_plot_available(path):
 
 def _config(args):
     keys = ("dataset", "data_dir", "epochs", "batch_size", "lr", "optimizer", "activation",
-            "hidden", "seed", "target", "fixed_steps", "eval_every", "threads", "lr_sweep")
+            "hidden", "seed", "target", "fixed_steps", "eval_every", "threads", "blas_threads",
+            "lr_sweep")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -390,6 +395,24 @@ def run_demo(args, out=None):
     return result
 
 
+@contextlib.contextmanager
+def _blas_limit(n_threads, *, quiet=False):
+    """Limit BLAS threads to ``n_threads`` (> 0) while the block runs, if threadpoolctl exists."""
+    if n_threads <= 0:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        if not quiet:
+            sys.stderr.write("cbn demo: threadpoolctl is not installed, BLAS threads not "
+                             "limited (pip install threadpoolctl)\n")
+        yield
+        return
+    with threadpool_limits(limits=n_threads, user_api="blas"):
+        yield
+
+
 def main(argv=None):
     """Entry point of ``python -m cbn`` and of the ``cbn`` script; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -408,7 +431,8 @@ def main(argv=None):
             sys.stderr.write(f"cbn demo: directory {parent!r} does not exist\n")
             return 2
     try:
-        result = run_demo(args)
+        with _blas_limit(args.blas_threads, quiet=args.quiet):
+            result = run_demo(args)
     except (FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"cbn demo: {exc}\n")
         return 1

@@ -177,7 +177,7 @@ class Linear(Module):
             raise ValueError(f"init must be 'he' or 'xavier', got {init!r}")
         self.dtype = _float_dtype(dtype)
         self.init = init
-        fan = self.in_features if init == "he" else (self.in_features + self.out_features) / 2
+        fan = self.in_features if init == "he" else self.in_features + self.out_features
         std = np.sqrt(2.0 / fan)
         gen = as_generator(rng)
         self.W = (gen.standard_normal((self.in_features, self.out_features)) * std).astype(

@@ -21,7 +21,12 @@ __all__ = ["History", "StopTraining", "StepEvaluator", "fit", "evaluate", "predi
 
 
 class StopTraining(Exception):
-    """Raise from a callback to end :func:`fit` early; the history so far is returned."""
+    """Raise from a callback to end :func:`fit` early.
+
+    Raised in ``on_step_end``, the current epoch is cut short but still
+    recorded (with its validation); raised in ``on_epoch_end``, training ends
+    after that epoch.  :func:`fit` returns the history so far.
+    """
 
 
 @dataclasses.dataclass
@@ -298,6 +303,7 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
             work = loss_sum = 0.0
             correct = seen = 0
             history.dropped += dropped
+            stop = False
             for i, start in enumerate(starts, 1):
                 idx = order[start:start + batch_size]
                 xb, yb = X[idx], y[idx]
@@ -316,9 +322,14 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
                     history.step_loss.append(float(value))
                     history.step_acc.append(hits / len(yb))
                 progress.step(epoch, i, value)
-                _callback_hook(callbacks, "on_step_end", model, step,
-                               {"loss": float(value), "acc": hits / len(yb), "epoch": epoch})
-                model.train()  # a callback may have evaluated
+                try:
+                    _callback_hook(callbacks, "on_step_end", model, step,
+                                   {"loss": float(value), "acc": hits / len(yb), "epoch": epoch})
+                except StopTraining:
+                    stop = True
+                    break
+                finally:
+                    model.train()  # a callback may have evaluated
             if validation is not None:
                 v_loss, v_acc = evaluate(model, X_val, y_val, loss=loss_fn)
             else:
@@ -332,6 +343,8 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
             history.train_time.append(work)
             history.time.append(time.perf_counter() - t0)
             progress.epoch(history)
+            if stop:
+                break
             _callback_hook(callbacks, "on_epoch_end", model, epoch, history)
     except StopTraining:
         pass

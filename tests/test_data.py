@@ -1,0 +1,158 @@
+"""Tests of cbn.data: the embedded digits, the split, standardization and the IDX reader."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from cbn.data import load_digits, load_idx, load_mnist_dir, standardize, train_test_split
+
+TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
+              np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+
+
+def idx_bytes(arr):
+    """Encode ``arr`` as an IDX file (big-endian)."""
+    arr = np.asarray(arr)
+    big = arr.dtype.newbyteorder(">") if arr.dtype.itemsize > 1 else arr.dtype
+    header = bytes([0, 0, TYPE_CODES[big], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return header + arr.astype(big).tobytes()
+
+
+def write_idx(path, arr):
+    data = idx_bytes(arr)
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_mnist_dir(directory, rng, n_train=12, n_test=5, gz=True):
+    suffix = ".gz" if gz else ""
+    sets = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 6, 5), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)  # labels never gzipped
+        sets[prefix] = images, labels
+    return sets
+
+
+def test_load_digits():
+    X, y = load_digits()
+    assert X.shape == (1797, 64) and X.dtype == np.float32
+    assert y.shape == (1797,) and y.dtype == np.int64
+    assert X.min() == 0 and X.max() == 16
+    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    images, _ = load_digits(flatten=False, dtype=np.uint8)
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+
+
+def test_split_is_deterministic_disjoint_and_stratified():
+    rng = np.random.default_rng()
+    X = np.arange(400).reshape(200, 2)
+    y = rng.integers(0, 4, 200)
+    a = train_test_split(X, y, test_fraction=0.25, seed=3)
+    b = train_test_split(X, y, test_fraction=0.25, seed=3)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    X_train, X_test, y_train, y_test = a
+    assert len(X_train) + len(X_test) == 200
+    assert not set(X_train[:, 0]) & set(X_test[:, 0])
+    np.testing.assert_array_equal(y_train, y[X_train[:, 0] // 2])
+    for c in range(4):
+        assert abs(np.sum(y_test == c) - 0.25 * np.sum(y == c)) <= 0.5
+    c = train_test_split(X, y, test_fraction=0.25, seed=4)
+    assert not np.array_equal(c[1], X_test)
+    with pytest.raises(ValueError, match="test_fraction"):
+        train_test_split(X, y, test_fraction=1.0)
+
+
+def test_standardize_uses_training_statistics_only():
+    rng = np.random.default_rng()
+    train = rng.normal(5, 3, (50, 4)).astype(np.float32)
+    train[:, 2] = 7.0  # a constant feature, like a blank pixel
+    test = rng.normal(-2, 1, (20, 4)).astype(np.float32)
+    s_train, s_test = standardize(train, test)
+    assert s_train.dtype == np.float32
+    np.testing.assert_allclose(s_train.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(s_train.std(0)[[0, 1, 3]], 1, rtol=1e-4)
+    assert not s_train[:, 2].any()
+    mean, std = train.mean(0, dtype=np.float64), train.std(0, dtype=np.float64)
+    std[2] = 1
+    np.testing.assert_allclose(s_test, (test - mean) / std, rtol=1e-5, atol=1e-5)
+    (alone,) = standardize(train)
+    np.testing.assert_array_equal(alone, s_train)  # the test set has no influence
+    assert standardize(np.arange(6).reshape(3, 2))[0].dtype == np.float64
+    with pytest.raises(ValueError, match="features"):
+        standardize(train, test[:, :3])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, ">i2", np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_idx_round_trip(tmp_path, dtype, gz):
+    rng = np.random.default_rng()
+    arr = (rng.standard_normal((3, 4, 2)) * 50).astype(dtype)
+    path = write_idx(tmp_path / ("a.idx" + (".gz" if gz else "")), arr)
+    out = load_idx(path)
+    assert out.shape == arr.shape and out.dtype.isnative
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_load_idx_errors(tmp_path):
+    rng = np.random.default_rng()
+    good = idx_bytes(rng.integers(0, 256, (4, 3, 3), dtype=np.uint8))
+    cases = {
+        "truncated.idx": (good[:-5], "truncated"),
+        "header.idx": (good[:9], "truncated"),
+        "tiny.idx": (good[:2], "truncated"),
+        "trailing.idx": (good + b"\x00", "trailing"),
+        "magic.idx": (b"\x1f\x8b" + good[2:], "magic"),
+        "type.idx": (good[:2] + b"\x07" + good[3:], "type"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=message):
+            load_idx(tmp_path / name)
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(good)[:-12])
+    with pytest.raises(ValueError, match="cut.gz"):
+        load_idx(tmp_path / "cut.gz")
+
+
+def test_load_mnist_dir(tmp_path):
+    rng = np.random.default_rng()
+    sets = write_mnist_dir(tmp_path, rng)
+    X_train, X_test, y_train, y_test = load_mnist_dir(tmp_path)
+    assert X_train.shape == (12, 30) and X_test.shape == (5, 30) and X_train.dtype == np.float32
+    np.testing.assert_array_equal(X_train, sets["train"][0].reshape(12, 30))
+    np.testing.assert_array_equal(y_test, sets["t10k"][1])
+    assert y_train.dtype == np.int64
+    X3 = load_mnist_dir(tmp_path, flatten=False)[0]
+    assert X3.shape == (12, 6, 5)
+
+
+def test_load_mnist_dir_mislabelled_and_mismatched(tmp_path):
+    rng = np.random.default_rng()
+    write_mnist_dir(tmp_path, rng)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    bad = rng.integers(0, 10, 12, dtype=np.uint8)
+    bad[7] = 12
+    write_idx(labels, bad)
+    with pytest.raises(ValueError, match=r"label 12 at index 7 is out of range \[0, 10\)"):
+        load_mnist_dir(tmp_path)
+    write_idx(labels, rng.integers(0, 10, 11, dtype=np.uint8))
+    with pytest.raises(ValueError, match="12 images .* but 11 labels"):
+        load_mnist_dir(tmp_path)
+    write_idx(labels, rng.integers(0, 10, (12, 1), dtype=np.uint8))
+    with pytest.raises(ValueError, match="1-D"):
+        load_mnist_dir(tmp_path)
+    labels.write_bytes(idx_bytes(rng.integers(0, 10, 12, dtype=np.uint8))[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        load_mnist_dir(tmp_path)
+    labels.unlink()
+    with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte"):
+        load_mnist_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_mnist_dir(tmp_path / "nowhere")

@@ -1,0 +1,205 @@
+"""Tests of cbn.trainer: fit, evaluate, predict, callbacks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cbn.__main__ import DEFAULTS
+from cbn.data import load_digits, standardize, train_test_split
+from cbn.nn import Linear, Sequential, mlp
+from cbn.optim import SGD, make_optimizer
+from cbn.trainer import History, StepEvaluator, StopTraining, evaluate, fit, predict
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits()
+    X_train, X_test, y_train, y_test = train_test_split(X, y, seed=0)
+    X_train, X_test = standardize(X_train, X_test)
+    return X_train, X_test, y_train, y_test
+
+
+def blobs(rng, n=60, d=4, k=3):
+    """Separable Gaussian clusters: a quick, fresh classification problem."""
+    centers = rng.standard_normal((k, d)) * 4
+    y = rng.integers(0, k, n)
+    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+def test_digits_with_bn_reach_95_percent_in_default_budget(digits):
+    X_train, X_test, y_train, y_test = digits
+    hidden = [int(s) for s in DEFAULTS["hidden"].split(",")]
+    model = mlp([64, *hidden, 10], batch_norm=True, activation=DEFAULTS["activation"], rng=0)
+    opt = make_optimizer(DEFAULTS["optimizer"], model.params, model.grads, lr=DEFAULTS["lr"])
+    history = fit(model, X_train, y_train, epochs=DEFAULTS["epochs"],
+                  batch_size=DEFAULTS["batch_size"], optimizer=opt, seed=0,
+                  validation=(X_test, y_test), verbose=0)
+    loss, acc = evaluate(model, X_test, y_test)
+    assert acc >= 0.95
+    assert acc == history.val_acc[-1] and loss == pytest.approx(history.val_loss[-1])
+    assert history.train_loss[-1] < history.train_loss[0] / 5
+
+
+def test_eval_single_example_equals_in_batch_prediction(digits):
+    X_train, X_test, y_train, _ = digits
+    model = mlp([64, 32, 32, 10], rng=np.random.default_rng())
+    fit(model, X_train, y_train, epochs=2, batch_size=32,
+        optimizer=SGD(model.params, model.grads, lr=0.1), seed=None, verbose=0)
+    batch = predict(model, X_test)
+    single = np.concatenate([predict(model, X_test[i:i + 1]) for i in range(len(X_test))])
+    np.testing.assert_array_equal(batch.argmax(1), single.argmax(1))
+    np.testing.assert_allclose(batch, single, rtol=1e-4, atol=1e-5)
+    odd = predict(model, X_test, batch_size=7)
+    np.testing.assert_array_equal(odd.argmax(1), batch.argmax(1))
+    assert model.training  # predict restored the mode
+
+
+def test_one_sample_last_batch_is_dropped():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=2 * 8 + 1)
+    model = mlp([4, 6, 3], rng=rng)
+    h = fit(model, X, y, epochs=3, batch_size=8, optimizer=SGD(model.params, model.grads),
+            record_steps=True, verbose=0)
+    assert h.steps == [2, 4, 6] and h.dropped == 3 and len(h.step_loss) == 6
+    h = fit(model, X[:-1], y[:-1], epochs=1, batch_size=6,
+            optimizer=SGD(model.params, model.grads), verbose=0)
+    assert h.steps == [3] and h.dropped == 0  # 6 + 6 + 4: nothing dropped
+
+
+class Spy:
+    """A model that records the batches it sees and the mode it sees them in."""
+
+    def __init__(self, n_classes=3):
+        self.lin = Linear(4, n_classes, rng=0)
+        self.training = True
+        self.batches, self.modes = [], []
+
+    params = property(lambda self: self.lin.params)
+    grads = property(lambda self: self.lin.grads)
+
+    def forward(self, x):
+        self.batches.append(x.copy())
+        self.modes.append(self.training)
+        return self.lin.forward(x)
+
+    def backward(self, dy):
+        return self.lin.backward(dy)
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+def test_same_seed_same_batches_and_eval_mode_for_validation():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=25)
+    runs = []
+    for _ in range(2):
+        spy = Spy()
+        fit(spy, X, y, epochs=2, batch_size=10, optimizer=SGD(spy.params, spy.grads), seed=5,
+            validation=(X[:5], y[:5]), verbose=0)
+        runs.append(spy)
+    a, b = runs
+    assert len(a.batches) == len(b.batches) == 2 * 3 + 2
+    for xa, xb in zip(a.batches, b.batches):
+        np.testing.assert_array_equal(xa, xb)
+    assert a.modes == [True, True, True, False] * 2
+    assert a.training  # restored
+    assert not np.array_equal(a.batches[0], a.batches[4])  # reshuffled each epoch
+    spy = Spy()
+    fit(spy, X, y, epochs=1, batch_size=25, optimizer=SGD(spy.params, spy.grads), shuffle=False,
+        verbose=0)
+    np.testing.assert_array_equal(spy.batches[0], X)
+
+
+def test_fit_is_deterministic_and_learns():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=120)
+    seed = int(rng.integers(1 << 30))
+    results = []
+    for _ in range(2):
+        model = mlp([4, 16, 3], rng=seed)
+        h = fit(model, X, y, epochs=5, batch_size=16, optimizer=SGD(model.params, model.grads),
+                seed=seed, verbose=0)
+        results.append((h, model.params["0.W"].copy()))
+    (h1, w1), (h2, w2) = results
+    assert h1.train_loss == h2.train_loss
+    np.testing.assert_array_equal(w1, w2)
+    assert h1.train_acc[-1] > 0.9
+
+
+def test_callbacks_and_stop_training():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=40)
+    model = mlp([4, 8, 3], rng=rng)
+    calls = []
+
+    class Stopper:
+        def on_step_end(self, model, step, logs):
+            calls.append(("step", step, logs["epoch"]))
+            if step == 6:
+                raise StopTraining
+
+    evaluator = StepEvaluator(X, y, every=2, at=(3,))
+    h = fit(model, X, y, epochs=5, batch_size=10, optimizer=SGD(model.params, model.grads),
+            callbacks=[evaluator, lambda m, e, hist: calls.append(("epoch", e)), Stopper()],
+            verbose=0)
+    assert h.epoch == [1, 2] and h.steps == [4, 6]  # the cut epoch is recorded
+    assert ("epoch", 1) in calls and calls[-1] == ("step", 6, 2)
+    assert evaluator.steps == [2, 3, 4, 6]  # every 2, at 3, and the end of training
+    assert evaluator.acc_at(5) == evaluator.acc[2]
+    target = max(evaluator.acc)
+    assert evaluator.first_step_reaching(target) == evaluator.steps[evaluator.acc.index(target)]
+    assert evaluator.first_step_reaching(1.1) is None
+
+
+def test_history_to_json_and_verbose_output(capsys):
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=30)
+    model = mlp([4, 8, 3], rng=rng)
+    h = fit(model, X, y, epochs=2, batch_size=8, optimizer=SGD(model.params, model.grads),
+            verbose=1)
+    out = capsys.readouterr().out
+    assert "Epoch 1/2: loss" in out and "Epoch 2/2" in out and "val_loss" not in out
+    d = json.loads(json.dumps(h.to_dict()))
+    assert d["val_acc"] == [None, None] and len(d["time"]) == 2
+    assert isinstance(h, History) and h.time_per_step > 0
+
+
+def test_fit_converts_data_to_model_dtype():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=30)
+    model = mlp([4, 8, 3], rng=rng, dtype=np.float64)
+    fit(model, X.astype(np.float32), y, epochs=1, batch_size=8,
+        optimizer=SGD(model.params, model.grads), verbose=0)
+    assert predict(model, X.astype(np.int64)).dtype == np.float64
+
+
+def test_fit_validation():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=20)
+    model = mlp([4, 8, 3], rng=rng)
+    opt = SGD(model.params, model.grads)
+    kw = dict(epochs=1, batch_size=4, optimizer=opt, verbose=0)
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, X, y, **{**kw, "epochs": 0})
+    with pytest.raises(TypeError, match="batch_size"):
+        fit(model, X, y, **{**kw, "batch_size": 4.0})
+    with pytest.raises(TypeError, match="integers"):
+        fit(model, X, y.astype(float), **kw)
+    with pytest.raises(ValueError, match="shape"):
+        fit(model, X, y[:-1], **kw)
+    with pytest.raises(ValueError, match="2-D"):
+        fit(model, X[:, :, None], y, **kw)
+    with pytest.raises(TypeError, match="optimizer"):
+        fit(model, X, y, **{**kw, "optimizer": "sgd"})
+    with pytest.raises(TypeError, match="validation"):
+        fit(model, X, y, validation=X, **kw)
+    with pytest.raises(ValueError, match="verbose"):
+        fit(model, X, y, **{**kw, "verbose": 3})
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate(model, X[:0], y[:0])
