@@ -1,0 +1,626 @@
+"""Tests of the compiled kernels, ``cbn._kernels``, against the NumPy oracle.
+
+The kernels check nothing, so every call here builds exactly the arguments the
+functional layer would: a C-contiguous ``(outer, C, inner)`` view, float64
+per-channel vectors and the coefficient table. The shapes are chosen to visit
+every branch of the block geometry: ``inner == 1`` (rows, channel blocks of
+256, row blocks of 256) and ``inner > 1`` (runs, LANES = 16 tails, reduction
+blocks of 16384 values), plus random shapes of rank 2..5 folded around a
+random channel axis.
+
+Tolerances are derived from the dtype: ``K * finfo(dtype).eps * scale``,
+where ``scale`` bounds the magnitude of the terms that were rounded.
+"""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from cbn import _kernels as K
+from cbn import reference as ref
+
+DTYPES = [np.float64, np.float32]
+EPS = 1e-5
+THREADS = [1, 2, 3]
+
+# (outer, C, inner): each entry exercises one part of the block geometry.
+GEOMETRIES = [
+    (2, 3, 1),  # smallest dense batch
+    (3, 2, 1),
+    (7, 13, 1),  # primes, C < LANES
+    (5, 37, 1),  # C not a multiple of 16, tail loop
+    (300, 17, 1),  # outer > 256: several row blocks (inner == 1)
+    (3, 300, 1),  # C > 256: several channel blocks
+    (520, 263, 1),  # several row blocks x several channel blocks, prime C
+    (2, 3, 5),  # inner < LANES: tail only
+    (3, 2, 16),  # inner == LANES exactly
+    (4, 5, 17),  # LANES + 1
+    (7, 11, 31),  # primes
+    (40, 3, 1000),  # 40*1000 > 16384: several reduction blocks of 16 rows
+    (3, 2, 9001),  # one row per reduction block, prime inner
+    (1, 3, 20011),  # inner > 16384 with outer == 1
+    (2, 1, 2),  # one channel, two values each... per row
+]
+
+
+def seed_of(*parts):
+    """A per-test seed that, unlike hash(), does not change between runs."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def geometry_id(g):
+    return "x".join(map(str, g))
+
+
+def random_geometry(seed):
+    """A random rank-2..5 shape and channel axis, folded into (outer, C, inner)."""
+    rng = np.random.default_rng(seed)
+    rank = int(rng.integers(2, 6))
+    shape = tuple(int(d) for d in rng.integers(1, 8, size=rank))
+    axis = int(rng.integers(0, rank))
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1:])
+    if outer * inner < 2:  # training needs more than one value per channel
+        outer = 2
+    return outer, shape[axis], inner
+
+
+ALL_GEOMETRIES = GEOMETRIES + [random_geometry(s) for s in range(8)]
+
+
+def tol(dtype, scale, k):
+    """Absolute tolerance: k rounding errors of the dtype at magnitude ``scale``."""
+    return k * np.finfo(dtype).eps * scale
+
+
+def assert_close(got, want, dtype, scale, k=16, what="", extra=0.0):
+    """|got - want| <= k * eps(dtype) * scale + extra, elementwise, with a useful message."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, what
+    bound = tol(dtype, scale, k) + extra
+    excess = np.abs(got - want) - bound
+    if not np.all(excess <= 0):  # NaN fails too
+        i = np.unravel_index(np.argmax(np.where(np.isnan(excess), np.inf, excess)), got.shape)
+        pytest.fail(f"{what}: at {i} got {got[i]!r}, want {want[i]!r}, "
+                    f"allowed error {np.broadcast_to(bound, got.shape)[i]:.3g}")
+
+
+def assert_sums_close(got, want, dtype, l1, what="", extra=0.0):
+    """Double-accumulated sums rounded once to ``dtype``: 4 ulps of the dtype plus
+    64 ulps of double times the L1 norm of the summands."""
+    bound = 4 * np.finfo(dtype).eps * np.abs(want) + 64 * np.finfo(np.float64).eps * l1 + extra
+    assert_close(got, want, np.float64, bound / np.finfo(np.float64).eps, k=1, what=what)
+
+
+def make_batch(rng, geometry, dtype, offset=3.0):
+    """A batch with per-channel offsets and scales, and gamma (mixed signs), beta."""
+    outer, C, inner = geometry
+    loc = rng.uniform(-offset, offset, size=(1, C, 1))
+    scale = rng.uniform(0.5, 2.0, size=(1, C, 1))
+    x = (loc + scale * rng.standard_normal(geometry)).astype(dtype)
+    gamma = (rng.choice([-1.0, 1.0], C) * rng.uniform(0.5, 2.0, C)).astype(dtype)
+    beta = rng.normal(size=C).astype(dtype)
+    return x, gamma, beta
+
+
+def kink_free_beta(x64, mean, var, gamma, rng):
+    """Per-channel beta so that no ReLU pre-activation sits near 0.
+
+    The ReLU threshold in x_hat units is -beta/gamma; it is put in the middle
+    of the widest gap between sorted x_hat values (or beyond all of them), so
+    a float32 kernel and the float64 oracle agree on every mask bit.
+    Returns beta (float64) and the smallest |pre-activation|.
+    """
+    C = x64.shape[1]
+    invstd = 1.0 / np.sqrt(var + EPS)
+    xhat = (x64 - mean[None, :, None]) * invstd[None, :, None]
+    beta = np.empty(C)
+    for c in range(C):
+        v = np.unique(xhat[:, c, :])
+        choice = rng.integers(0, 4)
+        if choice == 0 or v.size < 2:
+            t = v[0] - 1.0  # threshold below every value
+        elif choice == 1:
+            t = v[-1] + 1.0  # above every value
+        else:
+            gaps = np.diff(v)
+            i = int(np.argmax(gaps))
+            t = 0.5 * (v[i] + v[i + 1])
+        beta[c] = -gamma[c] * t
+    z = gamma[None, :, None] * xhat + beta[None, :, None]
+    return beta, float(np.min(np.abs(z)))
+
+
+def forward_coef(mean, var, gamma, beta, dtype):
+    """Rows m, a, b of the coefficient table, as functional builds them."""
+    invstd = 1.0 / np.sqrt(var + EPS)
+    return np.ascontiguousarray(
+        np.stack([mean, gamma.astype(np.float64) * invstd, beta.astype(np.float64)]), dtype=dtype
+    )
+
+
+def backward_coef(coef3, mean, var, sum_g, sum_gd, count, training, dtype):
+    """Rows m, a, b, kx, k0 with the training (or evaluation) kx, k0."""
+    invstd = 1.0 / np.sqrt(var + EPS)
+    m = coef3[0].astype(np.float64)
+    a = coef3[1].astype(np.float64)
+    if training:
+        kx = -a * invstd * invstd * sum_gd / count
+        k0 = -a * sum_g / count + kx * (m - mean)
+    else:
+        kx = np.zeros_like(a)
+        k0 = np.zeros_like(a)
+    return np.ascontiguousarray(np.vstack([coef3, kx[None].astype(dtype), k0[None].astype(dtype)]))
+
+
+def stats_scale(x64):
+    """Magnitude bound for mean/var rounding: mean|x| and the second moment about 0."""
+    a = np.abs(x64)
+    return a.max(axis=(0, 2)), (a * a).max(axis=(0, 2))
+
+
+# ---------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES, ids=geometry_id)
+def test_batch_stats_matches_reference(geometry, dtype):
+    rng = np.random.default_rng(seed_of(geometry))
+    x, _, _ = make_batch(rng, geometry, dtype)
+    x64 = x.astype(np.float64)
+    mean = np.empty(geometry[1])
+    var = np.empty(geometry[1])
+    assert K.batch_stats(x, mean, var, 1) == K.OK
+    want_mean, want_var = ref.batch_stats(x64, axis=1)
+    # Sums are kept in double whatever the input dtype: float64 tolerance.
+    s1, s2 = stats_scale(x64)
+    assert_close(mean, want_mean, np.float64, s1, k=64, what="mean")
+    assert_close(var, want_var, np.float64, s2, k=64, what="var")
+    assert np.all(var >= 0)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES, ids=geometry_id)
+def test_normalize_matches_reference(geometry, dtype, relu):
+    rng = np.random.default_rng(seed_of(geometry, relu))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    x64 = x.astype(np.float64)
+    mean, var = ref.batch_stats(x64, axis=1)
+    if relu:
+        beta = kink_free_beta(x64, mean, var, gamma.astype(np.float64), rng)[0].astype(dtype)
+    coef = forward_coef(mean, var, gamma, beta, dtype)
+    y = np.full_like(x, np.nan)
+    assert K.normalize(x, y, coef, relu, 1) == K.OK
+    want = ref.forward_eval(x64, mean, var, gamma.astype(np.float64), beta.astype(np.float64),
+                            EPS, axis=1, relu=relu)
+    scale = np.abs(x64).max() * np.abs(coef[1]).max() + np.abs(coef[2]).max()
+    assert_close(y, want, dtype, scale, what="y")
+    if relu:
+        assert np.all(y >= 0)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES, ids=geometry_id)
+def test_backward_reduce_and_apply_match_reference(geometry, dtype, relu):
+    rng = np.random.default_rng(seed_of(geometry, relu, "bw"))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.normal(size=geometry).astype(dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean, var = ref.batch_stats(x64, axis=1)
+    if relu:
+        beta = kink_free_beta(x64, mean, var, gamma.astype(np.float64), rng)[0].astype(dtype)
+    g64, b64 = gamma.astype(np.float64), beta.astype(np.float64)
+    coef3 = forward_coef(mean, var, gamma, beta, dtype)
+    invstd = 1.0 / np.sqrt(var + EPS)
+
+    sum_g = np.empty(geometry[1])
+    sum_gd = np.empty(geometry[1])
+    assert K.backward_reduce(dy, x, mean, coef3, sum_g, sum_gd, relu, 1) == K.OK
+    _, dgamma, dbeta = ref.backward_eval(dy64, x64, mean, var, g64, b64, EPS, axis=1, relu=relu)
+    # Both sums are accumulated in double from the same inputs: an L1 bound.
+    l1_g = np.abs(dy64).sum(axis=(0, 2))
+    l1_gd = (np.abs(dy64) * np.abs(x64 - mean[None, :, None])).sum(axis=(0, 2))
+    assert_close(sum_g, dbeta, np.float64, l1_g, k=64, what="sum_g")
+    assert_close(sum_gd, dgamma / invstd, np.float64, l1_gd, k=64, what="sum_gd")
+
+    count = geometry[0] * geometry[2]
+    amax = np.abs(coef3[1].astype(np.float64))[None, :, None]
+    xhat_max = np.abs((x64 - mean[None, :, None]) * invstd[None, :, None]).max()
+    for training in (True, False):
+        coef5 = backward_coef(coef3, mean, var, sum_g, sum_gd, count, training, dtype)
+        dx = np.full_like(x, np.nan)
+        assert K.backward_apply(dy, x, coef5, dx, relu, 1) == K.OK
+        if training:
+            want = ref.backward_train(dy64, x64, g64, b64, EPS, axis=1, relu=relu)[0]
+        else:
+            want = ref.backward_eval(dy64, x64, mean, var, g64, b64, EPS, axis=1, relu=relu)[0]
+        scale = (amax * np.abs(dy64).max()).max() * (3 + xhat_max)
+        assert_close(dx, want, dtype, scale, what=f"dx training={training}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0, None])
+def test_ema_update_rule_over_steps(dtype, momentum):
+    """running = (1-f)*running + f*batch with the unbiased variance; f = 1/n if cumulative."""
+    rng = np.random.default_rng(7)
+    C = 11
+    rm = rng.normal(size=C).astype(dtype)
+    rv = rng.uniform(0.5, 2, size=C).astype(dtype)
+    want_m, want_v = rm.astype(np.float64), rv.astype(np.float64)
+    for n in range(1, 6):
+        count = int(rng.integers(2, 50))
+        mean = rng.normal(size=C) * 3
+        var = rng.uniform(0, 4, size=C)
+        factor = momentum if momentum is not None else 1.0 / n
+        assert K.ema_update(rm, rv, mean, var, float(count), factor) == 0
+        want_m, want_v = ref.ema_update(want_m, want_v, mean, var, count, factor)
+        # One rounding to the dtype per step, on values of magnitude ~ max(running, batch).
+        assert_close(rm, want_m, dtype, np.abs(want_m) + 4, k=4 * n, what="running_mean")
+        assert_close(rv, want_v, dtype, np.abs(want_v) + 8, k=4 * n, what="running_var")
+    if momentum is None:
+        # A cumulative average from a fresh start (running_mean 0, factor 1 first)
+        # is the plain mean of the batch means.
+        rm = np.zeros(C, dtype)
+        rv = np.ones(C, dtype)
+        means = rng.normal(size=(4, C))
+        for n in range(1, 5):
+            K.ema_update(rm, rv, means[n - 1], np.ones(C), 10.0, 1.0 / n)
+        assert_close(rm, means.mean(axis=0), dtype, 4.0, k=16, what="cumulative mean")
+
+
+def test_ema_update_refuses_overflow_and_writes_nothing():
+    """A float32 running variance that would overflow is left untouched (status 1)."""
+    rm = np.array([0.5, -1.0], np.float32)
+    rv = np.array([1.5, 2.0], np.float32)
+    before = (rm.copy(), rv.copy())
+    status = K.ema_update(rm, rv, np.array([0.0, 1.0]), np.array([1.0, 1e40]), 10.0, 0.1)
+    assert status == 1
+    assert np.array_equal(rm, before[0]) and np.array_equal(rv, before[1])
+
+
+# ---------------------------------------------------------------------------
+# Composites
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES, ids=geometry_id)
+def test_composites_match_reference(geometry, dtype, relu):
+    rng = np.random.default_rng(seed_of(geometry, relu, "comp"))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.normal(size=geometry).astype(dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    want_mean, want_var = ref.batch_stats(x64, axis=1)
+    if relu:
+        beta = kink_free_beta(x64, want_mean, want_var, gamma.astype(np.float64), rng)[0]
+        beta = beta.astype(dtype)
+    g64, b64 = gamma.astype(np.float64), beta.astype(np.float64)
+    C = geometry[1]
+    invstd = 1.0 / np.sqrt(want_var + EPS)
+    a_max = np.abs(g64 * invstd).max()
+    y_scale = np.abs(x64).max() * a_max + np.abs(b64).max()
+
+    # The composites normalize with their own statistics, whose variance is
+    # accurate to ~eps64 * max(x^2) (shifted sums); relative to a small
+    # variance that is a larger error, and it reaches y, dx and dgamma through
+    # invstd. `cond` is that relative error, per channel.
+    cond = 64 * np.finfo(np.float64).eps * stats_scale(x64)[1] / (want_var + EPS)
+    cond3 = cond[None, :, None]
+
+    # forward_train
+    y = np.full_like(x, np.nan)
+    mean, var = np.empty(C), np.empty(C)
+    assert K.forward_train(x, y, gamma, beta, EPS, mean, var, relu, 1) == K.OK
+    s1, s2 = stats_scale(x64)
+    assert_close(mean, want_mean, np.float64, s1, k=64, what="mean")
+    assert_close(var, want_var, np.float64, s2, k=64, what="var")
+    want_y = ref.forward_train(x64, g64, b64, EPS, axis=1, relu=relu)[0]
+    assert_close(y, want_y, dtype, y_scale, what="train y",
+                 extra=cond3 * np.abs(want_y - b64[None, :, None]))
+
+    # forward_eval with other statistics (as running statistics would be)
+    rmean = want_mean + rng.normal(size=C) * 0.1
+    rvar = want_var * rng.uniform(0.8, 1.2, size=C)
+    ye = np.full_like(x, np.nan)
+    assert K.forward_eval(x, ye, rmean, rvar, gamma, beta, EPS, relu, 1) == K.OK
+    want_ye = ref.forward_eval(x64, rmean, rvar, g64, b64, EPS, axis=1, relu=relu)
+    ye_scale = np.abs(x64).max() * np.abs(g64 / np.sqrt(rvar + EPS)).max() + np.abs(b64).max()
+    if not relu:  # the kink-free beta was chosen for the batch statistics only
+        assert_close(ye, want_ye, dtype, ye_scale, what="eval y")
+    else:
+        assert np.all(ye >= 0)
+
+    # backward, training and evaluation, with and without parameter gradients
+    xhat_max = np.abs((x64 - want_mean[None, :, None]) * invstd[None, :, None]).max()
+    dx_scale = a_max * np.abs(dy64).max() * (3 + xhat_max)
+    l1_g = np.abs(dy64).sum(axis=(0, 2))
+    l1_gx = (np.abs(dy64) * np.abs(x64 - want_mean[None, :, None])).sum(axis=(0, 2)) * invstd
+    for training in (True, False):
+        dx = np.full_like(x, np.nan)
+        dgamma = np.full(C, np.nan, dtype)
+        dbeta = np.full(C, np.nan, dtype)
+        status = K.backward(dy, x, mean, var, gamma, beta, EPS, dx, dgamma, dbeta,
+                            training, True, relu, 1)
+        assert status == K.OK
+        if training:
+            want = ref.backward_train(dy64, x64, g64, b64, EPS, axis=1, relu=relu)
+        else:
+            want = ref.backward_eval(dy64, x64, mean, var, g64, b64, EPS, axis=1, relu=relu)
+        assert_close(dx, want[0], dtype, dx_scale, what=f"dx training={training}",
+                     extra=(cond3 * dx_scale) if training else 0.0)
+        # dgamma/dbeta: exact double sums, rounded once to the dtype.
+        assert_sums_close(dgamma, want[1], dtype, l1_gx, what="dgamma",
+                          extra=cond * (np.abs(want[1]) + l1_gx) if training else 0.0)
+        assert_sums_close(dbeta, want[2], dtype, l1_g, what="dbeta")
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_eval_without_param_grads_leaves_them_unwritten(dtype, relu):
+    """need_param_grads=False in evaluation skips the reduction; dx is still right."""
+    rng = np.random.default_rng(11)
+    geometry = (6, 5, 7)
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.normal(size=geometry).astype(dtype)
+    mean = rng.normal(size=5)
+    var = rng.uniform(0.5, 2, size=5)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    g64 = gamma.astype(np.float64)
+    if relu:  # a beta that puts the threshold far from the data
+        beta = (np.abs(g64) * 50).astype(dtype)
+    dgamma = np.full(5, 123.0, dtype)
+    dbeta = np.full(5, -7.0, dtype)
+    dx = np.empty_like(x)
+    assert K.backward(dy, x, mean, var, gamma, beta, EPS, dx, dgamma, dbeta,
+                      False, False, relu, 1) == K.OK
+    assert np.all(dgamma == 123.0) and np.all(dbeta == -7.0)
+    want = ref.backward_eval(dy64, x64, mean, var, g64, beta.astype(np.float64), EPS, axis=1,
+                             relu=relu)[0]
+    assert_close(dx, want, dtype, np.abs(want).max() + 1, what="dx")
+
+
+# ---------------------------------------------------------------------------
+# In place, threads
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", [(7, 13, 1), (300, 17, 1), (4, 5, 17), (40, 3, 1000)],
+                         ids=geometry_id)
+def test_in_place_outputs_equal_out_of_place(geometry, dtype, relu):
+    """y_out may be x and dx_out may be dy: the elementwise passes read before they write."""
+    rng = np.random.default_rng(seed_of(geometry, relu, "inplace"))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.normal(size=geometry).astype(dtype)
+    C = geometry[1]
+    mean, var = np.empty(C), np.empty(C)
+
+    y = np.empty_like(x)
+    K.forward_train(x, y, gamma, beta, EPS, mean, var, relu, 2)
+    xi = x.copy()
+    m2, v2 = np.empty(C), np.empty(C)
+    assert K.forward_train(xi, xi, gamma, beta, EPS, m2, v2, relu, 2) == K.OK
+    assert np.array_equal(xi, y) and np.array_equal(mean, m2) and np.array_equal(var, v2)
+
+    xi = x.copy()
+    ye = np.empty_like(x)
+    K.forward_eval(x, ye, mean, var, gamma, beta, EPS, relu, 2)
+    assert K.forward_eval(xi, xi, mean, var, gamma, beta, EPS, relu, 2) == K.OK
+    assert np.array_equal(xi, ye)
+
+    coef = forward_coef(mean, var, gamma, beta, dtype)
+    xi = x.copy()
+    yn = np.empty_like(x)
+    K.normalize(x, yn, coef, relu, 2)
+    assert K.normalize(xi, xi, coef, relu, 2) == K.OK
+    assert np.array_equal(xi, yn)
+
+    for training in (True, False):
+        dx = np.empty_like(x)
+        dg, db = np.empty(C, dtype), np.empty(C, dtype)
+        K.backward(dy, x, mean, var, gamma, beta, EPS, dx, dg, db, training, True, relu, 2)
+        dyi = dy.copy()
+        dg2, db2 = np.empty(C, dtype), np.empty(C, dtype)
+        assert K.backward(dyi, x, mean, var, gamma, beta, EPS, dyi, dg2, db2,
+                          training, True, relu, 2) == K.OK
+        assert np.array_equal(dyi, dx) and np.array_equal(dg, dg2) and np.array_equal(db, db2)
+
+    sum_g, sum_gd = np.empty(C), np.empty(C)
+    K.backward_reduce(dy, x, mean, coef, sum_g, sum_gd, relu, 2)
+    coef5 = backward_coef(coef, mean, var, sum_g, sum_gd, geometry[0] * geometry[2], True, dtype)
+    dx = np.empty_like(x)
+    K.backward_apply(dy, x, coef5, dx, relu, 2)
+    dyi = dy.copy()
+    assert K.backward_apply(dyi, x, coef5, dyi, relu, 2) == K.OK
+    assert np.array_equal(dyi, dx)
+
+
+def run_everything(x, dy, gamma, beta, relu, n_threads):
+    """Every kernel on one input; returns all outputs, for bitwise comparison."""
+    C = x.shape[1]
+    dtype = x.dtype
+    out = {}
+    mean, var = np.empty(C), np.empty(C)
+    K.batch_stats(x, mean, var, n_threads)
+    out["stats"] = (mean, var)
+    y = np.empty_like(x)
+    m2, v2 = np.empty(C), np.empty(C)
+    K.forward_train(x, y, gamma, beta, EPS, m2, v2, relu, n_threads)
+    out["train"] = (y, m2, v2)
+    ye = np.empty_like(x)
+    K.forward_eval(x, ye, mean, var * 1.5, gamma, beta, EPS, relu, n_threads)
+    out["eval"] = (ye,)
+    coef = forward_coef(mean, var, gamma, beta, dtype)
+    yn = np.empty_like(x)
+    K.normalize(x, yn, coef, relu, n_threads)
+    out["normalize"] = (yn,)
+    sg, sgd = np.empty(C), np.empty(C)
+    K.backward_reduce(dy, x, mean, coef, sg, sgd, relu, n_threads)
+    out["reduce"] = (sg, sgd)
+    coef5 = backward_coef(coef, mean, var, sg, sgd, x.shape[0] * x.shape[2], True, dtype)
+    dxa = np.empty_like(x)
+    K.backward_apply(dy, x, coef5, dxa, relu, n_threads)
+    out["apply"] = (dxa,)
+    for training in (True, False):
+        dx = np.empty_like(x)
+        dg, db = np.empty(C, dtype), np.empty(C, dtype)
+        K.backward(dy, x, mean, var, gamma, beta, EPS, dx, dg, db, training, True, relu,
+                   n_threads)
+        out[f"backward{training}"] = (dx, dg, db)
+    return out
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "geometry", [(520, 263, 1), (3, 300, 1), (40, 3, 1000), (3, 2, 9001), (7, 11, 31), (2, 3, 5)],
+    ids=geometry_id,
+)
+def test_results_are_bit_identical_for_any_thread_count(geometry, dtype, relu):
+    """Reductions run over shape-determined blocks merged in a fixed order."""
+    rng = np.random.default_rng(seed_of(geometry, relu, "threads"))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.normal(size=geometry).astype(dtype)
+    results = [run_everything(x, dy, gamma, beta, relu, n) for n in THREADS]
+    for other, n in zip(results[1:], THREADS[1:]):
+        for key, arrays in results[0].items():
+            for a, b in zip(arrays, other[key]):
+                assert np.array_equal(a, b), f"{key} differs between 1 and {n} threads"
+
+
+# ---------------------------------------------------------------------------
+# Numerics: large offsets, non-finite values
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "dtype, offset", [(np.float32, 1e4), (np.float64, 1e8)], ids=["float32-1e4", "float64-1e8"]
+)
+@pytest.mark.parametrize("geometry", [(4000, 3, 1), (600, 3, 1), (20, 3, 900)], ids=geometry_id)
+def test_statistics_stay_accurate_with_a_large_offset(geometry, dtype, offset, seed):
+    """|mean| >> std: a naive E[x^2] - E[x]^2 would lose every digit of the variance."""
+    rng = np.random.default_rng(seed)
+    C = geometry[1]
+    loc = offset * rng.uniform(0.5, 1.5, size=(1, C, 1)) * rng.choice([-1, 1], size=(1, C, 1))
+    x = (loc + rng.standard_normal(geometry)).astype(dtype)
+    x64 = x.astype(np.float64)
+    # Exact-as-can-be oracle: the two-pass reference on the float64 values.
+    want_mean, want_var = ref.batch_stats(x64, axis=1)
+    assert np.all(np.abs(want_var - 1) < 0.3)  # unit variance survived rounding to dtype
+    mean, var = np.empty(C), np.empty(C)
+    K.batch_stats(x, mean, var, 2)
+    assert np.allclose(mean, want_mean, rtol=1e-5, atol=0)
+    assert np.allclose(var, want_var, rtol=1e-5, atol=0)
+    # forward_train too, and its output is still a standardized batch.
+    gamma = np.ones(C, dtype)
+    beta = np.zeros(C, dtype)
+    y = np.empty_like(x)
+    m2, v2 = np.empty(C), np.empty(C)
+    assert K.forward_train(x, y, gamma, beta, EPS, m2, v2, False, 2) == K.OK
+    assert np.allclose(v2, want_var, rtol=1e-5, atol=0)
+    y_mean, y_var = ref.batch_stats(y.astype(np.float64), axis=1)
+    # y's error is bounded by rounding the mean to the dtype: eps * |mean| / std.
+    bound = 4 * np.finfo(dtype).eps * offset * 1.5 + 1e-5
+    assert np.all(np.abs(y_mean) < bound)
+    assert np.allclose(y_var, want_var / (want_var + EPS), rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", [(6, 5, 1), (3, 5, 20)], ids=geometry_id)
+def test_nonfinite_inputs_give_status_codes(geometry, dtype, bad):
+    rng = np.random.default_rng(5)
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.normal(size=geometry).astype(dtype)
+    C = geometry[1]
+    mean, var = np.empty(C), np.empty(C)
+    K.batch_stats(x, mean, var, 1)
+    xb = x.copy()
+    xb[1, 2, 0] = bad
+
+    # Training forward: non-finite statistics (1), and y is not written.
+    y = np.full_like(x, 42.0)
+    m2, v2 = np.empty(C), np.empty(C)
+    assert K.forward_train(xb, y, gamma, beta, EPS, m2, v2, False, 1) == K.NONFINITE_STATS
+    assert np.all(y == 42.0)
+    # Evaluation forward and normalize: non-finite output (2), with and without ReLU
+    # (a ReLU must not hide a NaN or -Inf pre-activation).
+    for relu in (False, True):
+        assert K.forward_eval(xb, np.empty_like(x), mean, var, gamma, beta, EPS, relu, 1) \
+            == K.NONFINITE_OUTPUT
+        coef = forward_coef(mean, var, gamma, beta, dtype)
+        assert K.normalize(xb, np.empty_like(x), coef, relu, 1) == K.NONFINITE_OUTPUT
+    # Non-finite statistics or parameters in evaluation.
+    for name in ("mean", "var", "gamma", "beta"):
+        args = {"mean": mean.copy(), "var": var.copy(), "gamma": gamma.copy(), "beta": beta.copy()}
+        args[name][3] = np.nan
+        assert K.forward_eval(x, np.empty_like(x), args["mean"], args["var"], args["gamma"],
+                              args["beta"], EPS, False, 1) == K.NONFINITE_OUTPUT, name
+    gb = gamma.copy()
+    gb[0] = bad
+    assert K.forward_train(x, np.empty_like(x), gb, beta, EPS, m2, v2, False, 1) \
+        == K.NONFINITE_OUTPUT
+
+    # Backward: NaN/Inf in dy gives status 2 and leaves dgamma/dbeta unwritten.
+    dyb = dy.copy()
+    dyb[0, 1, 0] = bad
+    for training in (True, False):
+        for need in (True, False):
+            dg = np.full(C, 5.0, dtype)
+            db = np.full(C, 6.0, dtype)
+            status = K.backward(dyb, x, mean, var, gamma, beta, EPS, np.empty_like(x), dg, db,
+                                training, need, False, 1)
+            assert status == K.NONFINITE_OUTPUT, (training, need)
+            assert np.all(dg == 5.0) and np.all(db == 6.0)
+    coef = forward_coef(mean, var, gamma, beta, dtype)
+    coef5 = backward_coef(coef, mean, var, np.zeros(C), np.zeros(C), 10, False, dtype)
+    assert K.backward_apply(dyb, x, coef5, np.empty_like(x), False, 1) == K.NONFINITE_OUTPUT
+
+
+@pytest.mark.parametrize("geometry", [(6, 2, 1), (3, 2, 20)], ids=geometry_id)
+def test_batch_stats_does_not_turn_nonfinite_into_zero_variance(geometry):
+    """A NaN, or a float64 batch whose squared deviations overflow, has no finite variance.
+
+    The kernel clamps a negative rounding residue of the variance to 0 with
+    ``d if d > 0 else 0``; that clamp must not also map NaN (inf - inf) to 0,
+    or forward_train accepts a batch whose variance it could not compute and
+    normalizes it with var = 0 (see also test_functional's overflow test).
+    """
+    C = geometry[1]
+    x = np.ones(geometry) * np.arange(1, geometry[0] + 1)[:, None, None]
+    x[:, 1, :] = np.linspace(0, 3e200, geometry[0] * geometry[2]).reshape(geometry[0], -1)
+    mean, var = np.empty(C), np.empty(C)
+    K.batch_stats(x, mean, var, 1)
+    assert np.isfinite(var[0])
+    assert not np.isfinite(var[1]), f"var of a 1e200-spread channel came out as {var[1]}"
+    y = np.empty_like(x)
+    status = K.forward_train(x, y, np.ones(C), np.zeros(C), EPS, mean, var, False, 1)
+    assert status == K.NONFINITE_STATS
+
+
+@pytest.mark.parametrize("geometry", [(6, 2, 1), (3, 2, 20)], ids=geometry_id)
+def test_batch_stats_of_a_nan_channel_is_nan(geometry):
+    """batch_stats reports NaN statistics for a channel holding a NaN, not var = 0."""
+    C = geometry[1]
+    mean, var = np.empty(C), np.empty(C)
+    xn = np.random.default_rng(0).normal(size=geometry)
+    xn[1, 0, 0] = np.nan
+    K.batch_stats(xn, mean, var, 1)
+    assert np.isnan(mean[0]) and np.isnan(var[0]), (mean[0], var[0])
+
+
+def test_build_info_reports_threads():
+    info = K.build_info()
+    assert set(info) >= {"openmp", "max_threads", "debug", "sanitized"}
+    assert info["max_threads"] >= 1
+    assert K.max_threads() == info["max_threads"]
