@@ -83,12 +83,16 @@ def build_parser():
     d.add_argument("--dataset", choices=("digits", "idx"), default="digits",
                    help="embedded 8x8 digits, or MNIST-format IDX files from --data-dir")
     d.add_argument("--data-dir", help="directory of the IDX files (for --dataset idx)")
-    d.add_argument("--epochs", type=_positive(int), default=DEFAULTS["epochs"])
-    d.add_argument("--batch-size", type=_positive(int), default=DEFAULTS["batch_size"])
+    d.add_argument("--epochs", type=_positive(int), default=DEFAULTS["epochs"],
+                   help="passes over the training set")
+    d.add_argument("--batch-size", type=_positive(int), default=DEFAULTS["batch_size"],
+                   help="mini-batch size")
     d.add_argument("--lr", type=_positive(float), default=DEFAULTS["lr"], help="learning rate")
-    d.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=DEFAULTS["optimizer"])
+    d.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=DEFAULTS["optimizer"],
+                   help="update rule (momentum: v = 0.9 v + 0.1 g, p -= lr v)")
     d.add_argument("--activation", choices=("relu", "sigmoid", "tanh"),
-                   default=DEFAULTS["activation"])
+                   default=DEFAULTS["activation"],
+                   help="hidden activation (sigmoid as in Ioffe & Szegedy's Figure 1)")
     d.add_argument("--hidden", type=_hidden, default=_hidden(DEFAULTS["hidden"]),
                    metavar="W1,W2,...", help="hidden layer widths")
     d.add_argument("--seed", type=int, default=0,
@@ -98,7 +102,7 @@ def build_parser():
     d.add_argument("--fixed-steps", type=_positive(int), default=DEFAULTS["fixed_steps"],
                    help="report test accuracy after this many steps")
     d.add_argument("--eval-every", type=_positive(int), default=None,
-                   help="evaluate the test set every N steps (default: 4 times per epoch)")
+                   help="evaluate the test set every N steps; default: 4 times per epoch")
     d.add_argument("--threads", type=_positive(int), default=1, help="BatchNorm n_threads")
     d.add_argument("--blas-threads", type=int, default=1,
                    help="limit NumPy's BLAS to N threads with threadpoolctl, if installed "
@@ -186,7 +190,9 @@ def _single_example_check(model, X):
 
 
 def _fmt(x, spec=".4f"):
-    return "   -  " if x is None or not np.isfinite(x) else format(x, spec)
+    if x is None:
+        return "-"
+    return format(x, spec) if np.isfinite(x) else ("nan" if np.isnan(x) else "inf")
 
 
 def _steps(s, total):
@@ -332,13 +338,17 @@ def _clean(value):
 
 
 def _run_sweep(args, data, out):
+    """Train both models at each rate of ``args.lr_sweep``; print and return one row per rate."""
     from .trainer import evaluate
 
     rows = []
-    out.write(f"{'lr':>8}  {'BN final acc':>12} {'BN steps to ' + format(args.target, '.0%'):>17}"
-              f"  {'plain final acc':>15} {'plain steps to ' + format(args.target, '.0%'):>20}\n")
+    to = f"steps to {args.target:.0%}"
+    cols = f"{'test acc':>9} {to:>15} {'train loss':>10}"
+    out.write(f"{'':8}" + "".join(f" | {title:^36}" for _, title, _ in RUNS) + "\n")
+    out.write(f"{'lr':>8}" + f" | {cols}" * len(RUNS) + "\n")
     for lr in args.lr_sweep:
         row = {"lr": lr}
+        cells = []
         for key, title, bn in RUNS:
             model, history, ev = _train(args, data, bn, lr, f"{title}, lr {lr:g}")
             with np.errstate(all="ignore"):
@@ -346,11 +356,10 @@ def _run_sweep(args, data, out):
             row[key] = {"final_test_acc": acc, "steps_to_target": ev.first_step_reaching(
                 args.target), "steps": history.n_steps,
                 "final_train_loss": history.train_loss[-1]}
+            cells.append(f"{_fmt(acc):>9} {_steps(row[key]['steps_to_target'], history.n_steps):>15}"
+                         f" {_fmt(history.train_loss[-1]):>10}")
         rows.append(row)
-        out.write(f"{lr:>8g}  {_fmt(row['bn']['final_test_acc']):>12} "
-                  f"{_steps(row['bn']['steps_to_target'], row['bn']['steps']):>17}  "
-                  f"{_fmt(row['plain']['final_test_acc']):>15} "
-                  f"{_steps(row['plain']['steps_to_target'], row['plain']['steps']):>20}\n")
+        out.write(f"{lr:>8g}" + "".join(f" | {c}" for c in cells) + "\n")
         out.flush()
     return rows
 
