@@ -198,14 +198,17 @@ class _Progress:
         self.verbose = verbose
         self.bar = verbose >= 2 and getattr(self.stream, "isatty", lambda: False)()
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.width = 0  # length of the bar last drawn, to blank it out
 
     def step(self, epoch, i, loss):
         if not self.bar or (i % 5 and i != self.steps_per_epoch):
             return
         width = 30
         done = int(width * i / self.steps_per_epoch)
-        self.stream.write(f"\rEpoch {epoch}/{self.epochs} [{'=' * done}{'.' * (width - done)}] "
-                          f"{i}/{self.steps_per_epoch} loss {loss:.4f}")
+        text = (f"Epoch {epoch}/{self.epochs} [{'=' * done}{'.' * (width - done)}] "
+                f"{i}/{self.steps_per_epoch} loss {loss:.4f}")
+        self.width = max(self.width, len(text))
+        self.stream.write("\r" + text)
         self.stream.flush()
 
     def epoch(self, h):
@@ -216,7 +219,9 @@ class _Progress:
         if np.isfinite(h.val_loss[-1]):
             line += f" - val_loss {h.val_loss[-1]:.4f} val_acc {h.val_acc[-1]:.4f}"
         line += f" - {h.time[-1]:.2f}s"
-        self.stream.write(("\r" if self.bar else "") + line + "\n")
+        if self.bar:
+            line = "\r" + line.ljust(self.width)
+        self.stream.write(line + "\n")
         self.stream.flush()
 
 
@@ -245,9 +250,9 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
         :class:`cbn.nn.SoftmaxCrossEntropy`.
     shuffle : bool, default True
         Draw a new permutation each epoch.
-    seed : int, default 0
+    seed : int or None, default 0
         Seed of the shuffling: two runs with the same seed see the same
-        mini-batches in the same order.
+        mini-batches in the same order (``None``: fresh entropy).
     validation : tuple (X_val, y_val), optional
         Evaluated in eval mode at the end of each epoch.
     callbacks : sequence
