@@ -26,13 +26,11 @@ def seed_of(*parts):
 
 
 def in_layout(x, layout):
-    """The values of ``x`` in another memory layout (never C-contiguous but for C/readonly)."""
+    """The values of ``x`` in the named memory layout (a fresh array; x is untouched)."""
     if layout == "C":
         return x.copy()
     if layout == "F":
-        out = np.asfortranarray(x)
-        assert x.ndim < 2 or not out.flags.c_contiguous or x.size <= 1 or 1 in x.shape
-        return out
+        return np.asfortranarray(x)
     if layout == "slice":
         big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
         big[..., 1::2] = x

@@ -446,6 +446,8 @@ BAD_INPUTS = [
      lambda L, a: L(a), FloatingPointError, "not finite"),
     ("NaN in eval batch", lambda L, x: (L.eval(), with_value(x, (2, 1, 0), np.nan))[1],
      lambda L, a: L(a), FloatingPointError, "not finite"),
+    ("output overflow", lambda L, x: (setattr(L, "gamma", np.full(4, np.finfo(L.dtype).max / 1.5)),
+                                      x)[1], lambda L, a: L(a), FloatingPointError, "not finite"),
     ("dy wrong shape", lambda L, x: np.ones((6, 4, 2), L.dtype), lambda L, a: L.backward(a),
      ValueError, r"dy.*\(6, 4, 3\)"),
     ("dy wrong dtype", lambda L, x: np.ones(x.shape, other_float(L.dtype)),
