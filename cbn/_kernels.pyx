@@ -396,7 +396,7 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
     for j in range(width):
         mean_out[c0 + j] = shift[j] + s1[j] / rows
         d = s2[j] - s1[j] * s1[j] / rows
-        m2_out[c0 + j] = d if d > 0.0 else 0.0
+        m2_out[c0 + j] = 0.0 if d < 0.0 else d  # keeps NaN: it must reach the caller
 
 
 cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
@@ -416,7 +416,7 @@ cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
     count = <double>((n1 - n0) * inner)
     mean_out[c] = shift + s1 / count
     d = s2 - s1 * s1 / count
-    m2_out[c] = d if d > 0.0 else 0.0
+    m2_out[c] = 0.0 if d < 0.0 else d  # keeps NaN: it must reach the caller
 
 
 cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t task,

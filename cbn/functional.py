@@ -258,6 +258,11 @@ def batch_stats(x, *, axis=1, n_threads=None):
     mean, var : ndarray of float64, shape (C,)
         ``var`` is the biased variance (divides by m), computed in one pass
         with shifted block sums merged pairwise (never ``E[x^2] - E[x]^2``).
+
+    Raises
+    ------
+    FloatingPointError
+        x contains NaN or Inf (or values whose square overflows float64).
     """
     x_c, x3 = channel_view(x, axis)
     channels = x3.shape[1]
@@ -265,6 +270,11 @@ def batch_stats(x, *, axis=1, n_threads=None):
     var = np.empty(channels)
     status = _kernels.batch_stats(x3, mean, var, resolve_threads(n_threads, x3.size))
     _raise_for_status(status, "the batch statistics")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+        raise FloatingPointError(
+            "the batch statistics are not finite: x contains NaN or Inf (or values whose "
+            f"square overflows) in channel {_nonfinite_channels(mean, var)}"
+        )
     return mean, var
 
 
