@@ -853,12 +853,13 @@ def ema_update(floating[::1] running_mean,     # IN/OUT (C,)
 # ---------------------------------------------------------------------------
 
 cdef int _invstd(Py_ssize_t C, const double* var, double eps, double* invstd_out) noexcept nogil:
-    """invstd = 1/sqrt(var + eps); returns 1 if any is non-finite or var is NaN."""
+    """invstd = 1/sqrt(var + eps); returns 1 if var or invstd is not finite."""
     cdef Py_ssize_t c
     cdef int bad = 0
     for c in range(C):
         invstd_out[c] = 1.0 / sqrt(var[c] + eps)
-        bad |= not isfinite(invstd_out[c])
+        # An infinite variance gives invstd 0 and a finite, meaningless output.
+        bad |= not (isfinite(invstd_out[c]) and isfinite(var[c]))
     return bad
 
 
