@@ -1,0 +1,141 @@
+"""Structure of the benchmark engine's table and JSON (no timing assertions)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cbn import benchmark as B
+
+TINY = "8x4,4x3x2x2,2x2x2x3:nhwc"
+
+
+def _tiny_args(tmp_path, *extra):
+    return [
+        "--shapes", TINY,
+        "--threads", "1,2",
+        "--target-time", "0.0001",
+        "--min-repeats", "2",
+        "--max-repeats", "3",
+        "--quiet",
+        "--json", str(tmp_path / "out.json"),
+        *extra,
+    ]
+
+
+def test_parse_shape():
+    s = B.parse_shape("32x56x56x64:nhwc")
+    assert s.shape == (32, 56, 56, 64)
+    assert s.axis == -1 and s.channels == 64 and s.layout == "NHWC"
+    assert s.name == "32x56x56x64:nhwc"
+    t = B.parse_shape("32x64x56x56")
+    assert (t.axis, t.channels, t.layout) == (1, 64, "NCHW")
+    assert B.parse_shape("256x1024").layout == "NC"
+    assert t.nbytes(np.float64) == 32 * 64 * 56 * 56 * 8
+    for bad in ("12", "0x4", "axb", "4x4:weird"):
+        with pytest.raises(ValueError):
+            B.parse_shape(bad)
+
+
+def test_default_shapes_cover_the_issue():
+    names = set(B.DEFAULT_SHAPES)
+    for required in ("256x1024", "4096x256", "65536x64", "32x4096", "32x64x56x56",
+                     "8x256x28x28", "64x16x32x32", "32x56x56x64:nhwc"):
+        assert required in names
+
+
+def test_time_calls_rotates_buffers():
+    seen = []
+    timing = B.time_calls(seen.append, 3, target_time=0, min_repeats=5, max_repeats=5,
+                          warmup=1)
+    assert timing.repeats == 5 and len(seen) == 6
+    assert set(seen) == {0, 1, 2}
+    assert timing.minimum <= timing.median
+
+
+def test_main_writes_table_and_json(tmp_path, capsys):
+    status = B.main(_tiny_args(tmp_path), reexec=False)
+    assert status == 0
+    out = capsys.readouterr().out
+    for column in ("shape", "layout", "dtype", "thr", "op", "cbn ms", "GB/s", "frac copy",
+                   "x numpy", "x torch"):
+        assert column in out
+    assert "targets of issue 4" in out and "machine:" in out
+
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["schema"] == "cbn-bench/1"
+    m = result["machine"]
+    for key in ("cpu", "cores", "numpy", "cbn", "cbn_build", "threadpoolctl", "torch"):
+        assert key in m
+    cases = result["cases"]
+    # 3 shapes x 2 dtypes x 2 thread counts x 3 ops
+    assert len(cases) == 3 * 2 * 2 * 3
+    assert {c["op"] for c in cases} == set(B.OPS)
+    assert {c["dtype"] for c in cases} == {"float32", "float64"}
+    assert {c["threads"] for c in cases} == {1, 2}
+    assert {c["layout"] for c in cases} == {"NC", "NCHW", "NHWC"}
+    torch_there = "torch" in result["config"]["peers"]
+    for c in cases:
+        assert c["bytes_moved"] == B.BYTE_MODEL[c["op"]] * c["nbytes"]
+        assert c["n_buffers"] >= 2  # tiny arrays fit in cache: inputs rotate
+        for impl in ("cbn", "layer", "numpy"):
+            t = c["times"][impl]
+            assert t["median_s"] > 0 and 2 <= t["repeats"] <= 3
+        assert c["gbps"] > 0 and c["frac_copy"] > 0 and c["speedup_numpy"] > 0
+        assert (c["speedup_torch"] is not None) == torch_there
+    names = [t["target"] for t in result["targets"]]
+    assert len(names) == 6
+    assert {t["status"] for t in result["targets"]} <= {"pass", "fail", "n/a"}
+    assert result["small_step"]["cbn_us"] > 0
+    # Markdown rendering of the same result
+    md = B.format_report(result, markdown=True)
+    assert md.count("\n|") >= len(cases) + 1
+
+
+def test_filters_and_no_peers(tmp_path):
+    args = _tiny_args(tmp_path, "--ops", "fwd-eval", "--dtypes", "float64",
+                      "--peers", "numpy", "--no-small-step")
+    args[args.index("--threads") + 1] = "1"
+    assert B.main(args, reexec=False) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert {(c["op"], c["dtype"], c["threads"]) for c in result["cases"]} == {
+        ("fwd-eval", "float64", 1)}
+    assert all(set(c["times"]) == {"cbn", "numpy"} for c in result["cases"])
+    assert all(c["speedup_torch"] is None for c in result["cases"])
+    assert result["small_step"] is None
+    status = {t["target"]: t["status"] for t in result["targets"]}
+    assert "n/a" in status.values()
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    args = _tiny_args(tmp_path, "--plot", str(png), "--no-small-step", "--peers", "numpy")
+    assert B.main(args, reexec=False) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        B.main(["--ops", "sideways"], reexec=False)
+    with pytest.raises(SystemExit):
+        B.main(["--threads", "0"], reexec=False)
+
+
+def test_reexec_drops_openblas_variables(tmp_path):
+    """``python -m cbn bench`` re-executes itself without the OpenBLAS variables."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell", OPENBLAS_L2_SIZE="512")
+    env.pop("_CBN_BENCH_REEXEC", None)
+    out = tmp_path / "env.json"
+    args = ["--shapes", "8x4", "--threads", "1", "--ops", "fwd-eval", "--dtypes", "float32",
+            "--peers", "numpy", "--no-small-step", "--target-time", "0", "--min-repeats", "1",
+            "--quiet", "--json", str(out)]
+    subprocess.run([sys.executable, "-m", "cbn", "bench", *args], env=env, check=True,
+                   capture_output=True, timeout=300)
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["openblas_env"] == {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
+    assert "OPENBLAS_CORETYPE=Haswell" in machine["env_cleaned"]
