@@ -242,7 +242,7 @@ def assert_close_per_channel(got, want, tol, axis, what):
 # ---------------------------------------------------------------------------
 
 
-@settings(PROFILE, max_examples=150)
+@settings(PROFILE, max_examples=300)
 @given(case=cases())
 def test_batch_stats_matches_reference(case):
     x, axis = case["x"], case["axis"]
@@ -262,7 +262,7 @@ def test_batch_stats_matches_reference(case):
     assert np.all(var >= 0)
 
 
-@settings(PROFILE, max_examples=150)
+@settings(PROFILE, max_examples=300)
 @given(case=cases(), relu=st.booleans())
 def test_batch_norm_train_matches_reference(case, relu):
     x, axis, dt = case["x"], case["axis"], case["dtype"]
@@ -291,7 +291,7 @@ def test_batch_norm_train_matches_reference(case, relu):
     np.testing.assert_array_equal(var, var2)
 
 
-@settings(PROFILE, max_examples=120)
+@settings(PROFILE, max_examples=250)
 @given(case=cases(min_count=1), relu=st.booleans(), stat_seed=st.integers(0, 2**32 - 1))
 def test_batch_norm_eval_matches_reference(case, relu, stat_seed):
     x, axis, dt = case["x"], case["axis"], case["dtype"]
@@ -353,7 +353,7 @@ def ambiguous_mask(x64, mean, var, gamma, beta, axis, dt):
     return np.abs(z) <= per_channel(tol, x64.ndim, axis)
 
 
-@settings(PROFILE, max_examples=150)
+@settings(PROFILE, max_examples=300)
 @given(case=cases(), training=st.booleans(), relu=st.booleans())
 def test_batch_norm_backward_matches_reference(case, training, relu):
     x, dy, axis, dt = case["x"], case["dy"], case["axis"], case["dtype"]
@@ -397,7 +397,7 @@ def test_batch_norm_backward_matches_reference(case, training, relu):
 # ---------------------------------------------------------------------------
 
 
-@settings(PROFILE, max_examples=120)
+@settings(PROFILE, max_examples=250)
 @given(case=cases())
 def test_normalized_output_has_zero_mean_unit_variance(case):
     x, axis, dt = case["x"], case["axis"], case["dtype"]
@@ -418,7 +418,7 @@ def test_normalized_output_has_zero_mean_unit_variance(case):
     assert np.all(np.abs(y_var[big] - 1.0) <= 1e-4 + 2 * K * ulp(dt) * vs[big])
 
 
-@settings(PROFILE, max_examples=120)
+@settings(PROFILE, max_examples=250)
 @given(case=cases(), training=st.booleans())
 def test_dbeta_is_sum_of_dy(case, training):
     x, dy, axis, dt = case["x"], case["dy"], case["axis"], case["dtype"]
@@ -435,7 +435,7 @@ def test_dbeta_is_sum_of_dy(case, training):
     assert_close_per_channel(dbeta, want, tol, 0, "dbeta vs sum(dy)")
 
 
-@settings(PROFILE, max_examples=120)
+@settings(PROFILE, max_examples=250)
 @given(
     case=cases(),
     c1=st.floats(-5.0, 5.0),
@@ -492,7 +492,7 @@ def test_training_dx_ignores_constant_and_linear_shifts_of_dy(case, c1, c2, shif
     assert np.all(np.abs(dx1.astype(np.float64).sum(axis=axes)) <= m * tol)
 
 
-@settings(PROFILE, max_examples=60)
+@settings(PROFILE, max_examples=100)
 @given(case=cases())
 def test_out_in_place_gives_the_same_bits(case):
     """out=x (training forward) and out=dy (backward) write in place, bit for bit."""
@@ -511,3 +511,29 @@ def test_out_in_place_gives_the_same_bits(case):
     np.testing.assert_array_equal(dx2, dx)
     np.testing.assert_array_equal(dgamma2, dgamma)
     np.testing.assert_array_equal(dbeta2, dbeta)
+
+
+@pytest.mark.parametrize(
+    "scale,gamma_value,dy_scale",
+    [(1e17, 4e-4, 1e-3), (1e20, 1.0, 1.0), (1e22, 1.0, 1.0)],
+    ids=["1e17-small-gamma-dy", "1e20", "1e22"],
+)
+def test_float32_training_backward_keeps_precision_at_large_scale(scale, gamma_value, dy_scale):
+    """KNOWN BUG (kept failing on purpose; found by the shift property above).
+
+    The float32 backward applies dx = a*g + kx*(x - m) + k0 with the
+    coefficient kx = a * invstd * mean(g * x_hat) rounded to float32. kx has
+    units of 1/x**2, so for large x (or small gamma and dy) it falls into the
+    float32 subnormals and loses its digits: relative error of dx 1.8e-5 at
+    x ~ 1e17 with gamma 4e-4 and dy ~ 1e-3, 6e-6 at x ~ 1e20, 4e-2 at 1e22,
+    0.2 at 1e23 (then kx flushes to 0). The forward output stays accurate.
+    """
+    rng = np.random.default_rng(20)
+    x = (rng.standard_normal((64, 3)) * scale).astype(np.float32)
+    dy = (rng.standard_normal((64, 3)) * dy_scale).astype(np.float32)
+    gamma = np.full(3, gamma_value, np.float32)
+    _, mean, var = F.batch_norm_train(x, gamma)
+    dx, _, _ = F.batch_norm_backward(dy, x, mean, var, gamma)
+    ref = R.backward_train(dy.astype(np.float64), x.astype(np.float64), gamma.astype(np.float64))[0]
+    rel = np.abs(dx - ref).max() / np.abs(ref).max()
+    assert rel < K * ulp(np.float32), f"relative error of dx {rel:.2e}"
