@@ -1060,7 +1060,7 @@ def format_report(result, markdown=False):
     lines.append(format_table(result, markdown))
     if any(c.get("noisy") for c in result["cases"]):
         lines.append("")
-        lines.append(f"* noisy: some median in this case is over {NOISY_RATIO:g}x its fastest "
+        lines.append(("\\" if markdown else "") + f"* noisy: some median in this case is over {NOISY_RATIO:g}x its fastest "
                      "call (the machine was busy; see min_s in the JSON)")
     s = result.get("small_step")
     if s:
