@@ -28,11 +28,14 @@ def test_sequential_gradient_matches_finite_differences(activation, batch_norm):
     rng = np.random.default_rng()
     model = mlp([5, 7, 6, 4], batch_norm=batch_norm, activation=activation,
                 rng=rng, dtype=np.float64)
-    if batch_norm:  # move gamma/beta off their initial values
-        for key, p in model.params.items():
-            if key.endswith(("gamma", "beta")):
-                p[...] = rng.uniform(0.5, 1.5, p.shape) if key.endswith("gamma") else \
-                    rng.normal(0, 0.3, p.shape)
+    for key, p in model.params.items():
+        # move gamma/beta/b off their initial 1 and 0: with b = 0, a sample whose
+        # hidden units are all dead would sit exactly on the next ReLU's kink
+        name = key.rsplit(".", 1)[-1]
+        if name == "gamma":
+            p[...] = rng.uniform(0.5, 1.5, p.shape)
+        elif name in ("beta", "b"):
+            p[...] = rng.normal(0, 0.3, p.shape)
     x = rng.standard_normal((9, 5))
     y = rng.integers(0, 4, 9)
     crit = SoftmaxCrossEntropy()
