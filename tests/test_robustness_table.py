@@ -111,11 +111,10 @@ def test_nan_or_inf_in_a_batch(bad):
 def test_nan_or_inf_in_a_batch_statistics_only(bad, shape):
     """F.batch_stats on a channel with NaN/Inf must not report a finite variance.
 
-    KNOWN BUG (kept failing on purpose): the per-block clamp
-    ``m2 = d if d > 0.0 else 0.0`` in cbn/_kernels.pyx (_stats_rows and
-    _stats_runs) turns a NaN second moment into 0, so the channel is reported
-    as var = 0 (a constant channel) next to mean = NaN, and batch_stats
-    raises nothing, unlike every other entry point.
+    Regression test: the per-block clamp ``m2 = d if d > 0.0 else 0.0`` in the
+    kernels used to turn a NaN second moment into 0, so the channel was
+    reported as var = 0 (a constant channel) next to mean = NaN, and
+    batch_stats raised nothing (fixed in caa309e).
     """
     rng = np.random.default_rng(31)
     x = data(rng, shape)
@@ -180,11 +179,10 @@ def test_huge_values():
 def test_huge_values_whose_square_overflows_float64():
     """float64 values ~1e300: the squared deviations overflow double.
 
-    functional promises a FloatingPointError ("values whose square
-    overflows"). KNOWN BUG (kept failing on purpose): inf - inf = NaN in the
-    block's second moment is clamped to 0 by ``d if d > 0.0 else 0.0``, so the
-    channel is treated as constant: var = 0, y = x / sqrt(eps) ~ 3e302 (not
-    normalized), running_var updated as if var were 0, and no error.
+    Regression test: inf - inf = NaN in a block's second moment used to be
+    clamped to 0, so the channel was treated as constant: var = 0,
+    y = x / sqrt(eps) ~ 3e302 (not normalized), running_var updated as if var
+    were 0, and no error (fixed in caa309e).
     """
     x = np.array([[1e300], [-1e300], [1e300], [-1e300]])
     with pytest.raises(FloatingPointError):
@@ -321,7 +319,7 @@ def test_dy_with_nan():
     for bad in (np.nan, np.inf):
         dy_bad = dy.copy()
         dy_bad[0, 0] = bad
-        with pytest.raises(FloatingPointError, match="dy contains NaN or Inf"):
+        with pytest.raises(FloatingPointError, match="NaN or Inf"):
             layer.backward(dy_bad)
         assert_unchanged(layer, before)  # dgamma/dbeta not overwritten with NaN
         with pytest.raises(FloatingPointError):
