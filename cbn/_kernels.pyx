@@ -14,7 +14,7 @@
 #   batch_stats     x -> per-channel mean and biased variance     (reads x)
 #   normalize       y = (x - m) * a + b, optional fused ReLU       (reads x, writes y)
 #   backward_reduce sum(g), sum(g * (x - mean)), g = masked dy     (reads dy, x)
-#   backward_apply  dx = a*g + kx*(x - m) + k0                     (reads dy, x, writes dx)
+#   backward_apply  dx = a*(g + k0 + kx*(x - m)*s)                 (reads dy, x, writes dx)
 #   ema_update      running statistics from batch statistics      (C-sized)
 # and the composites forward_train / forward_eval / backward chain them inside
 # one nogil region, to keep the per-call overhead of small batches low.
@@ -176,14 +176,17 @@ cdef extern from *:
         }                                                                            \\
         return chk != 0;                                                             \\
     }                                                                                \\
-    /* dx = a*g + kx*(x - m) + k0, coefficients per element (row form). */          \\
+    /* dx = a*(g + k0 + kx*((x - m)*s)), coefficients per element (row form). The  */\\
+    /* normalized (x - m)*s is formed first: kx*s alone underflows float32 when     */\\
+    /* the input is large (kx*s ~ 1/std^2).                                          */\\
     static inline int cbn_grad_row_##S(const T* dy, const T* x, T* dx, Py_ssize_t n, \\
-            const T* m, const T* a, const T* b, const T* kx, const T* k0, int relu) {\\
+            const T* m, const T* a, const T* b, const T* s, const T* kx, const T* k0,\\
+            int relu) {                                                              \\
         T chk = 0;                                                                   \\
         _Pragma("omp simd reduction(+:chk)")                                         \\
         for (Py_ssize_t j = 0; j < n; j++) {                                         \\
             T g = (!relu || CBN_Z(x[j], m[j], a[j], b[j]) > 0) ? dy[j] : (T)0;       \\
-            T v = a[j] * g + kx[j] * (x[j] - m[j]) + k0[j];                          \\
+            T v = a[j] * (g + k0[j] + kx[j] * ((x[j] - m[j]) * s[j]));              \\
             chk += v - v;                                                            \\
             dx[j] = v;                                                               \\
         }                                                                            \\
@@ -191,20 +194,20 @@ cdef extern from *:
     }                                                                                \\
     /* The same with one channel's scalar coefficients (run form). */               \\
     static inline int cbn_grad_run_##S(const T* dy, const T* x, T* dx, Py_ssize_t n, \\
-            T m, T a, T b, T kx, T k0, int relu) {                                   \\
+            T m, T a, T b, T s, T kx, T k0, int relu) {                              \\
         T chk = 0;                                                                   \\
         if (relu) {                                                                  \\
             _Pragma("omp simd reduction(+:chk)")                                     \\
             for (Py_ssize_t i = 0; i < n; i++) {                                     \\
                 T g = CBN_Z(x[i], m, a, b) > 0 ? dy[i] : (T)0;                       \\
-                T v = a * g + kx * (x[i] - m) + k0;                                  \\
+                T v = a * (g + k0 + kx * ((x[i] - m) * s));                          \\
                 chk += v - v;                                                        \\
                 dx[i] = v;                                                           \\
             }                                                                        \\
         } else {                                                                     \\
             _Pragma("omp simd reduction(+:chk)")                                     \\
             for (Py_ssize_t i = 0; i < n; i++) {                                     \\
-                T v = a * dy[i] + kx * (x[i] - m) + k0;                              \\
+                T v = a * (dy[i] + k0 + kx * ((x[i] - m) * s));                      \\
                 chk += v - v;                                                        \\
                 dx[i] = v;                                                           \\
             }                                                                        \\
@@ -249,10 +252,11 @@ cdef extern from *:
     int cbn_affine_run_f(const float* x, float* y, Py_ssize_t n, float m, float a, float b,
                           int relu) noexcept nogil
     int cbn_grad_row_f(const float* dy, const float* x, float* dx, Py_ssize_t n, const float* m,
-                        const float* a, const float* b, const float* kx, const float* k0,
+                        const float* a, const float* b, const float* s, const float* kx,
+                        const float* k0,
                         int relu) noexcept nogil
     int cbn_grad_run_f(const float* dy, const float* x, float* dx, Py_ssize_t n, float m, float a,
-                        float b, float kx, float k0, int relu) noexcept nogil
+                        float b, float s, float kx, float k0, int relu) noexcept nogil
     int cbn_scale_row_f(const float* dy, float* dx, Py_ssize_t n, const float* a) noexcept nogil
     int cbn_scale_run_f(const float* dy, float* dx, Py_ssize_t n, float a) noexcept nogil
     void cbn_run_sums_d(const double* x, Py_ssize_t n, double shift,
@@ -268,10 +272,11 @@ cdef extern from *:
     int cbn_affine_run_d(const double* x, double* y, Py_ssize_t n, double m, double a, double b,
                           int relu) noexcept nogil
     int cbn_grad_row_d(const double* dy, const double* x, double* dx, Py_ssize_t n, const double* m,
-                        const double* a, const double* b, const double* kx, const double* k0,
+                        const double* a, const double* b, const double* s, const double* kx,
+                        const double* k0,
                         int relu) noexcept nogil
     int cbn_grad_run_d(const double* dy, const double* x, double* dx, Py_ssize_t n, double m, double a,
-                        double b, double kx, double k0, int relu) noexcept nogil
+                        double b, double s, double kx, double k0, int relu) noexcept nogil
     int cbn_scale_row_d(const double* dy, double* dx, Py_ssize_t n, const double* a) noexcept nogil
     int cbn_scale_run_d(const double* dy, double* dx, Py_ssize_t n, double a) noexcept nogil
 
@@ -641,10 +646,12 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
 
 
 # ---------------------------------------------------------------------------
-# backward_apply: dx = a*g + kx*(x - m) + k0 per channel. Training has
-# kx = -a*invstd^2*sum(g*(x-mean))/M and k0 = -a*sum(g)/M (+ a correction for
-# m being mean rounded to the dtype); evaluation has kx = k0 = 0.
-# coef rows: m, a, b (forward, for the mask), kx, k0.
+# backward_apply: dx = a*(g + k0 + kx*x_hat) per channel, x_hat = (x - m)*s.
+# Training has kx = -invstd*sum(g*(x-mean))/M (= -dgamma/M) and
+# k0 = -sum(g)/M (+ a correction for m being the mean rounded to the dtype);
+# evaluation has kx = k0 = 0. coef rows: m, a, b (forward, for the mask), s
+# (invstd), kx, k0. Keeping x_hat, O(1), as a factor keeps every coefficient
+# within float32's range even for inputs of 1e22 (a*invstd^2 would underflow).
 # ---------------------------------------------------------------------------
 
 cdef inline int _grad_row(const floating* dy, const floating* x, floating* dx,
@@ -652,10 +659,10 @@ cdef inline int _grad_row(const floating* dy, const floating* x, floating* dx,
                           bint relu) noexcept nogil:
     if floating is float:
         return cbn_grad_row_f(dy, x, dx, n, coef, coef + C, coef + 2 * C, coef + 3 * C,
-                              coef + 4 * C, relu)
+                              coef + 4 * C, coef + 5 * C, relu)
     else:
         return cbn_grad_row_d(dy, x, dx, n, coef, coef + C, coef + 2 * C, coef + 3 * C,
-                              coef + 4 * C, relu)
+                              coef + 4 * C, coef + 5 * C, relu)
 
 
 cdef inline int _grad_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
@@ -663,10 +670,10 @@ cdef inline int _grad_run(const floating* dy, const floating* x, floating* dx, P
                           bint relu) noexcept nogil:
     if floating is float:
         return cbn_grad_run_f(dy, x, dx, n, coef[c], coef[C + c], coef[2 * C + c],
-                              coef[3 * C + c], coef[4 * C + c], relu)
+                              coef[3 * C + c], coef[4 * C + c], coef[5 * C + c], relu)
     else:
         return cbn_grad_run_d(dy, x, dx, n, coef[c], coef[C + c], coef[2 * C + c],
-                              coef[3 * C + c], coef[4 * C + c], relu)
+                              coef[3 * C + c], coef[4 * C + c], coef[5 * C + c], relu)
 
 
 cdef inline int _scale_row(const floating* dy, floating* dx, Py_ssize_t n,
@@ -703,7 +710,7 @@ cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssi
 cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
                          const Geometry* g, const floating* coef, bint relu, bint use_x,
                          int n_threads) noexcept nogil:
-    """dx = a*g + kx*(x - m) + k0 per channel (coef rows m, a, b, kx, k0); a status."""
+    """dx = a*(g + k0 + kx*(x - m)*s) per channel (coef rows m, a, b, s, kx, k0); a status."""
     cdef Py_ssize_t C = g.channels, t, n_tasks, rows, r0, off
     cdef int bad = 0
     if g.inner == 1:
@@ -730,22 +737,23 @@ cdef int _backward_coefficients(const Geometry* g, const double* mean,
                                 const double* invstd, const double* sum_g,
                                 const double* sum_gd, bint training,
                                 floating* coef) noexcept nogil:
-    """Fill rows kx, k0 of coef (rows m, a, b already set); 1 if non-finite."""
+    """Fill rows s, kx, k0 of coef (rows m, a, b already set); 1 if non-finite."""
     cdef Py_ssize_t C = g.channels, c
-    cdef double count = <double>(g.outer * g.inner), a, kx, k0
+    cdef double count = <double>(g.outer * g.inner), kx, k0
     cdef int bad = 0
     for c in range(C):
         if training:
-            a = coef[C + c]
-            kx = -a * invstd[c] * invstd[c] * sum_gd[c] / count
-            k0 = -a * sum_g[c] / count + kx * (<double>coef[c] - mean[c])
+            kx = -invstd[c] * sum_gd[c] / count
+            # x_hat is formed from m, the mean rounded to the dtype: correct for it.
+            k0 = -sum_g[c] / count + kx * ((<double>coef[c] - mean[c]) * invstd[c])
         else:
             kx = 0.0
             k0 = 0.0
-        coef[3 * C + c] = <floating>kx
-        coef[4 * C + c] = <floating>k0
-        bad |= not (isfinite(sum_g[c]) and isfinite(sum_gd[c])
-                    and isfinite(coef[3 * C + c]) and isfinite(coef[4 * C + c]))
+        coef[3 * C + c] = <floating>invstd[c]
+        coef[4 * C + c] = <floating>kx
+        coef[5 * C + c] = <floating>k0
+        bad |= not (isfinite(sum_g[c]) and isfinite(sum_gd[c]) and isfinite(coef[3 * C + c])
+                    and isfinite(coef[4 * C + c]) and isfinite(coef[5 * C + c]))
     return bad
 
 
@@ -806,10 +814,10 @@ def backward_reduce(const floating[:, :, ::1] dy,   # IN  (outer, C, inner)
 
 def backward_apply(const floating[:, :, ::1] dy,    # IN  (outer, C, inner)
                    const floating[:, :, ::1] x,     # IN  (outer, C, inner)
-                   const floating[:, ::1] coef,     # IN  (5, C): m, a, b, kx, k0
+                   const floating[:, ::1] coef,     # IN  (6, C): m, a, b, s, kx, k0
                    floating[:, :, ::1] dx_out,      # OUT (outer, C, inner), may be dy
                    bint relu=False, int n_threads=1):
-    """``dx = a*g + kx*(x - m) + k0`` per channel; returns 0, or 2 if non-finite."""
+    """``dx = a*(g + k0 + kx*(x - m)*s)`` per channel; returns 0, or 2 if non-finite."""
     cdef Geometry g = _geometry_of(x.shape)
     cdef int status
     with nogil:
@@ -971,7 +979,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (outer, C, inner)
     cdef floating* coef
     with nogil:
         scratch = <double*>malloc(3 * C * sizeof(double))
-        coef = <floating*>malloc(5 * C * sizeof(floating))
+        coef = <floating*>malloc(6 * C * sizeof(floating))
         invstd = scratch
         sum_g = scratch + C
         sum_gd = scratch + 2 * C

@@ -18,7 +18,7 @@ it, ``g`` the incoming gradient (masked by the ReLU when ``activation="relu"``):
     dx     = gamma / sqrt(var + eps) * g                                  # fixed statistics
 
 The statistics are float64 whatever the input dtype; outputs have the input's
-dtype. Threads: ``n_threads=None`` uses :func:`default_threads`; ``-1`` uses
+dtype. Threads: ``n_threads=1`` uses :func:`default_threads`; ``-1`` uses
 every thread OpenMP allows (``OMP_NUM_THREADS``, threadpoolctl). Results are
 bit-identical for any thread count.
 """
@@ -57,7 +57,7 @@ PARALLEL_MIN_SIZE = 1 << 16
 
 
 def default_threads(size):
-    """Thread count used when ``n_threads=None``, for an input of ``size`` values.
+    """Thread count used when ``n_threads=1``, for an input of ``size`` values.
 
     One thread for small inputs (thread start-up dominates them); otherwise
     every thread OpenMP allows, which honours ``OMP_NUM_THREADS`` and
@@ -223,18 +223,26 @@ def _nonfinite_channels(*vectors):
 
 
 def _raise_for_status(status, what, params=()):
-    """Raise the exception that a kernel status code stands for."""
+    """Raise the exception that a kernel status code stands for.
+
+    ``what`` names the result ("output" or "gradient"); ``params`` are the
+    ``(name, array)`` pairs that could be to blame besides the batch itself.
+    """
     if status == _kernels.OK:
         return
     if status == _kernels.NO_MEMORY:
-        raise MemoryError(f"cbn: out of memory for the per-channel scratch of {what}")
+        raise MemoryError(f"cbn: out of memory for the per-channel scratch of the {what}")
     for name, value in params:
         if not np.all(np.isfinite(value)):
             raise FloatingPointError(
-                f"{name} contains NaN or Inf (channel {_nonfinite_channels(value)}); {what} "
-                "would not be finite"
+                f"{name} contains NaN or Inf (channel {_nonfinite_channels(value)}), "
+                f"so the {what} would not be finite"
             )
-    raise FloatingPointError(what)
+    inputs = "x" if what == "output" else "dy or x"
+    raise FloatingPointError(
+        f"the {what} is not finite: {inputs} contains NaN or Inf, or the result "
+        "overflows the dtype"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +250,7 @@ def _raise_for_status(status, what, params=()):
 # ---------------------------------------------------------------------------
 
 
-def batch_stats(x, *, axis=1, n_threads=None):
+def batch_stats(x, *, axis=1, n_threads=1):
     """Per-channel mean and biased variance of a batch.
 
     Parameters
@@ -269,7 +277,7 @@ def batch_stats(x, *, axis=1, n_threads=None):
     mean = np.empty(channels)
     var = np.empty(channels)
     status = _kernels.batch_stats(x3, mean, var, resolve_threads(n_threads, x3.size))
-    _raise_for_status(status, "the batch statistics")
+    _raise_for_status(status, "batch statistics")
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
         raise FloatingPointError(
             "the batch statistics are not finite: x contains NaN or Inf (or values whose "
@@ -279,7 +287,7 @@ def batch_stats(x, *, axis=1, n_threads=None):
 
 
 def batch_norm_train(
-    x, gamma=None, beta=None, *, axis=1, eps=1e-5, activation=None, out=None, n_threads=None
+    x, gamma=None, beta=None, *, axis=1, eps=1e-5, activation=None, out=None, n_threads=1
 ):
     """Training forward pass: normalize with the statistics of the batch itself.
 
@@ -341,7 +349,7 @@ def batch_norm_train(
         )
     _raise_for_status(
         status,
-        "the output is not finite: x contains NaN or Inf",
+        "output",
         (("gamma", gamma), ("beta", beta)),
     )
     return y, mean, var
@@ -358,7 +366,7 @@ def batch_norm_eval(
     eps=1e-5,
     activation=None,
     out=None,
-    n_threads=None,
+    n_threads=1,
 ):
     """Evaluation forward pass: normalize with given (running) statistics.
 
@@ -395,7 +403,7 @@ def batch_norm_eval(
     )
     _raise_for_status(
         status,
-        "the output is not finite: x contains NaN or Inf",
+        "output",
         (("mean", mean), ("var", var), ("gamma", gamma), ("beta", beta)),
     )
     return y
@@ -414,7 +422,7 @@ def batch_norm_backward(
     training=True,
     activation=None,
     out=None,
-    n_threads=None,
+    n_threads=1,
 ):
     """Backward pass: gradients with respect to x, gamma and beta.
 
@@ -464,7 +472,7 @@ def batch_norm_backward(
     )
     _raise_for_status(
         status,
-        "the gradient is not finite: dy or x contains NaN or Inf",
+        "gradient",
         (("mean", mean), ("var", var), ("gamma", gamma), ("beta", beta)),
     )
     return dx, dgamma, dbeta

@@ -134,8 +134,9 @@ def test_reexec_drops_openblas_variables(tmp_path):
     args = ["--shapes", "8x4", "--threads", "1", "--ops", "fwd-eval", "--dtypes", "float32",
             "--peers", "numpy", "--no-small-step", "--target-time", "0", "--min-repeats", "1",
             "--quiet", "--json", str(out)]
+    # cwd: from a checkout's root, `python -m cbn` would import the uncompiled source tree.
     subprocess.run([sys.executable, "-m", "cbn", "bench", *args], env=env, check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=300, cwd=tmp_path)
     machine = json.loads(out.read_text())["machine"]
     assert machine["openblas_env"] == {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
     assert "OPENBLAS_CORETYPE=Haswell" in machine["env_cleaned"]

@@ -143,17 +143,20 @@ def forward_coef(mean, var, gamma, beta, dtype):
 
 
 def backward_coef(coef3, mean, var, sum_g, sum_gd, count, training, dtype):
-    """Rows m, a, b, kx, k0 with the training (or evaluation) kx, k0."""
+    """Rows m, a, b, s, kx, k0 with the training (or evaluation) kx, k0.
+
+    The kernel computes dx = a * (g + k0 + kx * (x - m) * s), with s = invstd.
+    """
     invstd = 1.0 / np.sqrt(var + EPS)
     m = coef3[0].astype(np.float64)
-    a = coef3[1].astype(np.float64)
     if training:
-        kx = -a * invstd * invstd * sum_gd / count
-        k0 = -a * sum_g / count + kx * (m - mean)
+        kx = -invstd * sum_gd / count
+        k0 = -sum_g / count + kx * ((m - mean) * invstd)
     else:
-        kx = np.zeros_like(a)
-        k0 = np.zeros_like(a)
-    return np.ascontiguousarray(np.vstack([coef3, kx[None].astype(dtype), k0[None].astype(dtype)]))
+        kx = np.zeros_like(invstd)
+        k0 = np.zeros_like(invstd)
+    rows = [invstd, kx, k0]
+    return np.ascontiguousarray(np.vstack([coef3] + [r[None].astype(dtype) for r in rows]))
 
 
 def stats_scale(x64):
@@ -234,9 +237,9 @@ def test_backward_reduce_and_apply_match_reference(geometry, dtype, relu):
     amax = np.abs(coef3[1].astype(np.float64))[None, :, None]
     xhat_max = np.abs((x64 - mean[None, :, None]) * invstd[None, :, None]).max()
     for training in (True, False):
-        coef5 = backward_coef(coef3, mean, var, sum_g, sum_gd, count, training, dtype)
+        coef6 = backward_coef(coef3, mean, var, sum_g, sum_gd, count, training, dtype)
         dx = np.full_like(x, np.nan)
-        assert K.backward_apply(dy, x, coef5, dx, relu, 1) == K.OK
+        assert K.backward_apply(dy, x, coef6, dx, relu, 1) == K.OK
         if training:
             want = ref.backward_train(dy64, x64, g64, b64, EPS, axis=1, relu=relu)[0]
         else:
@@ -436,11 +439,11 @@ def test_in_place_outputs_equal_out_of_place(geometry, dtype, relu):
 
     sum_g, sum_gd = np.empty(C), np.empty(C)
     K.backward_reduce(dy, x, mean, coef, sum_g, sum_gd, relu, 2)
-    coef5 = backward_coef(coef, mean, var, sum_g, sum_gd, geometry[0] * geometry[2], True, dtype)
+    coef6 = backward_coef(coef, mean, var, sum_g, sum_gd, geometry[0] * geometry[2], True, dtype)
     dx = np.empty_like(x)
-    K.backward_apply(dy, x, coef5, dx, relu, 2)
+    K.backward_apply(dy, x, coef6, dx, relu, 2)
     dyi = dy.copy()
-    assert K.backward_apply(dyi, x, coef5, dyi, relu, 2) == K.OK
+    assert K.backward_apply(dyi, x, coef6, dyi, relu, 2) == K.OK
     assert np.array_equal(dyi, dx)
 
 
@@ -466,9 +469,9 @@ def run_everything(x, dy, gamma, beta, relu, n_threads):
     sg, sgd = np.empty(C), np.empty(C)
     K.backward_reduce(dy, x, mean, coef, sg, sgd, relu, n_threads)
     out["reduce"] = (sg, sgd)
-    coef5 = backward_coef(coef, mean, var, sg, sgd, x.shape[0] * x.shape[2], True, dtype)
+    coef6 = backward_coef(coef, mean, var, sg, sgd, x.shape[0] * x.shape[2], True, dtype)
     dxa = np.empty_like(x)
-    K.backward_apply(dy, x, coef5, dxa, relu, n_threads)
+    K.backward_apply(dy, x, coef6, dxa, relu, n_threads)
     out["apply"] = (dxa,)
     for training in (True, False):
         dx = np.empty_like(x)
@@ -583,8 +586,8 @@ def test_nonfinite_inputs_give_status_codes(geometry, dtype, bad):
             assert status == K.NONFINITE_OUTPUT, (training, need)
             assert np.all(dg == 5.0) and np.all(db == 6.0)
     coef = forward_coef(mean, var, gamma, beta, dtype)
-    coef5 = backward_coef(coef, mean, var, np.zeros(C), np.zeros(C), 10, False, dtype)
-    assert K.backward_apply(dyb, x, coef5, np.empty_like(x), False, 1) == K.NONFINITE_OUTPUT
+    coef6 = backward_coef(coef, mean, var, np.zeros(C), np.zeros(C), 10, False, dtype)
+    assert K.backward_apply(dyb, x, coef6, np.empty_like(x), False, 1) == K.NONFINITE_OUTPUT
 
 
 @pytest.mark.parametrize("geometry", [(6, 2, 1), (3, 2, 20)], ids=geometry_id)

@@ -302,7 +302,7 @@ def test_n_threads_minus_one_honours_threadpoolctl_limits():
         assert _kernels.max_threads() == 2
 
 
-def test_omp_num_threads_is_honoured_in_a_fresh_process():
+def test_omp_num_threads_is_honoured_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
@@ -312,7 +312,8 @@ def test_omp_num_threads_is_honoured_in_a_fresh_process():
     for n in (1, 3):
         env = {**__import__("os").environ, "OMP_NUM_THREADS": str(n)}
         out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+            cwd=tmp_path,  # not the checkout's root, whose cbn/ is the uncompiled source
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == [str(n), str(n)]
