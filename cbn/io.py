@@ -9,13 +9,14 @@ file intact. Reading validates the tag and version and reports a truncated,
 corrupt or foreign file as ``ValueError`` naming the path.
 """
 
+import json
 import os
 import tempfile
 import zipfile
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "save_arrays", "load_arrays"]
+__all__ = ["FORMAT_VERSION", "save_arrays", "load_arrays", "encode_config", "decode_config"]
 
 FORMAT_VERSION = 1
 
@@ -97,11 +98,24 @@ def load_arrays(path, kind):
     return arrays
 
 
-def scalar(arrays, name, kinds, path="file"):
-    """A 0-d entry of ``arrays`` as a Python scalar, or ValueError naming it."""
-    if name not in arrays:
-        raise ValueError(f"{path} lacks the entry {name!r}")
-    arr = arrays[name]
-    if arr.shape != () or arr.dtype.kind not in kinds:
-        raise ValueError(f"{path}: entry {name!r} is malformed ({arr.dtype}, shape {arr.shape})")
-    return arr.item()
+def encode_config(config):
+    """A JSON-serialisable configuration as a 0-d string array (no pickle needed)."""
+    return np.array(json.dumps(config, sort_keys=True))
+
+
+def decode_config(arrays, path, expected_type):
+    """Pop and parse the ``config`` entry written by :func:`encode_config`.
+
+    Raises ``ValueError`` naming ``path`` if it is missing, not valid JSON, or
+    not of ``expected_type`` (``dict`` or ``list``).
+    """
+    entry = arrays.pop("config", None)
+    if entry is None or entry.shape != () or entry.dtype.kind != "U":
+        raise ValueError(f"{path} lacks a valid 'config' entry")
+    try:
+        config = json.loads(str(entry))
+    except ValueError as exc:
+        raise ValueError(f"{path}: its configuration is not valid JSON: {exc}") from None
+    if not isinstance(config, expected_type):
+        raise ValueError(f"{path}: its configuration is not a {expected_type.__name__}")
+    return config

@@ -470,7 +470,8 @@ class BatchNorm:
         over ``path``, so an interrupted save never destroys an existing file.
         Load it with :meth:`BatchNorm.load`.
         """
-        io.save_arrays(path, _FORMAT, {**_config_arrays(self.config()), **self.state_dict()})
+        io.save_arrays(path, _FORMAT, {"config": io.encode_config(self.config()),
+                                       **self.state_dict()})
 
     @classmethod
     def load(cls, path):
@@ -485,12 +486,23 @@ class BatchNorm:
             invalid configuration or state (each named in the message).
         """
         arrays = io.load_arrays(path, _FORMAT)
-        config = _config_from_arrays(arrays, path)
+        config = io.decode_config(arrays, path, dict)
+        return cls.from_config(config, arrays, path)
+
+    @classmethod
+    def from_config(cls, config, state, where="state"):
+        """Build a layer from :meth:`config` and load ``state`` into it.
+
+        Any error in either is raised as ``ValueError`` naming ``where``.
+        """
+        unknown = sorted(set(config) - set(_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown BatchNorm configuration keys {unknown}")
         try:
             layer = cls(**config)
-            layer.load_state_dict(arrays)
+            layer.load_state_dict(state)
         except (TypeError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: invalid BatchNorm file: {exc}") from None
+            raise ValueError(f"{where}: invalid BatchNorm: {exc}") from None
         return layer
 
     def __repr__(self):
@@ -505,30 +517,6 @@ class BatchNorm:
 _FORMAT = "cbn.BatchNorm"
 _CONFIG_KEYS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "axis",
                 "dtype", "activation")
-
-
-def _config_arrays(config):
-    """Configuration as 0-d arrays; None (momentum, activation) is stored as NaN / ""."""
-    out = {}
-    for key, value in config.items():
-        if value is None:
-            value = np.nan if key == "momentum" else ""
-        out["config." + key] = np.array(value)
-    return out
-
-
-def _config_from_arrays(arrays, path):
-    """Inverse of :func:`_config_arrays`; removes the entries from ``arrays``."""
-    kinds = {"num_features": "iu", "eps": "f", "momentum": "f", "affine": "b",
-             "track_running_stats": "b", "axis": "iu", "dtype": "U", "activation": "U"}
-    config = {}
-    for key in _CONFIG_KEYS:
-        config[key] = io.scalar(arrays, "config." + key, kinds[key], path)
-        del arrays["config." + key]
-    if config["momentum"] != config["momentum"]:  # NaN: cumulative average
-        config["momentum"] = None
-    config["activation"] = config["activation"] or None
-    return config
 
 
 _BUSY = (

@@ -23,6 +23,9 @@ import numbers
 
 import numpy as np
 
+from . import io
+from .layer import BatchNorm
+
 __all__ = [
     "Module",
     "Linear",
@@ -33,6 +36,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "mlp",
     "as_generator",
+    "LAYER_TYPES",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -127,6 +131,10 @@ class Module:
     @property
     def grads(self):
         """dict of str to ndarray: gradients, same keys as :attr:`params`."""
+        return {}
+
+    def config(self):
+        """dict: the constructor arguments (JSON-serialisable); none here."""
         return {}
 
     def _cached(self, attr):
@@ -227,6 +235,11 @@ class Linear(Module):
         """dict: ``{"W": dW}`` plus ``"b": db`` when the layer has a bias."""
         return {"W": self.dW} if self.b is None else {"W": self.dW, "b": self.db}
 
+    def config(self):
+        """dict: the constructor arguments, as ``Linear(**config)`` accepts them."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias, "init": self.init, "dtype": self.dtype.name}
+
     def state_dict(self):
         """Return copies of the parameters, keyed as :attr:`params`."""
         return {k: v.copy() for k, v in self.params.items()}
@@ -241,14 +254,27 @@ class Linear(Module):
 
 
 def _load_into(params, state, owner):
-    """Copy ``state`` into the arrays of ``params``, checking keys and shapes."""
+    """Copy ``state`` into the arrays of ``params`` after checking all of it.
+
+    Keys, shapes, numeric dtypes and finiteness are validated before anything
+    is written, so a failed load leaves the parameters unchanged.
+    """
     if set(state) != set(params):
         raise ValueError(f"{owner}: state keys {sorted(state)} != expected {sorted(params)}")
+    checked = {}
     for key, arr in params.items():
         src = np.asarray(state[key])
         if src.shape != arr.shape:
             raise ValueError(f"{owner}: state[{key!r}] has shape {src.shape}, expected {arr.shape}")
-        arr[...] = src
+        if src.dtype.kind not in "fiu":
+            raise TypeError(f"{owner}: state[{key!r}] must be numeric, got dtype {src.dtype}")
+        with np.errstate(over="ignore"):
+            cast = src.astype(arr.dtype)
+        if not np.all(np.isfinite(cast)):
+            raise ValueError(f"{owner}: state[{key!r}] contains NaN or Inf")
+        checked[key] = cast
+    for key, arr in params.items():
+        arr[...] = checked[key]
 
 
 class ReLU(Module):
@@ -386,18 +412,80 @@ class Sequential(Module):
         return out
 
     def load_state_dict(self, state):
-        """Load a dict made by :meth:`state_dict` into the children."""
+        """Load a dict made by :meth:`state_dict` into the children.
+
+        All or nothing: if any child rejects its part, every child gets its
+        previous state back before the error propagates.
+        """
         per_child = {}
         for key, value in state.items():
             index, _, name = key.partition(".")
             if not index.isdigit() or int(index) >= len(self.layers) or not name:
                 raise ValueError(f"state key {key!r} names no layer of this Sequential")
             per_child.setdefault(int(index), {})[name] = value
-        for index, child_state in per_child.items():
+        for index in per_child:
             layer = self.layers[index]
             if not callable(getattr(layer, "load_state_dict", None)):
                 raise ValueError(f"layer {index} ({type(layer).__name__}) has no state to load")
-            layer.load_state_dict(child_state)
+        backup = {i: self.layers[i].state_dict() for i in per_child}
+        try:
+            for index, child_state in per_child.items():
+                self.layers[index].load_state_dict(child_state)
+        except BaseException:
+            for index, old in backup.items():
+                self.layers[index].load_state_dict(old)
+            raise
+
+    def config(self):
+        """list: ``{"type": name, "config": {...}}`` for each layer, in order."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            name = type(layer).__name__
+            if LAYER_TYPES.get(name) is not type(layer):
+                raise TypeError(f"layer {i} ({name}) is not a cbn layer and cannot be saved")
+            out.append({"type": name, "config": layer.config()})
+        return out
+
+    def save(self, path):
+        """Save the architecture and state to ``path`` (``.npz``, no pickle), atomically.
+
+        Written to a temporary file in the same folder, then renamed over
+        ``path``: an interrupted save never destroys an existing file. Only
+        layers of :data:`LAYER_TYPES` can be saved. Load with :meth:`Sequential.load`.
+        """
+        io.save_arrays(path, _SEQUENTIAL_FORMAT,
+                       {"config": io.encode_config(self.config()), **self.state_dict()})
+
+    @classmethod
+    def load(cls, path):
+        """Rebuild a model saved by :meth:`save`, in training mode.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such file.
+        ValueError
+            Truncated, corrupt or foreign file, a newer format version, an
+            unknown layer type, or an invalid configuration or state.
+        """
+        arrays = io.load_arrays(path, _SEQUENTIAL_FORMAT)
+        spec = io.decode_config(arrays, path, list)
+        per_child = [{} for _ in spec]
+        for key, value in arrays.items():
+            index, _, name = key.partition(".")
+            if not index.isdigit() or int(index) >= len(spec) or not name:
+                raise ValueError(f"{path}: entry {key!r} names no layer of the model")
+            per_child[int(index)][name] = value
+        layers = []
+        for i, entry in enumerate(spec):
+            where = f"{path}: layer {i}"
+            if not isinstance(entry, dict) or set(entry) != {"type", "config"}:
+                raise ValueError(f"{where}: malformed entry {entry!r}")
+            kind, config = entry["type"], entry["config"]
+            if kind not in LAYER_TYPES or not isinstance(config, dict):
+                raise ValueError(f"{where}: unknown layer type {kind!r}")
+            layers.append(_build_layer(LAYER_TYPES[kind], config, per_child[i], where))
+        return cls(*layers)
 
     def __len__(self):
         return len(self.layers)
@@ -411,6 +499,22 @@ class Sequential(Module):
     def __repr__(self):
         inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
+
+
+_SEQUENTIAL_FORMAT = "cbn.Sequential"
+
+
+def _build_layer(kind, config, state, where):
+    """Instantiate ``kind(**config)`` and load ``state``; errors become ValueError."""
+    if kind is BatchNorm:
+        return BatchNorm.from_config(config, state, where)
+    try:
+        layer = kind(**config)
+        if state or layer.params:
+            layer.load_state_dict(state)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{where}: invalid {kind.__name__}: {exc}") from None
+    return layer
 
 
 class SoftmaxCrossEntropy:
@@ -531,3 +635,7 @@ def mlp(sizes, *, batch_norm=True, activation="relu", rng=None, dtype=np.float32
         layers.append({"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}[activation]())
     layers.append(Linear(sizes[-2], sizes[-1], bias=True, init="xavier", rng=gen, dtype=dtype))
     return Sequential(*layers)
+
+
+#: Layer classes that :meth:`Sequential.save` can write and :meth:`Sequential.load` rebuild.
+LAYER_TYPES = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, BatchNorm)}
