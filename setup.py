@@ -3,7 +3,12 @@
 Metadata lives in ``pyproject.toml``; this file only declares the extension
 and picks compiler flags that the compiler at hand actually accepts:
 
-* ``-O3`` (at Debian's default ``-O2`` gcc vectorizes none of the loops);
+* ``-O3`` (at Debian's default ``-O2`` gcc vectorizes none of the loops) and
+  ``-fno-trapping-math``: without it gcc will not if-convert the fused ReLU's
+  select ``z > 0 ? dy : 0``, and that loop runs scalar and mispredicted, 35x
+  slower. It changes no result (no reassociation, unlike ``-ffast-math``); it
+  only lets the compiler ignore floating-point exception flags, which cbn
+  never reads;
 * OpenMP when the compiler supports it, a clean sequential build otherwise
   (``cython.parallel.prange`` compiles to a plain loop without OpenMP);
 * ``-march=native`` unless ``CBN_PORTABLE=1`` (set it when building a wheel
@@ -65,7 +70,7 @@ class BuildExt(build_ext):
             compile_args += ["/O2", "/openmp"]
         else:
             # Silence the probes: a failing probe is an expected outcome.
-            wanted = ["-O3"] if not DEBUG else ["-O1", "-g"]
+            wanted = ["-O3", "-fno-trapping-math"] if not DEBUG else ["-O1", "-g"]
             if not PORTABLE and not DEBUG:
                 wanted.append("-march=native")
             for flag in wanted:

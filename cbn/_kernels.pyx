@@ -99,7 +99,8 @@ cdef extern from *:
         if (relu) {                                                                  \\
             _Pragma("omp simd reduction(+:s1,s2)")                                   \\
             for (Py_ssize_t i = 0; i < n; i++) {                                     \\
-                double g = CBN_Z(x[i], m, a, b) > 0 ? (double)dy[i] : 0.0;           \\
+                double gi = (double)dy[i]; /* loaded always: lets gcc if-convert */ \\
+                double g = CBN_Z(x[i], m, a, b) > 0 ? gi : 0.0;                      \\
                 s1 += g;                                                             \\
                 s2 += g * ((double)x[i] - mu);                                       \\
             }                                                                        \\
@@ -121,7 +122,8 @@ cdef extern from *:
         if (relu) {                                                                  \\
             _Pragma("omp simd")                                                      \\
             for (Py_ssize_t j = 0; j < n; j++) {                                     \\
-                double g = CBN_Z(x[j], m[j], a[j], b[j]) > 0 ? (double)dy[j] : 0.0;  \\
+                double gj = (double)dy[j];                                           \\
+                double g = CBN_Z(x[j], m[j], a[j], b[j]) > 0 ? gj : 0.0;             \\
                 s1[j] += g;                                                          \\
                 s2[j] += g * ((double)x[j] - mu[j]);                                 \\
             }                                                                        \\
@@ -183,12 +185,22 @@ cdef extern from *:
             const T* m, const T* a, const T* b, const T* s, const T* kx, const T* k0,\\
             int relu) {                                                              \\
         T chk = 0;                                                                   \\
-        _Pragma("omp simd reduction(+:chk)")                                         \\
-        for (Py_ssize_t j = 0; j < n; j++) {                                         \\
-            T g = (!relu || CBN_Z(x[j], m[j], a[j], b[j]) > 0) ? dy[j] : (T)0;       \\
-            T v = a[j] * (g + k0[j] + kx[j] * ((x[j] - m[j]) * s[j]));              \\
-            chk += v - v;                                                            \\
-            dx[j] = v;                                                               \\
+        if (relu) {                                                                  \\
+            _Pragma("omp simd reduction(+:chk)")                                     \\
+            for (Py_ssize_t j = 0; j < n; j++) {                                     \\
+                T dyj = dy[j];                                                       \\
+                T g = CBN_Z(x[j], m[j], a[j], b[j]) > 0 ? dyj : (T)0;                \\
+                T v = a[j] * (g + k0[j] + kx[j] * ((x[j] - m[j]) * s[j]));           \\
+                chk += v - v;                                                        \\
+                dx[j] = v;                                                           \\
+            }                                                                        \\
+        } else {                                                                     \\
+            _Pragma("omp simd reduction(+:chk)")                                     \\
+            for (Py_ssize_t j = 0; j < n; j++) {                                     \\
+                T v = a[j] * (dy[j] + k0[j] + kx[j] * ((x[j] - m[j]) * s[j]));       \\
+                chk += v - v;                                                        \\
+                dx[j] = v;                                                           \\
+            }                                                                        \\
         }                                                                            \\
         return chk != 0;                                                             \\
     }                                                                                \\
@@ -199,7 +211,8 @@ cdef extern from *:
         if (relu) {                                                                  \\
             _Pragma("omp simd reduction(+:chk)")                                     \\
             for (Py_ssize_t i = 0; i < n; i++) {                                     \\
-                T g = CBN_Z(x[i], m, a, b) > 0 ? dy[i] : (T)0;                       \\
+                T dyi = dy[i];                                                       \\
+                T g = CBN_Z(x[i], m, a, b) > 0 ? dyi : (T)0;                         \\
                 T v = a * (g + k0 + kx * ((x[i] - m) * s));                          \\
                 chk += v - v;                                                        \\
                 dx[i] = v;                                                           \\
@@ -348,10 +361,16 @@ cdef inline Geometry _geometry(Py_ssize_t outer, Py_ssize_t channels,
         g.outer_per_block = ROWS_PER_BLOCK
         g.channels_per_block = CHANNELS_PER_BLOCK
     else:
-        g.outer_per_block = ELEMENTS_PER_BLOCK // inner
+        # A block is a run of consecutive (n, c) pairs, read in memory order:
+        # whole images when they are small, else a slice of one image's channels.
+        g.outer_per_block = ELEMENTS_PER_BLOCK // (inner * channels)
         if g.outer_per_block < 1:
             g.outer_per_block = 1
-        g.channels_per_block = 1
+        g.channels_per_block = ELEMENTS_PER_BLOCK // (inner * g.outer_per_block)
+        if g.channels_per_block < 1:
+            g.channels_per_block = 1
+        if g.channels_per_block > CHANNELS_PER_BLOCK:
+            g.channels_per_block = CHANNELS_PER_BLOCK
     g.n_outer_blocks = (outer + g.outer_per_block - 1) // g.outer_per_block
     g.n_channel_blocks = (channels + g.channels_per_block - 1) // g.channels_per_block
     return g
@@ -405,23 +424,33 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
 
 
 cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
-                      Py_ssize_t n1, Py_ssize_t c,
+                      Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
                       double* mean_out, double* m2_out) noexcept nogil:
-    """Shifted sums of the runs (n, c, :) for n in [n0, n1) (inner > 1)."""
-    cdef Py_ssize_t inner = g.inner, n
+    """Shifted sums of the runs (n, c, :), n in [n0, n1), c in [c0, c1) (inner > 1).
+
+    The runs are visited in memory order, one stream through the block.
+    """
+    cdef double shift[CHANNELS_PER_BLOCK]
+    cdef double s1[CHANNELS_PER_BLOCK]
+    cdef double s2[CHANNELS_PER_BLOCK]
+    cdef Py_ssize_t inner = g.inner, n, c
     cdef const floating* run
-    cdef double shift = x[(n0 * g.channels + c) * inner]
-    cdef double d, s1 = 0.0, s2 = 0.0, count
+    cdef double d, count = <double>((n1 - n0) * inner)
+    for c in range(c0, c1):
+        shift[c - c0] = x[(n0 * g.channels + c) * inner]
+        s1[c - c0] = 0.0
+        s2[c - c0] = 0.0
     for n in range(n0, n1):
-        run = x + (n * g.channels + c) * inner
-        if floating is float:
-            cbn_run_sums_f(run, inner, shift, &s1, &s2)
-        else:
-            cbn_run_sums_d(run, inner, shift, &s1, &s2)
-    count = <double>((n1 - n0) * inner)
-    mean_out[c] = shift + s1 / count
-    d = s2 - s1 * s1 / count
-    m2_out[c] = 0.0 if d < 0.0 else d  # keeps NaN: it must reach the caller
+        for c in range(c0, c1):
+            run = x + (n * g.channels + c) * inner
+            if floating is float:
+                cbn_run_sums_f(run, inner, shift[c - c0], &s1[c - c0], &s2[c - c0])
+            else:
+                cbn_run_sums_d(run, inner, shift[c - c0], &s1[c - c0], &s2[c - c0])
+    for c in range(c0, c1):
+        mean_out[c] = shift[c - c0] + s1[c - c0] / count
+        d = s2[c - c0] - s1[c - c0] * s1[c - c0] / count
+        m2_out[c] = 0.0 if d < 0.0 else d  # keeps NaN: it must reach the caller
 
 
 cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t task,
@@ -437,7 +466,7 @@ cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t ta
     if g.inner == 1:
         _stats_rows(x + n0 * g.channels, n1 - n0, g.channels, c0, c1, part_mean, part_m2)
     else:
-        _stats_runs(x, g, n0, n1, c0, part_mean, part_m2)
+        _stats_runs(x, g, n0, n1, c0, c1, part_mean, part_m2)
 
 
 cdef void _merge_stats(const Geometry* g, const double* part_mean, const double* part_m2,
@@ -584,19 +613,28 @@ cdef void _reduce_rows(const floating* dy, const floating* x, Py_ssize_t rows,
 
 
 cdef void _reduce_runs(const floating* dy, const floating* x, const Geometry* g,
-                       Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t c, double mu,
-                       floating m, floating a, floating b, bint relu,
+                       Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
+                       const double* mean, const floating* coef, bint relu,
                        double* sum_g_out, double* sum_gd_out) noexcept nogil:
-    cdef Py_ssize_t inner = g.inner, n, off
-    cdef double s1 = 0.0, s2 = 0.0
+    """Backward sums of the runs, n in [n0, n1), c in [c0, c1), in memory order."""
+    cdef double s1[CHANNELS_PER_BLOCK]
+    cdef double s2[CHANNELS_PER_BLOCK]
+    cdef Py_ssize_t C = g.channels, inner = g.inner, n, c, off
+    for c in range(c0, c1):
+        s1[c - c0] = 0.0
+        s2[c - c0] = 0.0
     for n in range(n0, n1):
-        off = (n * g.channels + c) * inner
-        if floating is float:
-            cbn_run_grad_sums_f(dy + off, x + off, inner, mu, m, a, b, relu, &s1, &s2)
-        else:
-            cbn_run_grad_sums_d(dy + off, x + off, inner, mu, m, a, b, relu, &s1, &s2)
-    sum_g_out[c] = s1
-    sum_gd_out[c] = s2
+        for c in range(c0, c1):
+            off = (n * C + c) * inner
+            if floating is float:
+                cbn_run_grad_sums_f(dy + off, x + off, inner, mean[c], coef[c], coef[C + c],
+                                    coef[2 * C + c], relu, &s1[c - c0], &s2[c - c0])
+            else:
+                cbn_run_grad_sums_d(dy + off, x + off, inner, mean[c], coef[c], coef[C + c],
+                                    coef[2 * C + c], relu, &s1[c - c0], &s2[c - c0])
+    for c in range(c0, c1):
+        sum_g_out[c] = s1[c - c0]
+        sum_gd_out[c] = s2[c - c0]
 
 
 cdef inline void _reduce_task(const floating* dy, const floating* x, const Geometry* g,
@@ -615,8 +653,7 @@ cdef inline void _reduce_task(const floating* dy, const floating* x, const Geome
         _reduce_rows(dy + n0 * C, x + n0 * C, n1 - n0, C, c0, c1, mean, coef, relu,
                      part_g, part_gd)
     else:
-        _reduce_runs(dy, x, g, n0, n1, c0, mean[c0], coef[c0], coef[C + c0],
-                     coef[2 * C + c0], relu, part_g, part_gd)
+        _reduce_runs(dy, x, g, n0, n1, c0, c1, mean, coef, relu, part_g, part_gd)
 
 
 cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry* g,
