@@ -115,27 +115,34 @@ cdef extern from *:
         *s1_out += s1;                                                               \\
         *s2_out += s2;                                                               \\
     }                                                                                \\
-    /* Row form (inner == 1): per-channel accumulators s1[j], s2[j]. */              \\
-    static inline void cbn_row_grad_sums_##S(const T* dy, const T* x, Py_ssize_t n,  \\
-            const double* mu, const T* m, const T* a, const T* b, int relu,          \\
-            double* __restrict s1, double* __restrict s2) {                              \\
-        if (relu) {                                                                  \\
-            _Pragma("omp simd")                                                      \\
-            for (Py_ssize_t j = 0; j < n; j++) {                                     \\
-                double gj = (double)dy[j];                                           \\
-                double g = CBN_Z(x[j], m[j], a[j], b[j]) > 0 ? gj : 0.0;             \\
-                s1[j] += g;                                                          \\
-                s2[j] += g * ((double)x[j] - mu[j]);                                 \\
-            }                                                                        \\
-        } else {                                                                     \\
-            _Pragma("omp simd")                                                      \\
-            for (Py_ssize_t j = 0; j < n; j++) {                                     \\
-                double g = (double)dy[j];                                            \\
-                s1[j] += g;                                                          \\
-                s2[j] += g * ((double)x[j] - mu[j]);                                 \\
-            }                                                                        \\
-        }                                                                            \\
-    }                                                                                \\
+    /* Row form (inner == 1): backward sums over rows [0, rows) of n channels,   \\
+       `stride` apart, into per-channel accumulators s1[j], s2[j]. (Measured:    \\
+       folding two rows per accumulator update made this slower, not faster.) */ \\
+    static inline void cbn_rows_grad_sums_##S(const T* dy, const T* x,           \\
+            Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t n, const double* mu,  \\
+            const T* m, const T* a, const T* b, int relu,                        \\
+            double* __restrict s1, double* __restrict s2) {                      \\
+        for (Py_ssize_t r = 0; r < rows; r++) {                                  \\
+            const T* p = x + r * stride;                                         \\
+            const T* q = dy + r * stride;                                        \\
+            if (relu) {                                                          \\
+                _Pragma("omp simd")                                              \\
+                for (Py_ssize_t j = 0; j < n; j++) {                             \\
+                    double g = (double)q[j];                                     \\
+                    g = CBN_Z(p[j], m[j], a[j], b[j]) > 0 ? g : 0.0;             \\
+                    s1[j] += g;                                                  \\
+                    s2[j] += g * ((double)p[j] - mu[j]);                         \\
+                }                                                                \\
+            } else {                                                             \\
+                _Pragma("omp simd")                                              \\
+                for (Py_ssize_t j = 0; j < n; j++) {                             \\
+                    double g = (double)q[j];                                     \\
+                    s1[j] += g;                                                  \\
+                    s2[j] += g * ((double)p[j] - mu[j]);                         \\
+                }                                                                \\
+            }                                                                    \\
+        }                                                                        \\
+    }                                                                            \\
     /* y = relu?(CBN_Z(x, m, a, b)), coefficients per element (row form). */       \\
     static inline int cbn_affine_row_##S(const T* x, T* y, Py_ssize_t n,             \\
             const T* m, const T* a, const T* b, int relu) {                          \\
@@ -257,9 +264,9 @@ cdef extern from *:
     void cbn_run_grad_sums_f(const float* dy, const float* x, Py_ssize_t n, double mu,
                              float m, float a, float b, int relu,
                              double* s1_out, double* s2_out) noexcept nogil
-    void cbn_row_grad_sums_f(const float* dy, const float* x, Py_ssize_t n, const double* mu,
-                             const float* m, const float* a, const float* b, int relu,
-                             double* s1, double* s2) noexcept nogil
+    void cbn_rows_grad_sums_f(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t stride,
+                              Py_ssize_t n, const double* mu, const float* m, const float* a,
+                              const float* b, int relu, double* s1, double* s2) noexcept nogil
     int cbn_affine_row_f(const float* x, float* y, Py_ssize_t n, const float* m, const float* a,
                           const float* b, int relu) noexcept nogil
     int cbn_affine_run_f(const float* x, float* y, Py_ssize_t n, float m, float a, float b,
@@ -277,9 +284,9 @@ cdef extern from *:
     void cbn_run_grad_sums_d(const double* dy, const double* x, Py_ssize_t n, double mu,
                              double m, double a, double b, int relu,
                              double* s1_out, double* s2_out) noexcept nogil
-    void cbn_row_grad_sums_d(const double* dy, const double* x, Py_ssize_t n, const double* mu,
-                             const double* m, const double* a, const double* b, int relu,
-                             double* s1, double* s2) noexcept nogil
+    void cbn_rows_grad_sums_d(const double* dy, const double* x, Py_ssize_t rows, Py_ssize_t stride,
+                              Py_ssize_t n, const double* mu, const double* m, const double* a,
+                              const double* b, int relu, double* s1, double* s2) noexcept nogil
     int cbn_affine_row_d(const double* x, double* y, Py_ssize_t n, const double* m, const double* a,
                           const double* b, int relu) noexcept nogil
     int cbn_affine_run_d(const double* x, double* y, Py_ssize_t n, double m, double a, double b,
@@ -594,19 +601,19 @@ cdef void _reduce_rows(const floating* dy, const floating* x, Py_ssize_t rows,
     """Backward sums over rows [0, rows) for channels [c0, c1) (inner == 1)."""
     cdef double s1[CHANNELS_PER_BLOCK]
     cdef double s2[CHANNELS_PER_BLOCK]
-    cdef Py_ssize_t width = c1 - c0, r, j, off
+    cdef Py_ssize_t width = c1 - c0, j
     cdef const floating* m = coef + c0
     cdef const floating* a = coef + channels + c0
     cdef const floating* b = coef + 2 * channels + c0
     for j in range(width):
         s1[j] = 0.0
         s2[j] = 0.0
-    for r in range(rows):
-        off = r * channels + c0
-        if floating is float:
-            cbn_row_grad_sums_f(dy + off, x + off, width, mean + c0, m, a, b, relu, s1, s2)
-        else:
-            cbn_row_grad_sums_d(dy + off, x + off, width, mean + c0, m, a, b, relu, s1, s2)
+    if floating is float:
+        cbn_rows_grad_sums_f(dy + c0, x + c0, rows, channels, width, mean + c0, m, a, b, relu,
+                             s1, s2)
+    else:
+        cbn_rows_grad_sums_d(dy + c0, x + c0, rows, channels, width, mean + c0, m, a, b, relu,
+                             s1, s2)
     for j in range(width):
         sum_g_out[c0 + j] = s1[j]
         sum_gd_out[c0 + j] = s2[j]
