@@ -16,7 +16,15 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "save_arrays", "load_arrays", "encode_config", "decode_config"]
+__all__ = [
+    "FORMAT_VERSION",
+    "save_arrays",
+    "load_arrays",
+    "encode_config",
+    "decode_config",
+    "save_object",
+    "load_object",
+]
 
 FORMAT_VERSION = 1
 
@@ -119,3 +127,15 @@ def decode_config(arrays, path, expected_type):
     if not isinstance(config, expected_type):
         raise ValueError(f"{path}: its configuration is not a {expected_type.__name__}")
     return config
+
+
+def save_object(path, kind, config, state):
+    """Atomically save an object's JSON ``config`` and its ``state`` arrays as ``kind``."""
+    save_arrays(path, kind, {"config": encode_config(config), **state})
+
+
+def load_object(path, kind, config_type):
+    """Read a file written by :func:`save_object`: returns ``(config, state arrays)``."""
+    arrays = load_arrays(path, kind)
+    config = decode_config(arrays, path, config_type)
+    return config, arrays

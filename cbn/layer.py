@@ -470,8 +470,7 @@ class BatchNorm:
         over ``path``, so an interrupted save never destroys an existing file.
         Load it with :meth:`BatchNorm.load`.
         """
-        io.save_arrays(path, _FORMAT, {"config": io.encode_config(self.config()),
-                                       **self.state_dict()})
+        io.save_object(path, _FORMAT, self.config(), self.state_dict())
 
     @classmethod
     def load(cls, path):
@@ -485,9 +484,8 @@ class BatchNorm:
             Truncated, corrupt or foreign file, newer format version, or an
             invalid configuration or state (each named in the message).
         """
-        arrays = io.load_arrays(path, _FORMAT)
-        config = io.decode_config(arrays, path, dict)
-        return cls.from_config(config, arrays, path)
+        config, state = io.load_object(path, _FORMAT, dict)
+        return cls.from_config(config, state, path)
 
     @classmethod
     def from_config(cls, config, state, where="state"):

@@ -453,8 +453,7 @@ class Sequential(Module):
         ``path``: an interrupted save never destroys an existing file. Only
         layers of :data:`LAYER_TYPES` can be saved. Load with :meth:`Sequential.load`.
         """
-        io.save_arrays(path, _SEQUENTIAL_FORMAT,
-                       {"config": io.encode_config(self.config()), **self.state_dict()})
+        io.save_object(path, _SEQUENTIAL_FORMAT, self.config(), self.state_dict())
 
     @classmethod
     def load(cls, path):
@@ -468,8 +467,7 @@ class Sequential(Module):
             Truncated, corrupt or foreign file, a newer format version, an
             unknown layer type, or an invalid configuration or state.
         """
-        arrays = io.load_arrays(path, _SEQUENTIAL_FORMAT)
-        spec = io.decode_config(arrays, path, list)
+        spec, arrays = io.load_object(path, _SEQUENTIAL_FORMAT, list)
         per_child = [{} for _ in spec]
         for key, value in arrays.items():
             index, _, name = key.partition(".")
