@@ -743,7 +743,7 @@ def run_benchmark(config, progress=None):
             nbytes = spec.nbytes(dtype)
             n_buf = _n_buffers(nbytes, config)
             buf = _Buffers(spec, dtype, n_buf, torch)
-            same_copy = time_calls(lambda i: np.copyto(buf.outs[i], buf.xs[i]), n_buf,
+            same_copy = time_calls(lambda i, buf=buf: np.copyto(buf.outs[i], buf.xs[i]), n_buf,
                                    warmup=config.warmup, **timing_kw)
             copy_gbps = 2 * nbytes / same_copy.median / 1e9
             for threads in config.threads:

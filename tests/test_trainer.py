@@ -7,7 +7,7 @@ import pytest
 
 from cbn.__main__ import DEFAULTS
 from cbn.data import load_digits, standardize, train_test_split
-from cbn.nn import Linear, Sequential, mlp
+from cbn.nn import Linear, mlp
 from cbn.optim import SGD, make_optimizer
 from cbn.trainer import History, StepEvaluator, StopTraining, evaluate, fit, predict
 
