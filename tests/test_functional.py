@@ -14,6 +14,7 @@ import pytest
 
 from cbn import functional as F
 from cbn import reference as ref
+from cbn.testing import numerical_grad
 
 DTYPES = [np.float64, np.float32]
 LAYOUTS = ["C", "F", "slice", "negative", "readonly"]
@@ -286,20 +287,6 @@ def kink_free_beta(x64, mean, var, gamma, axis, rng):
         beta[c] = -gamma[c] * t
     z = per_channel(gamma, ndim, axis) * xhat + per_channel(beta, ndim, axis)
     return beta, float(np.min(np.abs(z)))
-
-
-def numerical_grad(f, arr, h=1e-6):
-    """Central differences of the scalar f() with respect to every entry of arr."""
-    grad = np.zeros_like(arr)
-    for i in np.ndindex(arr.shape):
-        old = arr[i]
-        arr[i] = old + h
-        plus = f()
-        arr[i] = old - h
-        minus = f()
-        arr[i] = old
-        grad[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])

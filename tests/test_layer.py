@@ -15,6 +15,7 @@ import pytest
 
 from cbn import BatchNorm
 from cbn import reference as ref
+from cbn.testing import numerical_grad
 
 DTYPES = [np.float32, np.float64]
 EPS = 1e-5
@@ -190,19 +191,6 @@ def test_backward_matches_cbn_reference_in_both_modes(dtype):
 # ---------------------------------------------------------------------------
 # Finite differences through the layer
 # ---------------------------------------------------------------------------
-
-
-def numerical_grad(f, arr, h=1e-6):
-    grad = np.zeros_like(arr)
-    for i in np.ndindex(arr.shape):
-        old = arr[i]
-        arr[i] = old + h
-        plus = f()
-        arr[i] = old - h
-        minus = f()
-        arr[i] = old
-        grad[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 def kink_free_beta(xhat, gamma, axis, rng):

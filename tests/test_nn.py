@@ -4,22 +4,17 @@ import numpy as np
 import pytest
 
 from cbn.layer import BatchNorm
-from cbn.nn import (Linear, ReLU, Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh, as_generator,
-                    mlp)
-
-
-def numerical_grad(f, arr, h=1e-6):
-    """Central finite differences of the scalar ``f()`` w.r.t. every entry of ``arr``."""
-    out = np.zeros_like(arr)
-    for i in np.ndindex(arr.shape):
-        old = arr[i]
-        arr[i] = old + h
-        plus = f()
-        arr[i] = old - h
-        minus = f()
-        arr[i] = old
-        out[i] = (plus - minus) / (2 * h)
-    return out
+from cbn.nn import (
+    Linear,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Tanh,
+    as_generator,
+    mlp,
+)
+from cbn.testing import numerical_grad
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
