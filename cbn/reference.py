@@ -20,11 +20,14 @@ Backward (training), with ``g = dL/dy``::
 In evaluation the statistics are constants, so ``dx = gamma / sqrt(var + eps) * g``.
 """
 
+import math
+
 import numpy as np
 
 __all__ = [
     "reduce_axes",
     "batch_stats",
+    "exact_batch_stats",
     "forward_train",
     "forward_eval",
     "backward_train",
@@ -51,6 +54,26 @@ def batch_stats(x, axis=1):
     axes = reduce_axes(x.ndim, axis)
     mean = x.mean(axis=axes)
     var = ((x - _per_channel(mean, x.ndim, axis)) ** 2).mean(axis=axes)
+    return mean, var
+
+
+def exact_batch_stats(x, axis=1):
+    """Per-channel mean and biased variance in float64, summed exactly (slow; for tests).
+
+    ``batch_stats`` is the textbook two-pass NumPy code the benchmarks time, and
+    NumPy sums a reduction over a non-contiguous axis (Fortran order, a channel
+    axis that is not last) term by term, so its error grows with ``m`` times the
+    magnitude of the values: on a channel whose mean is 1e12 times its spread it
+    can miss the mean by a whole standard deviation. Here every sum is a
+    correctly rounded ``math.fsum``, so the result is accurate to a few ulps
+    whatever the layout, offset or batch size; it is the oracle for such inputs.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rows = np.moveaxis(x, axis % x.ndim, 0).reshape(x.shape[axis], -1)
+    m = rows.shape[1]
+    mean = np.array([math.fsum(r.tolist()) / m for r in rows])
+    dev = rows - mean[:, None]
+    var = np.array([math.fsum((d * d).tolist()) / m for d in dev])
     return mean, var
 
 
