@@ -14,6 +14,7 @@ from .functional import (
     check_activation,
     check_eps,
     resolve_threads,
+    streams,
 )
 
 __all__ = ["BatchNorm"]
@@ -276,7 +277,9 @@ class BatchNorm:
                 )
             mean = np.empty(C)
             var = np.empty(C)
-            status = _kernels.forward_train(x3, y3, gamma, beta, self.eps, mean, var, relu, threads)
+            status = _kernels.forward_train(
+                x3, y3, gamma, beta, self.eps, mean, var, relu, threads, streams(y.nbytes)
+            )
             if status == _kernels.NONFINITE_STATS:
                 raise FloatingPointError(
                     "the batch statistics are not finite: x contains NaN or Inf (or values "
@@ -290,7 +293,7 @@ class BatchNorm:
             mean = self._running_mean.astype(np.float64)
             var = self._running_var.astype(np.float64)
             status = _kernels.forward_eval(
-                x3, y3, mean, var, gamma, beta, self.eps, relu, threads
+                x3, y3, mean, var, gamma, beta, self.eps, relu, threads, streams(y.nbytes)
             )
             _raise_for_status(
                 status,
@@ -369,7 +372,7 @@ class BatchNorm:
         status = _kernels.backward(
             dy3, x3, mean, var, gamma, beta, self.eps, dx.reshape(x3.shape), dgamma, dbeta,
             batch_stats, self.affine, self.activation == "relu",
-            resolve_threads(self.n_threads, x3.size),
+            resolve_threads(self.n_threads, x3.size), streams(dx.nbytes),
         )
         _raise_for_status(
             status,

@@ -1,0 +1,151 @@
+"""Streaming (non-temporal) stores: the same numbers, the same error reports.
+
+Large outputs are written with streaming stores (cbn.functional.STREAM_MIN_BYTES);
+the test arrays are small, so these tests lower the threshold to 0 and compare
+every result with the cached-store path, bit for bit, on layouts that put the
+output at every alignment a 64-byte line can have.
+"""
+
+import numpy as np
+import pytest
+
+from cbn import BatchNorm
+from cbn import functional as F
+from cbn import reference as R
+
+
+@pytest.fixture
+def stream_always(monkeypatch):
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+
+
+def _both(fn, monkeypatch):
+    """fn() with streaming off, then on."""
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    plain = fn()
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    streamed = fn()
+    return plain, streamed
+
+
+# (shape, axis): inner > 1 runs of lengths that are and are not multiples of a
+# 64-byte line, and inner == 1 rows.
+SHAPES = [
+    ((4, 3, 37, 5), 1),
+    ((2, 5, 64), 1),
+    ((3, 2, 33), 1),
+    ((6, 7, 8, 16), 1),
+    ((50, 19), 1),
+    ((8, 9, 11, 6), -1),
+]
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_streamed_results_are_bit_identical(monkeypatch, shape, axis, dtype, relu, n_threads):
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    gamma = rng.uniform(0.5, 2, C).astype(dtype)
+    beta = rng.uniform(-1, 1, C).astype(dtype)
+    act = "relu" if relu else None
+    kw = dict(axis=axis, activation=act, n_threads=n_threads)
+
+    def run():
+        y, mean, var = F.batch_norm_train(x, gamma, beta, **kw)
+        ye = F.batch_norm_eval(x, mean * 0.9, var * 1.1, gamma, beta, **kw)
+        dx, dg, db = F.batch_norm_backward(dy, x, mean, var, gamma, beta, **kw)
+        dxe, _, _ = F.batch_norm_backward(dy, x, mean, var, gamma, beta, training=False, **kw)
+        return y, ye, dx, dg, db, dxe
+
+    plain, streamed = _both(run, monkeypatch)
+    for a, b in zip(plain, streamed):
+        np.testing.assert_array_equal(a, b)
+    # And both are right: the streamed training output against the float64 oracle.
+    y_ref = R.forward_train(x.astype(np.float64), gamma, beta, 1e-5, axis, relu)[0]
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(streamed[0], y_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("offset", range(0, 17))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_output_alignment(stream_always, offset, dtype):
+    """out= views starting at every element offset within a 64-byte line."""
+    rng = np.random.default_rng()
+    shape = (3, 4, 45)
+    x = rng.standard_normal(shape).astype(dtype)
+    size = int(np.prod(shape))
+    buf = np.full(size + 32, 7.0, dtype=dtype)
+    out = buf[offset:offset + size].reshape(shape)
+    y, mean, var = F.batch_norm_train(x, out=out)
+    assert y is out
+    y_ref = R.forward_train(x.astype(np.float64), np.ones(4), np.zeros(4))[0]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, y_ref, rtol=tol, atol=tol)
+    # Nothing outside the view was written.
+    assert np.all(buf[:offset] == 7.0) and np.all(buf[offset + size:] == 7.0)
+    dx, _, _ = F.batch_norm_backward(x, x, mean, var, out=out)
+    assert dx is out
+    assert np.all(buf[:offset] == 7.0) and np.all(buf[offset + size:] == 7.0)
+
+
+def test_unaligned_for_the_dtype_output(stream_always):
+    """An output not aligned to its own dtype falls back to ordinary stores."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
+    out = raw[1:].view(np.float32).reshape(x.shape)
+    assert not out.flags.aligned
+    y, _, _ = F.batch_norm_train(x, out=out)
+    np.testing.assert_allclose(y, R.forward_train(x.astype(np.float64), np.ones(3),
+                                                  np.zeros(3))[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["head", "body", "tail"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_output_is_reported_from_streamed_lines(stream_always, where, dtype):
+    """NaN in x, at the start, middle or end of a run, is reported from the streamed path."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 3, 100)).astype(dtype)
+    mean, var = F.batch_stats(x)
+    index = {"head": 0, "body": 50, "tail": 99}[where]
+    x[1, 2, index] = np.nan
+    with pytest.raises(FloatingPointError):
+        F.batch_norm_eval(x, mean, var)
+    with pytest.raises(FloatingPointError):
+        F.batch_norm_backward(np.ones_like(x), x, mean, var)
+
+
+def test_layer_streams_the_same_numbers(monkeypatch):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((4, 6, 9, 9))
+    dy = rng.standard_normal(x.shape)
+
+    def run():
+        layer = BatchNorm(6, dtype=np.float64, activation="relu")
+        y = layer(x)
+        dx = layer.backward(dy)
+        ye = layer.eval()(x)
+        return y, dx, ye, layer.dgamma.copy(), layer.running_var.copy()
+
+    plain, streamed = _both(run, monkeypatch)
+    for a, b in zip(plain, streamed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_threshold_from_environment(monkeypatch):
+    monkeypatch.setenv("CBN_STREAM_MIN_BYTES", "12345")
+    assert F._stream_min_bytes() == 12345
+    monkeypatch.setenv("CBN_STREAM_MIN_BYTES", "lots")
+    with pytest.raises(ValueError, match="CBN_STREAM_MIN_BYTES"):
+        F._stream_min_bytes()
+    monkeypatch.delenv("CBN_STREAM_MIN_BYTES")
+    assert F._stream_min_bytes() == F._last_level_cache_bytes() // 2 > 0
+
+
+def test_streams_rule():
+    assert F.streams(F.STREAM_MIN_BYTES)
+    assert not F.streams(F.STREAM_MIN_BYTES - 1)
