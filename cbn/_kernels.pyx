@@ -279,7 +279,149 @@ cdef extern from *:
     }
     CBN_LEAVES(f, float)
     CBN_LEAVES(d, double)
+
+    /* Narrow rows (inner == 1, C = 8, 16, ..., 64): row reductions whose
+       per-channel sums live in vector registers for a whole block of rows,
+       read in address order. The general row loops keep the sums in memory
+       and, on rows this short, spend more time loading and storing them than
+       reading the data. GCC vector extensions: lowered to whatever vector
+       width the target has. */
+    typedef float cbn_f8 __attribute__((vector_size(32)));
+    typedef double cbn_d8 __attribute__((vector_size(64)));
+    typedef int cbn_i8 __attribute__((vector_size(32)));
+    typedef long long cbn_l8 __attribute__((vector_size(64)));
+    static inline cbn_d8 cbn_wide_f(const float* p) {
+        cbn_f8 v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, cbn_d8);
+    }
+    static inline cbn_d8 cbn_wide_d(const double* p) {
+        cbn_d8 v; memcpy(&v, p, sizeof v); return v;
+    }
+    static inline cbn_f8 cbn_vec_f(const float* p) { cbn_f8 v; memcpy(&v, p, sizeof v); return v; }
+    static inline cbn_d8 cbn_vec_d(const double* p) { cbn_d8 v; memcpy(&v, p, sizeof v); return v; }
+    /* dy where CBN_Z(x, m, a, b) > 0, else 0, widened to double; z is formed
+       in the data's own precision, exactly as the forward pass formed it. */
+    static inline cbn_d8 cbn_masked_f(const float* dy, const float* x, cbn_f8 m, cbn_f8 a,
+                                      cbn_f8 b) {
+        cbn_i8 keep = CBN_Z(cbn_vec_f(x), m, a, b) > 0;
+        cbn_f8 g = (cbn_f8)(keep & (cbn_i8)cbn_vec_f(dy));
+        return __builtin_convertvector(g, cbn_d8);
+    }
+    static inline cbn_d8 cbn_masked_d(const double* dy, const double* x, cbn_d8 m, cbn_d8 a,
+                                      cbn_d8 b) {
+        cbn_l8 keep = CBN_Z(cbn_vec_d(x), m, a, b) > 0;
+        return (cbn_d8)(keep & (cbn_l8)cbn_vec_d(dy));
+    }
+    #define CBN_NARROW(S, T, TV, NQ)                                                  \\
+    /* s1 = sum(x - shift), s2 = sum((x - shift)^2) per channel, rows of 8*NQ.  */ \\
+    static void cbn_narrow_sums_##S##NQ(const T* x, Py_ssize_t rows,                \\
+            const double* shift, double* s1, double* s2) {                          \\
+        cbn_d8 sh[NQ], a1[NQ], a2[NQ];                                              \\
+        _Pragma("GCC unroll 8")                                                     \\
+        for (int q = 0; q < NQ; q++) {                                              \\
+            sh[q] = cbn_wide_d(shift + 8 * q);                                      \\
+            a1[q] = (cbn_d8){0}; a2[q] = (cbn_d8){0};                               \\
+        }                                                                           \\
+        for (Py_ssize_t r = 0; r < rows; r++) {                                     \\
+            const T* p = x + r * (8 * NQ);                                          \\
+            _Pragma("GCC unroll 8")                                                 \\
+            for (int q = 0; q < NQ; q++) {                                          \\
+                cbn_d8 d = cbn_wide_##S(p + 8 * q) - sh[q];                         \\
+                a1[q] += d; a2[q] += d * d;                                         \\
+            }                                                                       \\
+        }                                                                           \\
+        _Pragma("GCC unroll 8")                                                     \\
+        for (int q = 0; q < NQ; q++) {                                              \\
+            memcpy(s1 + 8 * q, &a1[q], sizeof a1[q]);                               \\
+            memcpy(s2 + 8 * q, &a2[q], sizeof a2[q]);                               \\
+        }                                                                           \\
+    }                                                                               \\
+    /* s1 = sum(g), s2 = sum(g * (x - mu)) per channel, g = dy masked by the    */ \\
+    /* fused ReLU (coefficients m, a, b of the forward pass).                   */ \\
+    static void cbn_narrow_grad_sums_##S##NQ(const T* dy, const T* x,               \\
+            Py_ssize_t rows, const double* mu, const T* m, const T* a, const T* b,  \\
+            int relu, double* s1, double* s2) {                                     \\
+        cbn_d8 vmu[NQ], a1[NQ], a2[NQ];                                             \\
+        _Pragma("GCC unroll 8")                                                     \\
+        for (int q = 0; q < NQ; q++) {                                              \\
+            vmu[q] = cbn_wide_d(mu + 8 * q);                                        \\
+            a1[q] = (cbn_d8){0}; a2[q] = (cbn_d8){0};                               \\
+        }                                                                           \\
+        if (relu) {                                                                 \\
+            for (Py_ssize_t r = 0; r < rows; r++) {                                 \\
+                const T* p = x + r * (8 * NQ);                                      \\
+                const T* g = dy + r * (8 * NQ);                                     \\
+                _Pragma("GCC unroll 8")                                             \\
+                for (int q = 0; q < NQ; q++) {                                      \\
+                    cbn_d8 gq = cbn_masked_##S(g + 8 * q, p + 8 * q,                \\
+                        cbn_vec_##S(m + 8 * q), cbn_vec_##S(a + 8 * q),             \\
+                        cbn_vec_##S(b + 8 * q));                                    \\
+                    a1[q] += gq; a2[q] += gq * (cbn_wide_##S(p + 8 * q) - vmu[q]);  \\
+                }                                                                   \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (Py_ssize_t r = 0; r < rows; r++) {                                 \\
+                const T* p = x + r * (8 * NQ);                                      \\
+                const T* g = dy + r * (8 * NQ);                                     \\
+                _Pragma("GCC unroll 8")                                             \\
+                for (int q = 0; q < NQ; q++) {                                      \\
+                    cbn_d8 gq = cbn_wide_##S(g + 8 * q);                            \\
+                    a1[q] += gq; a2[q] += gq * (cbn_wide_##S(p + 8 * q) - vmu[q]);  \\
+                }                                                                   \\
+            }                                                                       \\
+        }                                                                           \\
+        _Pragma("GCC unroll 8")                                                     \\
+        for (int q = 0; q < NQ; q++) {                                              \\
+            memcpy(s1 + 8 * q, &a1[q], sizeof a1[q]);                               \\
+            memcpy(s2 + 8 * q, &a2[q], sizeof a2[q]);                               \\
+        }                                                                           \\
+    }
+    #define CBN_NARROW_ALL(S, T, TV)                                                  \\
+    CBN_NARROW(S, T, TV, 1) CBN_NARROW(S, T, TV, 2) CBN_NARROW(S, T, TV, 3)          \\
+    CBN_NARROW(S, T, TV, 4) CBN_NARROW(S, T, TV, 5) CBN_NARROW(S, T, TV, 6)          \\
+    CBN_NARROW(S, T, TV, 7) CBN_NARROW(S, T, TV, 8)                                  \\
+    /* Returns 0 (and does nothing) unless C is one of 8, 16, ..., 64. */            \\
+    static int cbn_narrow_sums_##S(const T* x, Py_ssize_t rows, Py_ssize_t C,        \\
+            const double* shift, double* s1, double* s2) {                           \\
+        switch (C) {                                                                 \\
+        case 8: cbn_narrow_sums_##S##1(x, rows, shift, s1, s2); return 1;            \\
+        case 16: cbn_narrow_sums_##S##2(x, rows, shift, s1, s2); return 1;           \\
+        case 24: cbn_narrow_sums_##S##3(x, rows, shift, s1, s2); return 1;           \\
+        case 32: cbn_narrow_sums_##S##4(x, rows, shift, s1, s2); return 1;           \\
+        case 40: cbn_narrow_sums_##S##5(x, rows, shift, s1, s2); return 1;           \\
+        case 48: cbn_narrow_sums_##S##6(x, rows, shift, s1, s2); return 1;           \\
+        case 56: cbn_narrow_sums_##S##7(x, rows, shift, s1, s2); return 1;           \\
+        case 64: cbn_narrow_sums_##S##8(x, rows, shift, s1, s2); return 1;           \\
+        default: return 0;                                                           \\
+        }                                                                            \\
+    }                                                                                \\
+    static int cbn_narrow_grad_sums_##S(const T* dy, const T* x, Py_ssize_t rows,    \\
+            Py_ssize_t C, const double* mu, const T* m, const T* a, const T* b,      \\
+            int relu, double* s1, double* s2) {                                      \\
+        switch (C) {                                                                 \\
+        case 8: cbn_narrow_grad_sums_##S##1(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        case 16: cbn_narrow_grad_sums_##S##2(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        case 24: cbn_narrow_grad_sums_##S##3(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        case 32: cbn_narrow_grad_sums_##S##4(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        case 40: cbn_narrow_grad_sums_##S##5(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        case 48: cbn_narrow_grad_sums_##S##6(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        case 56: cbn_narrow_grad_sums_##S##7(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        case 64: cbn_narrow_grad_sums_##S##8(dy, x, rows, mu, m, a, b, relu, s1, s2); return 1; \\
+        default: return 0;                                                           \\
+        }                                                                            \\
+    }
+    CBN_NARROW_ALL(f, float, cbn_f8)
+    CBN_NARROW_ALL(d, double, cbn_d8)
     """
+    int cbn_narrow_sums_f(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* shift,
+                          double* s1, double* s2) noexcept nogil
+    int cbn_narrow_sums_d(const double* x, Py_ssize_t rows, Py_ssize_t C, const double* shift,
+                          double* s1, double* s2) noexcept nogil
+    int cbn_narrow_grad_sums_f(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t C,
+                               const double* mu, const float* m, const float* a, const float* b,
+                               int relu, double* s1, double* s2) noexcept nogil
+    int cbn_narrow_grad_sums_d(const double* dy, const double* x, Py_ssize_t rows, Py_ssize_t C,
+                               const double* mu, const double* m, const double* a,
+                               const double* b, int relu, double* s1, double* s2) noexcept nogil
     void cbn_store_fence() noexcept nogil
     void cbn_run_sums_f(const float* x, Py_ssize_t n, double shift,
                         double* s1_out, double* s2_out) noexcept nogil
@@ -425,20 +567,31 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
                       double* mean_out, double* m2_out) noexcept nogil:
     """Shifted sums of rows [0, rows) for channels [c0, c1) (inner == 1).
 
-    Four rows are folded per update of the (memory-resident) accumulators, to
-    cut their load/store traffic fourfold.
+    Whole rows of 8, 16, ..., 64 channels use the register-resident narrow
+    kernels; otherwise four rows are folded per update of the (memory-resident)
+    accumulators, to cut their load/store traffic fourfold.
     """
     cdef double shift[CHANNELS_PER_BLOCK]
     cdef double s1[CHANNELS_PER_BLOCK]
     cdef double s2[CHANNELS_PER_BLOCK]
-    cdef Py_ssize_t width = c1 - c0, r, j, quads = rows // 4
+    cdef Py_ssize_t width = c1 - c0, r, j, quads = rows // 4, rows_done
     cdef const floating* row = x + c0
     cdef double d, d0, d1, d2, d3
+    cdef int narrow = 0
     for j in range(width):
         shift[j] = row[j]
         s1[j] = 0.0
         s2[j] = 0.0
-    for r in range(quads):
+    if width == channels:
+        if floating is float:
+            narrow = cbn_narrow_sums_f(x, rows, channels, shift, s1, s2)
+        else:
+            narrow = cbn_narrow_sums_d(x, rows, channels, shift, s1, s2)
+    if narrow:
+        rows_done = rows
+    else:
+        rows_done = 4 * quads
+    for r in range(rows_done // 4 if not narrow else 0):
         row = x + 4 * r * channels + c0
         for j in range(width):
             d0 = <double>row[j] - shift[j]
@@ -447,7 +600,7 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
             d3 = <double>row[3 * channels + j] - shift[j]
             s1[j] += (d0 + d1) + (d2 + d3)
             s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for r in range(4 * quads, rows):
+    for r in range(rows_done, rows):
         row = x + r * channels + c0
         for j in range(width):
             d = <double>row[j] - shift[j]
@@ -708,10 +861,18 @@ cdef void _reduce_rows(const floating* dy, const floating* x, Py_ssize_t rows,
     cdef const floating* m = coef + c0
     cdef const floating* a = coef + channels + c0
     cdef const floating* b = coef + 2 * channels + c0
+    cdef int narrow = 0
     for j in range(width):
         s1[j] = 0.0
         s2[j] = 0.0
-    if floating is float:
+    if width == channels:   # whole rows of 8, 16, ..., 64: register-resident sums
+        if floating is float:
+            narrow = cbn_narrow_grad_sums_f(dy, x, rows, channels, mean, m, a, b, relu, s1, s2)
+        else:
+            narrow = cbn_narrow_grad_sums_d(dy, x, rows, channels, mean, m, a, b, relu, s1, s2)
+    if narrow:
+        pass
+    elif floating is float:
         cbn_rows_grad_sums_f(dy + c0, x + c0, rows, channels, width, mean + c0, m, a, b, relu,
                              s1, s2)
     else:

@@ -1,0 +1,133 @@
+"""Rows of 8, 16, ..., 64 channels: the register-resident row reductions.
+
+(N, C) and channels-last inputs with C a multiple of 8 up to 64 take their own
+kernels for the batch statistics and the backward sums; these tests hold them
+to the float64 oracle, with offsets that make a naive variance fail, with the
+fused ReLU mask, across reduction-block boundaries and thread counts, and next
+to C values that take the general path.
+"""
+
+import numpy as np
+import pytest
+
+from cbn import functional as F
+from cbn import reference as R
+from cbn.testing import numerical_grad
+
+NARROW = [8, 16, 24, 32, 40, 48, 56, 64]
+# Just outside: the general row path.
+GENERAL = [7, 9, 63, 65, 72]
+
+
+def _data(rng, n, c, dtype, offset):
+    scale = rng.uniform(0.5, 3.0, c)
+    x = offset * rng.uniform(0.5, 2.0, c) + scale * rng.standard_normal((n, c))
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("c", NARROW + GENERAL)
+@pytest.mark.parametrize("n", [2, 3, 255, 257, 1000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stats_match_oracle(c, n, dtype):
+    rng = np.random.default_rng()
+    offset = 100.0 if dtype == np.float32 else 1e6
+    x = _data(rng, n, c, dtype, offset)
+    mean, var = F.batch_stats(x)
+    ref_mean, ref_var = R.exact_batch_stats(x.astype(np.float64))
+    std = np.sqrt(ref_var)
+    assert np.all(np.abs(mean - ref_mean) <= 1e-12 * np.abs(ref_mean) + 1e-9 * std)
+    # Variance: relative to itself; the offset/std ratio bounds the conditioning.
+    assert np.allclose(var, ref_var, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("c", NARROW + GENERAL)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_matches_oracle(c, relu, dtype, training):
+    rng = np.random.default_rng()
+    n = int(rng.integers(2, 700))
+    x = _data(rng, n, c, dtype, 3.0)
+    dy = rng.standard_normal((n, c)).astype(dtype)
+    gamma = rng.uniform(-2, 2, c).astype(dtype)
+    beta = rng.uniform(-1, 1, c).astype(dtype)
+    act = "relu" if relu else None
+    _, mean, var = F.batch_norm_train(x, gamma, beta, activation=act)
+    dx, dgamma, dbeta = F.batch_norm_backward(
+        dy, x, mean, var, gamma, beta, activation=act, training=training
+    )
+    ref = R._backward(
+        dy.astype(np.float64), x.astype(np.float64), mean, var, gamma.astype(np.float64),
+        beta.astype(np.float64), 1e-5, 1, relu, training,
+    )
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    scale = np.abs(ref[0]).max() + 1
+    np.testing.assert_allclose(dx, ref[0], rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(dbeta, ref[2], rtol=tol, atol=tol * np.sqrt(n))
+    np.testing.assert_allclose(dgamma, ref[1], rtol=tol, atol=tol * np.sqrt(n))
+
+
+@pytest.mark.parametrize("c", [8, 40, 64])
+def test_gradient_check(c):
+    """Central differences of a scalar loss through the training forward pass."""
+    rng = np.random.default_rng()
+    n = 5
+    w = rng.standard_normal((n, c))
+    gamma = rng.uniform(0.5, 2, c)
+    beta = rng.uniform(-1, 1, c)
+    # Fresh x until no pre-activation is within reach of the ReLU kink for a
+    # step of 1e-6 (the finite difference would straddle it).
+    for _ in range(1000):
+        x = rng.standard_normal((n, c)) * 2 + 1
+        y, mean, var = F.batch_norm_train(x, gamma, beta)
+        if np.min(np.abs(y)) > 1e-4:
+            break
+
+    def loss():
+        y, _, _ = F.batch_norm_train(x, gamma, beta, activation="relu")
+        return float(np.sum(w * y))
+
+    assert np.min(np.abs(y)) > 1e-4, "no draw kept clear of the ReLU kink"
+    dx, _, _ = F.batch_norm_backward(w, x, mean, var, gamma, beta, activation="relu")
+    np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("c", [16, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bit_identical_across_threads(c, dtype):
+    rng = np.random.default_rng()
+    x = _data(rng, 3000, c, dtype, 5.0)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    results = []
+    for threads in (1, 2, 3):
+        y, mean, var = F.batch_norm_train(x, activation="relu", n_threads=threads)
+        dx, dg, db = F.batch_norm_backward(dy, x, mean, var, activation="relu", n_threads=threads)
+        results.append((y, mean, var, dx, dg, db))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("c", [8, 32, 64])
+def test_channels_last_images(c):
+    """NHWC input with a narrow channel count reduces through the same kernels."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 5, 7, c)) * 2 - 1
+    mean, var = F.batch_stats(x, axis=-1)
+    ref_mean, ref_var = R.exact_batch_stats(x, axis=-1)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-12)
+
+
+def test_nonfinite_value_reaches_the_caller():
+    rng = np.random.default_rng()
+    x = rng.standard_normal((300, 64))
+    x[200, 37] = np.inf
+    with pytest.raises(FloatingPointError, match="channel"):
+        F.batch_norm_train(x)
+    x[200, 37] = 1.0
+    dy = rng.standard_normal(x.shape)
+    dy[5, 63] = np.nan
+    _, mean, var = F.batch_norm_train(x)
+    with pytest.raises(FloatingPointError):
+        F.batch_norm_backward(dy, x, mean, var)
