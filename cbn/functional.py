@@ -184,7 +184,8 @@ def normalize_axis(axis, ndim, name="axis"):
 def channel_view(x, axis, name="x", dtype=None, n_features=None):
     """Validate a batch and return ``(x_c, x3)``.
 
-    ``x_c`` is ``x`` itself if it is C-contiguous, else a C-contiguous copy;
+    ``x_c`` is ``x`` itself if it is C-contiguous and aligned, else a
+    C-contiguous, aligned copy;
     ``x3`` is the ``(outer, C, inner)`` view of ``x_c`` that the kernels use.
 
     Raises
@@ -209,21 +210,32 @@ def channel_view(x, axis, name="x", dtype=None, n_features=None):
         )
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); a batch needs at least one value")
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
+    if not (x.flags.c_contiguous and x.flags.aligned):
+        x = _aligned_copy(x)
     outer = math.prod(x.shape[:axis])
     inner = math.prod(x.shape[axis + 1 :])
     return x, x.reshape(outer, channels, inner)
 
 
+def _aligned_copy(x, dtype=None):
+    """A C-contiguous copy of ``x`` in freshly allocated (so aligned) memory.
+
+    An array that is not aligned to its dtype (a view at an odd byte offset of
+    a buffer) would be undefined behaviour in C, and a crash wherever the
+    compiler uses aligned vector loads.
+    """
+    return np.array(x, dtype=dtype, order="C", copy=True)
+
+
 def _channel_vector(v, name, channels, dtype, default):
-    """A per-channel parameter as a C-contiguous (C,) array of ``dtype``."""
+    """A per-channel parameter as a C-contiguous, aligned (C,) array of ``dtype``."""
     if v is None:
         return np.full(channels, default, dtype=dtype)
     v = _as_float_array(v, name)
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
-    return np.ascontiguousarray(v, dtype=dtype)
+    v = np.ascontiguousarray(v, dtype=dtype)
+    return v if v.flags.aligned else _aligned_copy(v)
 
 
 def _check_out(out, x, name="out"):
@@ -237,6 +249,11 @@ def _check_out(out, x, name="out"):
         )
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.aligned:
+        raise ValueError(
+            f"{name} is not aligned to its dtype {out.dtype} (a view at an odd byte "
+            "offset); pass an array numpy allocated, or no out="
+        )
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
 
@@ -545,6 +562,9 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
     factor : float
         ``momentum``, or ``1 / num_batches_tracked`` for a cumulative average.
     """
+    for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
+        if isinstance(arr, np.ndarray) and not arr.flags.aligned:
+            raise ValueError(f"{name} is not aligned to its dtype {arr.dtype}")
     if count < 2:
         raise ValueError(f"count must be > 1 to unbias the variance, got {count}")
     if not 0.0 <= factor <= 1.0:

@@ -459,3 +459,17 @@ def test_float64_batch_whose_variance_overflows_raises():
     x = np.array([[0.0, 1.0], [1e200, 2.0], [2e200, 4.0]])
     with pytest.raises(FloatingPointError, match="channel 0"):
         F.batch_norm_train(x)
+
+
+def test_update_running_stats_refuses_unaligned_arrays():
+    raw = np.zeros(3 * 4 + 1, dtype=np.uint8)
+    odd = raw[1:].view(np.float32)
+    assert not odd.flags.aligned
+    good = np.ones(3, np.float32)
+    rng = np.random.default_rng()
+    mean, var = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    with pytest.raises(ValueError, match="running_mean is not aligned"):
+        F.update_running_stats(odd, good, mean, var, 10, 0.1)
+    with pytest.raises(ValueError, match="running_var is not aligned"):
+        F.update_running_stats(good.copy(), odd, mean, var, 10, 0.1)
+    assert np.all(raw == 0)

@@ -92,16 +92,28 @@ def test_every_output_alignment(stream_always, offset, dtype):
     assert np.all(buf[:offset] == 7.0) and np.all(buf[offset + size:] == 7.0)
 
 
-def test_unaligned_for_the_dtype_output(stream_always):
-    """An output not aligned to its own dtype falls back to ordinary stores."""
+def test_unaligned_for_the_dtype_arrays(stream_always):
+    """Arrays at an odd byte offset: inputs are copied to aligned memory, out= is refused."""
     rng = np.random.default_rng()
     x = rng.standard_normal((2, 3, 40)).astype(np.float32)
     raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
-    out = raw[1:].view(np.float32).reshape(x.shape)
-    assert not out.flags.aligned
-    y, _, _ = F.batch_norm_train(x, out=out)
+    odd = raw[1:].view(np.float32).reshape(x.shape)
+    odd[...] = x
+    assert not odd.flags.aligned
+    y, mean, var = F.batch_norm_train(odd)
     np.testing.assert_allclose(y, R.forward_train(x.astype(np.float64), np.ones(3),
                                                   np.zeros(3))[0], rtol=1e-5, atol=1e-5)
+    dx, _, _ = F.batch_norm_backward(odd, odd, mean, var)
+    np.testing.assert_array_equal(dx, F.batch_norm_backward(x, x, mean, var)[0])
+    with pytest.raises(ValueError, match="out is not aligned"):
+        F.batch_norm_train(x, out=odd)
+    with pytest.raises(ValueError, match="out is not aligned"):
+        F.batch_norm_eval(x, mean, var, out=odd)
+    gamma_raw = np.zeros(3 * 4 + 1, dtype=np.uint8)
+    gamma = gamma_raw[1:].view(np.float32)
+    gamma[...] = 2.0
+    assert not gamma.flags.aligned
+    np.testing.assert_array_equal(F.batch_norm_train(x, gamma)[0], 2.0 * y)
 
 
 @pytest.mark.parametrize("where", ["head", "body", "tail"])
