@@ -253,7 +253,9 @@ def test_int_input():
         F.batch_norm_eval(xi.astype(np.int8), np.zeros(3), np.ones(3))
 
 
-@pytest.mark.parametrize("layout", ["fortran", "transposed", "strided", "negative", "readonly"])
+@pytest.mark.parametrize(
+    "layout", ["fortran", "transposed", "strided", "negative", "readonly", "unaligned"]
+)
 def test_noncontiguous_fortran_readonly_input(layout):
     rng = np.random.default_rng(10)
     x = data(rng, (8, 3, 5))
@@ -268,6 +270,12 @@ def test_noncontiguous_fortran_readonly_input(layout):
         xv = big[::2, :, ::2]
     elif layout == "negative":
         xv = np.ascontiguousarray(x[::-1, :, ::-1])[::-1, :, ::-1]
+    elif layout == "unaligned":
+        # A view at an odd byte offset, as np.frombuffer(buf, offset=1) gives.
+        raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
+        xv = raw[1:].view(np.float32).reshape(x.shape)
+        xv[...] = x
+        assert not xv.flags.aligned
     else:
         xv = x.copy()
         xv.flags.writeable = False
