@@ -131,3 +131,43 @@ def test_nonfinite_value_reaches_the_caller():
     _, mean, var = F.batch_norm_train(x)
     with pytest.raises(FloatingPointError):
         F.batch_norm_backward(dy, x, mean, var)
+
+
+# Wide rows: the backward sums fold four rows per update from 512 channels on,
+# and rows longer than a tile (2048 float32 / 1024 float64 values) are
+# normalized and back-propagated tile by tile.
+WIDE = [511, 512, 700, 1030, 2049, 4100]
+
+
+@pytest.mark.parametrize("c", WIDE)
+@pytest.mark.parametrize("n", [2, 3, 5, 258])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_wide_rows_match_oracle(c, n, dtype, relu):
+    rng = np.random.default_rng()
+    x = _data(rng, n, c, dtype, 2.0)
+    dy = rng.standard_normal((n, c)).astype(dtype)
+    gamma = rng.uniform(-2, 2, c).astype(dtype)
+    beta = rng.uniform(-1, 1, c).astype(dtype)
+    act = "relu" if relu else None
+    y, mean, var = F.batch_norm_train(x, gamma, beta, activation=act)
+    x64 = x.astype(np.float64)
+    ref_mean, ref_var = R.exact_batch_stats(x64)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-10, atol=1e-12)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    y_ref = R.forward_eval(x64, mean, var, gamma.astype(np.float64), beta.astype(np.float64),
+                           1e-5, 1, relu)
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol * 10)
+    ye = F.batch_norm_eval(x, mean, var, gamma, beta, activation=act)
+    np.testing.assert_array_equal(ye, y)
+    for training in (True, False):
+        dx, dgamma, dbeta = F.batch_norm_backward(
+            dy, x, mean, var, gamma, beta, activation=act, training=training
+        )
+        ref = R._backward(dy.astype(np.float64), x64, mean, var, gamma.astype(np.float64),
+                          beta.astype(np.float64), 1e-5, 1, relu, training)
+        btol = 2e-4 if dtype == np.float32 else 1e-10
+        np.testing.assert_allclose(dx, ref[0], rtol=btol, atol=btol * (np.abs(ref[0]).max() + 1))
+        np.testing.assert_allclose(dbeta, ref[2], rtol=btol, atol=btol * np.sqrt(n))
+        np.testing.assert_allclose(dgamma, ref[1], rtol=btol, atol=btol * np.sqrt(n))
