@@ -19,6 +19,18 @@ NARROW = [8, 16, 24, 32, 40, 48, 56, 64]
 GENERAL = [7, 9, 63, 65, 72]
 
 
+def _clear_kink(dy, x, mean, var, gamma, beta, dtype):
+    """dy with 0 where the pre-activation is within rounding of 0.
+
+    There the ReLU mask is undecidable: the kernel decides it in the data's
+    dtype, the oracle in float64, and either answer is right.
+    """
+    z = R.forward_eval(x.astype(np.float64), mean, var, gamma.astype(np.float64),
+                       beta.astype(np.float64), 1e-5, 1)
+    tol = 64 * np.finfo(dtype).eps * (np.abs(z) + np.abs(beta) + 1)
+    return np.where(np.abs(z) <= tol, 0, dy).astype(dtype)
+
+
 def _data(rng, n, c, dtype, offset):
     scale = rng.uniform(0.5, 3.0, c)
     x = offset * rng.uniform(0.5, 2.0, c) + scale * rng.standard_normal((n, c))
@@ -53,6 +65,8 @@ def test_backward_matches_oracle(c, relu, dtype, training):
     beta = rng.uniform(-1, 1, c).astype(dtype)
     act = "relu" if relu else None
     _, mean, var = F.batch_norm_train(x, gamma, beta, activation=act)
+    if relu:
+        dy = _clear_kink(dy, x, mean, var, gamma, beta, dtype)
     dx, dgamma, dbeta = F.batch_norm_backward(
         dy, x, mean, var, gamma, beta, activation=act, training=training
     )
@@ -133,10 +147,10 @@ def test_nonfinite_value_reaches_the_caller():
         F.batch_norm_backward(dy, x, mean, var)
 
 
-# Wide rows: the backward sums fold four rows per update from 512 channels on,
+# Wide rows: the backward sums fold four rows per update from 2048 channels on,
 # and rows longer than a tile (2048 float32 / 1024 float64 values) are
 # normalized and back-propagated tile by tile.
-WIDE = [511, 512, 700, 1030, 2049, 4100]
+WIDE = [511, 700, 1030, 2047, 2048, 2049, 4100]
 
 
 @pytest.mark.parametrize("c", WIDE)
@@ -161,6 +175,8 @@ def test_wide_rows_match_oracle(c, n, dtype, relu):
     np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol * 10)
     ye = F.batch_norm_eval(x, mean, var, gamma, beta, activation=act)
     np.testing.assert_array_equal(ye, y)
+    if relu:
+        dy = _clear_kink(dy, x, mean, var, gamma, beta, dtype)
     for training in (True, False):
         dx, dgamma, dbeta = F.batch_norm_backward(
             dy, x, mean, var, gamma, beta, activation=act, training=training
