@@ -408,7 +408,26 @@ cdef extern from *:
         cbn_l8 keep = CBN_Z(cbn_vec_d(x), m, a, b) > 0;
         return (cbn_d8)(keep & (cbn_l8)cbn_vec_d(dy));
     }
-    #define CBN_NARROW(S, T, TV, NQ)                                                  \\
+    /* The row loop of the narrow gradient sums: GQ is the (masked) gradient
+       of channels 8q..8q+7 of row g (x row p), WIDE widens x to double. */
+    #define CBN_NARROW_GRAD_ROWS(T, NQ, GQ, WIDE)                                    \\
+        for (Py_ssize_t r = 0; r < rows; r++) {                                     \\
+            const T* p = x + r * (8 * NQ);                                          \\
+            const T* g = dy + r * (8 * NQ);                                         \\
+            _Pragma("GCC unroll 8")                                                 \\
+            for (int q = 0; q < NQ; q++) {                                          \\
+                cbn_d8 gq = GQ;                                                     \\
+                a1[q] += gq; a2[q] += gq * (WIDE(p + 8 * q) - vmu[q]);              \\
+            }                                                                       \\
+        }
+    /* Write the register sums a1, a2 of NQ strips of 8 channels to s1, s2. */
+    #define CBN_NARROW_STORE(NQ)                                                    \\
+        _Pragma("GCC unroll 8")                                                     \\
+        for (int q = 0; q < NQ; q++) {                                              \\
+            memcpy(s1 + 8 * q, &a1[q], sizeof a1[q]);                               \\
+            memcpy(s2 + 8 * q, &a2[q], sizeof a2[q]);                               \\
+        }
+    #define CBN_NARROW(S, T, NQ)                                                  \\
     /* s1 = sum(x - shift), s2 = sum((x - shift)^2) per channel, rows of 8*NQ.  */ \\
     static void cbn_narrow_sums_##S##NQ(const T* x, Py_ssize_t rows,                \\
             const double* shift, double* s1, double* s2) {                          \\
@@ -426,11 +445,7 @@ cdef extern from *:
                 a1[q] += d; a2[q] += d * d;                                         \\
             }                                                                       \\
         }                                                                           \\
-        _Pragma("GCC unroll 8")                                                     \\
-        for (int q = 0; q < NQ; q++) {                                              \\
-            memcpy(s1 + 8 * q, &a1[q], sizeof a1[q]);                               \\
-            memcpy(s2 + 8 * q, &a2[q], sizeof a2[q]);                               \\
-        }                                                                           \\
+        CBN_NARROW_STORE(NQ)                                                        \\
     }                                                                               \\
     /* s1 = sum(g), s2 = sum(g * (x - mu)) per channel, g = dy masked by the    */ \\
     /* fused ReLU (coefficients m, a, b of the forward pass).                   */ \\
@@ -443,39 +458,17 @@ cdef extern from *:
             vmu[q] = cbn_wide_d(mu + 8 * q);                                        \\
             a1[q] = (cbn_d8){0}; a2[q] = (cbn_d8){0};                               \\
         }                                                                           \\
-        if (relu) {                                                                 \\
-            for (Py_ssize_t r = 0; r < rows; r++) {                                 \\
-                const T* p = x + r * (8 * NQ);                                      \\
-                const T* g = dy + r * (8 * NQ);                                     \\
-                _Pragma("GCC unroll 8")                                             \\
-                for (int q = 0; q < NQ; q++) {                                      \\
-                    cbn_d8 gq = cbn_masked_##S(g + 8 * q, p + 8 * q,                \\
-                        cbn_vec_##S(m + 8 * q), cbn_vec_##S(a + 8 * q),             \\
-                        cbn_vec_##S(b + 8 * q));                                    \\
-                    a1[q] += gq; a2[q] += gq * (cbn_wide_##S(p + 8 * q) - vmu[q]);  \\
-                }                                                                   \\
-            }                                                                       \\
-        } else {                                                                    \\
-            for (Py_ssize_t r = 0; r < rows; r++) {                                 \\
-                const T* p = x + r * (8 * NQ);                                      \\
-                const T* g = dy + r * (8 * NQ);                                     \\
-                _Pragma("GCC unroll 8")                                             \\
-                for (int q = 0; q < NQ; q++) {                                      \\
-                    cbn_d8 gq = cbn_wide_##S(g + 8 * q);                            \\
-                    a1[q] += gq; a2[q] += gq * (cbn_wide_##S(p + 8 * q) - vmu[q]);  \\
-                }                                                                   \\
-            }                                                                       \\
-        }                                                                           \\
-        _Pragma("GCC unroll 8")                                                     \\
-        for (int q = 0; q < NQ; q++) {                                              \\
-            memcpy(s1 + 8 * q, &a1[q], sizeof a1[q]);                               \\
-            memcpy(s2 + 8 * q, &a2[q], sizeof a2[q]);                               \\
-        }                                                                           \\
+        if (relu)                                                                   \\
+            CBN_NARROW_GRAD_ROWS(T, NQ, cbn_masked_##S(g + 8 * q, p + 8 * q,           \\
+                cbn_vec_##S(m + 8 * q), cbn_vec_##S(a + 8 * q), cbn_vec_##S(b + 8 * q)), \\
+                cbn_wide_##S)                                                       \\
+        else                                                                        \\
+            CBN_NARROW_GRAD_ROWS(T, NQ, cbn_wide_##S(g + 8 * q), cbn_wide_##S)      \\
+        CBN_NARROW_STORE(NQ)                                                        \\
     }
-    #define CBN_NARROW_ALL(S, T, TV)                                                  \\
-    CBN_NARROW(S, T, TV, 1) CBN_NARROW(S, T, TV, 2) CBN_NARROW(S, T, TV, 3)          \\
-    CBN_NARROW(S, T, TV, 4) CBN_NARROW(S, T, TV, 5) CBN_NARROW(S, T, TV, 6)          \\
-    CBN_NARROW(S, T, TV, 7) CBN_NARROW(S, T, TV, 8)                                  \\
+    #define CBN_NARROW_ALL(S, T)                                                      \\
+    CBN_NARROW(S, T, 1) CBN_NARROW(S, T, 2) CBN_NARROW(S, T, 3) CBN_NARROW(S, T, 4)  \\
+    CBN_NARROW(S, T, 5) CBN_NARROW(S, T, 6) CBN_NARROW(S, T, 7) CBN_NARROW(S, T, 8)  \\
     /* Returns 0 (and does nothing) unless C is one of 8, 16, ..., 64. */            \\
     static int cbn_narrow_sums_##S(const T* x, Py_ssize_t rows, Py_ssize_t C,        \\
             const double* shift, double* s1, double* s2) {                           \\
@@ -506,8 +499,8 @@ cdef extern from *:
         default: return 0;                                                           \\
         }                                                                            \\
     }
-    CBN_NARROW_ALL(f, float, cbn_f8)
-    CBN_NARROW_ALL(d, double, cbn_d8)
+    CBN_NARROW_ALL(f, float)
+    CBN_NARROW_ALL(d, double)
     """
     int cbn_narrow_sums_f(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* shift,
                           double* s1, double* s2) noexcept nogil

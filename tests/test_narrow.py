@@ -31,6 +31,27 @@ def _clear_kink(dy, x, mean, var, gamma, beta, dtype):
     return np.where(np.abs(z) <= tol, 0, dy).astype(dtype)
 
 
+def _check_backward(dy, x, mean, var, gamma, beta, relu, training):
+    """cbn's backward against the float64 oracle, off the ReLU kink."""
+    dtype = x.dtype
+    n = x.shape[0]
+    act = "relu" if relu else None
+    if relu:
+        dy = _clear_kink(dy, x, mean, var, gamma, beta, dtype)
+    dx, dgamma, dbeta = F.batch_norm_backward(
+        dy, x, mean, var, gamma, beta, activation=act, training=training
+    )
+    ref = R._backward(
+        dy.astype(np.float64), x.astype(np.float64), mean, var, gamma.astype(np.float64),
+        beta.astype(np.float64), 1e-5, 1, relu, training,
+    )
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    scale = np.abs(ref[0]).max() + 1
+    np.testing.assert_allclose(dx, ref[0], rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(dbeta, ref[2], rtol=tol, atol=tol * np.sqrt(n))
+    np.testing.assert_allclose(dgamma, ref[1], rtol=tol, atol=tol * np.sqrt(n))
+
+
 def _data(rng, n, c, dtype, offset):
     scale = rng.uniform(0.5, 3.0, c)
     x = offset * rng.uniform(0.5, 2.0, c) + scale * rng.standard_normal((n, c))
@@ -65,20 +86,7 @@ def test_backward_matches_oracle(c, relu, dtype, training):
     beta = rng.uniform(-1, 1, c).astype(dtype)
     act = "relu" if relu else None
     _, mean, var = F.batch_norm_train(x, gamma, beta, activation=act)
-    if relu:
-        dy = _clear_kink(dy, x, mean, var, gamma, beta, dtype)
-    dx, dgamma, dbeta = F.batch_norm_backward(
-        dy, x, mean, var, gamma, beta, activation=act, training=training
-    )
-    ref = R._backward(
-        dy.astype(np.float64), x.astype(np.float64), mean, var, gamma.astype(np.float64),
-        beta.astype(np.float64), 1e-5, 1, relu, training,
-    )
-    tol = 2e-4 if dtype == np.float32 else 1e-10
-    scale = np.abs(ref[0]).max() + 1
-    np.testing.assert_allclose(dx, ref[0], rtol=tol, atol=tol * scale)
-    np.testing.assert_allclose(dbeta, ref[2], rtol=tol, atol=tol * np.sqrt(n))
-    np.testing.assert_allclose(dgamma, ref[1], rtol=tol, atol=tol * np.sqrt(n))
+    _check_backward(dy, x, mean, var, gamma, beta, relu, training)
 
 
 @pytest.mark.parametrize("c", [8, 40, 64])
@@ -175,15 +183,5 @@ def test_wide_rows_match_oracle(c, n, dtype, relu):
     np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol * 10)
     ye = F.batch_norm_eval(x, mean, var, gamma, beta, activation=act)
     np.testing.assert_array_equal(ye, y)
-    if relu:
-        dy = _clear_kink(dy, x, mean, var, gamma, beta, dtype)
     for training in (True, False):
-        dx, dgamma, dbeta = F.batch_norm_backward(
-            dy, x, mean, var, gamma, beta, activation=act, training=training
-        )
-        ref = R._backward(dy.astype(np.float64), x64, mean, var, gamma.astype(np.float64),
-                          beta.astype(np.float64), 1e-5, 1, relu, training)
-        btol = 2e-4 if dtype == np.float32 else 1e-10
-        np.testing.assert_allclose(dx, ref[0], rtol=btol, atol=btol * (np.abs(ref[0]).max() + 1))
-        np.testing.assert_allclose(dbeta, ref[2], rtol=btol, atol=btol * np.sqrt(n))
-        np.testing.assert_allclose(dgamma, ref[1], rtol=btol, atol=btol * np.sqrt(n))
+        _check_backward(dy, x, mean, var, gamma, beta, relu, training)
