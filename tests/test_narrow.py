@@ -155,10 +155,11 @@ def test_nonfinite_value_reaches_the_caller():
         F.batch_norm_backward(dy, x, mean, var)
 
 
-# Wide rows: the backward sums fold four rows per update from 2048 channels on,
-# and rows longer than a tile (2048 float32 / 1024 float64 values) are
-# normalized and back-propagated tile by tile.
-WIDE = [511, 700, 1030, 2047, 2048, 2049, 4100]
+# Wide rows: the backward sums fold four rows (q apart) per update from 1024
+# channels on, in chunks of one cache line plus a tail; rows longer than a tile
+# (2048 float32 / 1024 float64 values) are normalized and back-propagated tile
+# by tile.
+WIDE = [511, 700, 1023, 1024, 1030, 2047, 2048, 2049, 4100]
 
 
 @pytest.mark.parametrize("c", WIDE)
