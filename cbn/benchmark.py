@@ -9,7 +9,8 @@ Run it as ``python -m cbn bench``, ``cbn bench`` or ``python benchmarks/bench.py
    written count, so a copy of ``n`` bytes moves ``2 n``.
 2. For every shape x dtype x thread count x op, the median time of:
 
-   - ``cbn``: :mod:`cbn.functional` with preallocated ``out=`` buffers;
+   - ``cbn``: :mod:`cbn.functional`; the forwards write into preallocated
+     ``out=`` buffers, the backward allocates dx, as torch's does;
    - ``layer``: a :class:`cbn.BatchNorm` call (allocates its output as users
      see it; its backward is timed right after the forward that feeds it);
    - ``numpy``: :mod:`cbn.reference`, the textbook NumPy formulas (the
@@ -18,7 +19,9 @@ Run it as ``python -m cbn bench``, ``cbn bench`` or ``python benchmarks/bench.py
    - ``torch``: PyTorch's CPU kernel when torch is installed:
      ``aten::native_batch_norm.out`` (what ``F.batch_norm`` calls, into a
      preallocated output, like cbn's ``out=``) for both forwards and
-     ``aten::native_batch_norm_backward`` for the backward, with
+     ``aten::native_batch_norm_backward`` for the backward (which allocates
+     dx: torch's ``.out`` overload of it is a composite that computes into a
+     temporary and copies, measured 1.1-1.3x slower), with
      ``torch.set_num_threads`` matching. Channels-last inputs are given to
      torch as ``torch.channels_last`` tensors over the same memory.
 
@@ -628,8 +631,9 @@ def _case_functions(impl, op, spec, buf, threads, torch):
         if op == "fwd-eval":
             return (lambda i: F.batch_norm_eval(xs[i], mean, var, g, b, axis=axis, eps=EPS,
                                                 out=outs[i], n_threads=threads)), None
+        # dx allocated per call, like torch's backward (see the module docstring).
         return (lambda i: F.batch_norm_backward(dys[i], xs[i], mean, var, g, b, axis=axis,
-                                                eps=EPS, training=True, out=outs[i],
+                                                eps=EPS, training=True,
                                                 n_threads=threads)), None
     if impl == "layer":
         layer = cbn.BatchNorm(spec.channels, axis=axis, dtype=g.dtype, eps=EPS,
