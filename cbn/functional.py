@@ -229,6 +229,9 @@ def _aligned_copy(x, dtype=None):
 
 def _channel_vector(v, name, channels, dtype, default):
     """A per-channel parameter as a C-contiguous, aligned (C,) array of ``dtype``."""
+    if (type(v) is np.ndarray and v.dtype == dtype and v.shape == (channels,)
+            and v.flags.c_contiguous and v.flags.aligned):
+        return v  # already what the kernels take: the common case, kept cheap
     if v is None:
         return np.full(channels, default, dtype=dtype)
     v = _as_float_array(v, name)
@@ -269,7 +272,7 @@ def _stats_vectors(mean, var, channels):
     """Running or given statistics as float64 (C,) arrays, checked."""
     mean = _channel_vector(mean, "mean", channels, np.float64, 0.0)
     var = _channel_vector(var, "var", channels, np.float64, 1.0)
-    if np.any(var < 0):
+    if (var < 0).any():
         raise ValueError("var must be non-negative")
     return mean, var
 
