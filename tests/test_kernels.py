@@ -208,6 +208,51 @@ def test_normalize_matches_reference(geometry, dtype, relu):
         assert np.all(y >= 0)
 
 
+
+# Rows of the composites normalize as y = x*a + c (c = b - mean*a, one
+# coefficient row fewer) when every channel's |mean*a| <= 4 (|gamma| + |beta|),
+# else as (x - m)*a + b. Both round a term of size |mean*a| (x*a and c, or m =
+# mean rounded to the dtype), so y must be accurate to a few units of the
+# output's own scale |gamma|*|x_hat| + |beta| plus |mean*a|: not to |x|*a, a
+# scale loose enough to hide the form's choice.
+@pytest.mark.parametrize("geometry", [(300, 1030, 1), (37, 5, 1), (64, 24, 1)],
+                         ids=geometry_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sigmas", [0.0, 3.0, 1e3])
+def test_row_forward_is_accurate_at_the_output_scale(geometry, dtype, sigmas):
+    rng = np.random.default_rng(seed_of(geometry, sigmas, "uncentred"))
+    outer, C, _ = geometry
+    std = rng.uniform(0.5, 2.0, C)
+    loc = sigmas * std * rng.choice([-1.0, 1.0], C)
+    x = (loc + std * rng.standard_normal((outer, C))).astype(dtype)[:, :, None]
+    gamma = (rng.choice([-1.0, 1.0], C) * rng.uniform(0.5, 2.0, C)).astype(dtype)
+    beta = (0.5 * rng.standard_normal(C)).astype(dtype)
+    x64, g64, b64 = x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64)
+    mean, var = ref.batch_stats(x64, axis=1)
+
+    y = np.full_like(x, np.nan)
+    assert K.forward_eval(x, y, mean, var, gamma, beta, EPS, False, 1) == K.OK
+    want = ref.forward_eval(x64, mean, var, g64, b64, EPS, axis=1)
+    xhat = (x64 - mean[None, :, None]) / np.sqrt(var + EPS)[None, :, None]
+    a = g64 / np.sqrt(var + EPS)
+    out_scale = np.abs(g64) * np.abs(xhat).max(axis=(0, 2)) + np.abs(b64) + np.abs(mean * a)
+    assert_close(y, want, dtype, out_scale[None, :, None], k=32, what="eval y")
+
+    yt = np.full_like(x, np.nan)
+    m, v = np.empty(C), np.empty(C)
+    assert K.forward_train(x, yt, gamma, beta, EPS, m, v, False, 1) == K.OK
+    cond = 64 * np.finfo(np.float64).eps * stats_scale(x64)[1] / (var + EPS)
+    assert_close(yt, want, dtype, out_scale[None, :, None], k=32, what="train y",
+                 extra=cond[None, :, None] * np.abs(want - b64[None, :, None]))
+
+    # Which form ran: the centred one is what the normalize primitive computes.
+    centred = np.full_like(x, np.nan)
+    assert K.normalize(x, centred, forward_coef(mean, var, gamma, beta, dtype), False, 1) == K.OK
+    if sigmas >= 1e3:  # |mean*a| far over the bound: the centred form, bit for bit
+        assert np.array_equal(y, centred)
+    elif x.size > 1000:  # the two-row form: some last bits differ
+        assert not np.array_equal(y, centred)
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geometry", ALL_GEOMETRIES, ids=geometry_id)
