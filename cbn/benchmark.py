@@ -36,7 +36,9 @@ the same-size copy bandwidth.
 
 Honesty: each timed call is preceded by warm-up calls; the repeat count adapts
 to about ``target_time`` seconds per case (at least ``min_repeats``); the
-median of individually timed calls is reported. When an array is smaller than
+median of individually timed calls is reported. The implementations of a case
+are timed in alternating rounds (``rounds``, default 5), so that drift in the
+machine's speed falls on all of them alike rather than on their ratio. When an array is smaller than
 twice the last-level cache, the inputs and outputs rotate through enough
 buffers to span twice the cache, so that caches do not flatter. Threads:
 cbn through ``n_threads``, NumPy through threadpoolctl, torch through
@@ -77,6 +79,7 @@ __all__ = [
     "parse_shape",
     "default_threads",
     "time_calls",
+    "time_interleaved",
     "copy_bandwidth",
     "machine_info",
     "run_benchmark",
@@ -240,6 +243,8 @@ class BenchConfig:
         through enough buffers to span twice it.
     max_buffers : int
         Upper bound on the rotation set.
+    rounds : int
+        Alternating rounds per case (see :func:`time_interleaved`).
     peers : tuple of str
         Which of ``"layer"``, ``"numpy"``, ``"torch"`` to measure beside cbn.
     small_step : bool
@@ -258,6 +263,7 @@ class BenchConfig:
     warmup: int = 2
     cache_bytes: int = 32 * MIB
     max_buffers: int = 256
+    rounds: int = 5
     peers: tuple = ("layer", "numpy", "torch")
     small_step: bool = True
     large_copy_bytes: int = LARGE_COPY_BYTES
@@ -333,6 +339,65 @@ def time_calls(fn, n_buffers=1, *, target_time=0.2, min_repeats=5, max_repeats=2
         times.append(clock() - t0)
         k += 1
     return Timing(statistics.median(times), min(times), repeats)
+
+
+def time_interleaved(fns, n_buffers=1, *, rounds=5, target_time=0.2, min_repeats=5,
+                     max_repeats=2000, warmup=2):
+    """Time several implementations of one case in alternating rounds.
+
+    The machine's speed drifts over seconds (other tenants, memory placement),
+    so timing one implementation after another would charge that drift to
+    their ratio. Each round times every implementation in turn for
+    ``target_time / rounds`` seconds; the median is over all calls of all rounds.
+
+    Parameters
+    ----------
+    fns : dict
+        Name -> ``(fn, setup)``, as for :func:`time_calls` (``setup`` may be None).
+    n_buffers : int
+        Size of the rotation set.
+    rounds : int
+        Number of alternating rounds (at least 1).
+    target_time, min_repeats, max_repeats, warmup
+        As for :func:`time_calls`, per implementation, summed over the rounds.
+
+    Returns
+    -------
+    dict
+        Name -> :class:`Timing`.
+    """
+    clock = time.perf_counter
+    rounds = max(1, int(rounds))
+    state = {}
+    k = 0  # one rotation for all: no call finds the buffers its predecessor warmed
+    for name, (fn, setup) in fns.items():
+        estimate = 0.0
+        for _ in range(max(1, warmup)):
+            i = k % n_buffers
+            if setup is not None:
+                setup(i)
+            t0 = clock()
+            fn(i)
+            estimate = clock() - t0
+            k += 1
+        total = int(min(max_repeats,
+                        max(min_repeats, math.ceil(target_time / max(estimate, 1e-7)))))
+        state[name] = {"total": total, "times": []}
+    for r in range(rounds):
+        for name, (fn, setup) in fns.items():
+            st = state[name]
+            # the total split over the rounds: it sums to exactly `total`
+            n_calls = st["total"] * (r + 1) // rounds - st["total"] * r // rounds
+            for _ in range(n_calls):
+                i = k % n_buffers
+                if setup is not None:
+                    setup(i)
+                t0 = clock()
+                fn(i)
+                st["times"].append(clock() - t0)
+                k += 1
+    return {name: Timing(statistics.median(st["times"]), min(st["times"]), len(st["times"]))
+            for name, st in state.items()}
 
 
 def _n_buffers(nbytes, config):
@@ -718,6 +783,7 @@ def run_benchmark(config, progress=None):
             "target_time_s": config.target_time,
             "min_repeats": config.min_repeats,
             "max_repeats": config.max_repeats,
+            "rounds": config.rounds,
             "warmup": config.warmup,
             "cache_bytes": config.cache_bytes,
             "peers": [p for p in config.peers if p != "torch" or torch is not None],
@@ -752,16 +818,15 @@ def run_benchmark(config, progress=None):
             copy_gbps = 2 * nbytes / same_copy.median / 1e9
             for threads in config.threads:
                 for op in config.ops:
-                    times = {}
+                    impls = [i for i in ("cbn", *config.peers)
+                             if not (i == "torch" and torch is None)]
                     with _Threads(threads, torch):
-                        for impl in ("cbn", *config.peers):
-                            if impl == "torch" and torch is None:
-                                continue
-                            fn, setup = _case_functions(impl, op, spec, buf, threads, torch)
-                            with torch.no_grad() if torch is not None else nullcontext():
-                                timing = time_calls(fn, n_buf, setup=setup,
-                                                    warmup=config.warmup, **timing_kw)
-                            times[impl] = timing.as_dict()
+                        fns = {impl: _case_functions(impl, op, spec, buf, threads, torch)
+                               for impl in impls}
+                        with torch.no_grad() if torch is not None else nullcontext():
+                            timings = time_interleaved(fns, n_buf, rounds=config.rounds,
+                                                       warmup=config.warmup, **timing_kw)
+                    times = {impl: t.as_dict() for impl, t in timings.items()}
                     moved = BYTE_MODEL[op] * nbytes
                     t_cbn = times["cbn"]["median_s"]
                     med = {k: v["median_s"] for k, v in times.items()}
@@ -1195,6 +1260,9 @@ def build_parser(prog="cbn bench"):
     p.add_argument("--min-repeats", type=int, default=None,
                    help="fewest timed calls per measurement (default 5, --quick 3)")
     p.add_argument("--max-repeats", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternating rounds per case: every implementation is timed in "
+                        "each round, so drift in the machine's speed hits all alike")
     p.add_argument("--cache-mib", type=float, default=None,
                    help="last-level cache size for input rotation (default: from sysfs)")
     p.add_argument("--no-small-step", action="store_true",
@@ -1222,6 +1290,7 @@ def config_from_args(args):
         (0.02 if quick else 0.2),
         min_repeats=args.min_repeats if args.min_repeats is not None else (3 if quick else 5),
         max_repeats=args.max_repeats,
+        rounds=args.rounds,
         cache_bytes=cache,
         peers=peers,
         small_step=not args.no_small_step,

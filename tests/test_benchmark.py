@@ -53,6 +53,25 @@ def test_time_calls_rotates_buffers():
     assert timing.minimum <= timing.median
 
 
+def test_time_interleaved_alternates_and_shares_one_rotation():
+    calls = []
+    fns = {"a": (lambda i: calls.append(("a", i)), None),
+           "b": (lambda i: calls.append(("b", i)), lambda i: calls.append(("setup-b", i)))}
+    t = B.time_interleaved(fns, 4, rounds=3, target_time=0, min_repeats=6, max_repeats=6,
+                           warmup=1)
+    assert t["a"].repeats == t["b"].repeats == 6
+    timed = [c for c in calls[2 + 1:] if c[0] != "setup-b"]  # after the warm-ups
+    # rounds alternate: two calls of a, then two of b, three times
+    assert [name for name, _ in timed] == ["a", "a", "b", "b"] * 3
+    # one rotation across implementations: consecutive calls use consecutive buffers
+    indices = [i for name, i in calls if name != "setup-b"]
+    assert indices == [k % 4 for k in range(len(indices))]
+    # setup runs before each call of b, on that call's buffer
+    for pos, (name, i) in enumerate(calls):
+        if name == "setup-b":
+            assert calls[pos + 1] == ("b", i)
+
+
 def test_main_writes_table_and_json(tmp_path, capsys):
     status = B.main(_tiny_args(tmp_path), reexec=False)
     assert status == 0
