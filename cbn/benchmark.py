@@ -49,6 +49,7 @@ threadpoolctl reports and the machine it ran on.
 """
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -528,6 +529,45 @@ def _threadpool_info():
     return threadpoolctl.threadpool_info()
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * MIB  # glibc's ceiling on 64-bit systems
+_TRIM_THRESHOLD = 2**31 - 1
+
+
+def steady_allocator():
+    """Make glibc recycle freed blocks of up to 32 MiB instead of unmapping them.
+
+    Torch's backward, cbn's backward without ``out=`` and the layer allocate
+    their outputs. By default glibc serves a large request from a fresh mmap
+    (page faults, zeroing) or from its heap depending on a threshold that
+    moves with the history of frees, so whether a call pays for fresh pages
+    depended on which call freed last: the same torch backward measured 3.7x
+    apart between two orders of the same calls. With fixed thresholds every
+    request of up to 32 MiB is served from recycled heap memory, as in a
+    steady training loop; larger ones are mmap-ed for everyone alike.
+
+    Returns
+    -------
+    dict
+        What was set (``mmap_threshold``, ``trim_threshold``), or
+        ``{"unavailable": reason}`` when this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as exc:
+        return {"unavailable": str(exc)}
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+          and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1)
+    if not ok:
+        return {"unavailable": "mallopt refused the thresholds"}
+    return {"mmap_threshold": _MMAP_THRESHOLD_MAX, "trim_threshold": _TRIM_THRESHOLD}
+
+
 def machine_info():
     """What the numbers depend on: CPU, cores, caches, versions, build, load.
 
@@ -775,6 +815,7 @@ def run_benchmark(config, progress=None):
         "schema": "cbn-bench/1",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "machine": machine_info(),
+        "allocator": steady_allocator(),
         "config": {
             "shapes": [s.name for s in config.shapes],
             "dtypes": list(config.dtypes),

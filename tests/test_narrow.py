@@ -156,9 +156,8 @@ def test_nonfinite_value_reaches_the_caller():
 
 
 # Wide rows: the backward sums fold four rows (q apart) per update from 1024
-# channels on, in chunks of one cache line plus a tail; rows longer than a tile
-# (2048 float32 / 1024 float64 values) are normalized and back-propagated tile
-# by tile.
+# channels on, in chunks of one cache line plus a tail; the statistics of rows
+# up to a page long fold four rows q apart, longer ones four adjacent rows.
 WIDE = [511, 700, 1023, 1024, 1030, 2047, 2048, 2049, 4100]
 
 
