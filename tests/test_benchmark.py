@@ -72,6 +72,15 @@ def test_time_interleaved_alternates_and_shares_one_rotation():
             assert calls[pos + 1] == ("b", i)
 
 
+def test_steady_allocator_sets_fixed_thresholds_or_says_why_not():
+    info = B.steady_allocator()
+    assert set(info) in ({"mmap_threshold", "trim_threshold"}, {"unavailable"})
+    if "mmap_threshold" in info:
+        assert info["mmap_threshold"] == 32 * B.MIB
+        big = np.ones(4 * B.MIB)  # 32 MiB: still allocates and frees normally
+        assert big.sum() == 4 * B.MIB
+
+
 def test_main_writes_table_and_json(tmp_path, capsys):
     status = B.main(_tiny_args(tmp_path), reexec=False)
     assert status == 0
@@ -83,6 +92,7 @@ def test_main_writes_table_and_json(tmp_path, capsys):
 
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["schema"] == "cbn-bench/1"
+    assert "allocator" in result
     m = result["machine"]
     for key in ("cpu", "cores", "numpy", "cbn", "cbn_build", "threadpoolctl", "torch"):
         assert key in m
