@@ -795,16 +795,14 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
         else:
             narrow = cbn_narrow_sums_d(x, rows, channels, shift, s1, s2)
     rows_done = rows if narrow else 4 * q
-    if narrow:
-        pass
-    elif width * sizeof(floating) < SHORT_ROW_BYTES:
+    if not narrow and width * sizeof(floating) < SHORT_ROW_BYTES:
         for r in range(q):
             row = x + r * channels + c0
             if floating is float:
                 cbn_quad_sums_f(row, q * channels, width, shift, s1, s2)
             else:
                 cbn_quad_sums_d(row, q * channels, width, shift, s1, s2)
-    else:
+    elif not narrow:
         for r in range(q):
             row = x + 4 * r * channels + c0
             for j in range(width):
