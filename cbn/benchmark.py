@@ -318,28 +318,9 @@ def time_calls(fn, n_buffers=1, *, target_time=0.2, min_repeats=5, max_repeats=2
     -------
     Timing
     """
-    clock = time.perf_counter
-    k = 0
-    estimate = 0.0
-    for _ in range(max(1, warmup)):
-        i = k % n_buffers
-        if setup is not None:
-            setup(i)
-        t0 = clock()
-        fn(i)
-        estimate = clock() - t0
-        k += 1
-    repeats = int(min(max_repeats, max(min_repeats, math.ceil(target_time / max(estimate, 1e-7)))))
-    times = []
-    for _ in range(repeats):
-        i = k % n_buffers
-        if setup is not None:
-            setup(i)
-        t0 = clock()
-        fn(i)
-        times.append(clock() - t0)
-        k += 1
-    return Timing(statistics.median(times), min(times), repeats)
+    return time_interleaved({"fn": (fn, setup)}, n_buffers, rounds=1, target_time=target_time,
+                            min_repeats=min_repeats, max_repeats=max_repeats,
+                            warmup=warmup)["fn"]
 
 
 def time_interleaved(fns, n_buffers=1, *, rounds=5, target_time=0.2, min_repeats=5,
