@@ -154,9 +154,8 @@ cdef extern from *:
     #define CBN_G_PLAIN(q, p, j) ((double)(q)[j])
     #define CBN_G_RELU(q, p, j) \\
         (CBN_Z((p)[j], m[j], a[j], b[j]) > 0 ? (double)(q)[j] : 0.0)
-    /* Row backward sums over rows [0, rows) into s1[j], s2[j]: rows r, r + q,  \\
-       r + 2q, r + 3q (q = rows / 4) per update, as in cbn_quad_sums, with dy    \\
-       and x prefetched PREFETCH_BYTES ahead in each of the eight streams.     */ \\
+    /* One column J of four rows: the body of CBN_ROWS_GRAD's loops, which     */
+    /* supply p, q0 (x and dy of row r), qs (q rows in values), mu, s1, s2.    */
     #define CBN_GRAD_QUAD(G, J)                                                      \\
     {                                                                                \\
         const Py_ssize_t jj = (J);                                                   \\
@@ -168,6 +167,9 @@ cdef extern from *:
         s2[jj] += (g0 * ((double)p[jj] - mj) + g1 * ((double)p[qs + jj] - mj))       \\
                + (g2 * ((double)p[2 * qs + jj] - mj) + g3 * ((double)p[3 * qs + jj] - mj)); \\
     }
+    /* Row backward sums over rows [0, rows) into s1[j], s2[j]: rows r, r + q,
+       r + 2q, r + 3q (q = rows / 4) per update, as in cbn_quad_sums, with dy
+       and x prefetched PREFETCH_BYTES ahead in each of the eight streams.     */
     #define CBN_ROWS_GRAD(T, G)                                                      \\
     {                                                                                \\
         const Py_ssize_t q = rows / 4, qs = q * stride;                              \\
@@ -202,6 +204,8 @@ cdef extern from *:
         }                                                                            \\
     }
 
+    /* One column J of four rows: the body of cbn_quad_sums' loops, which      */
+    /* supply p, q, shift, s1, s2.                                             */
     #define CBN_STATS_QUAD(J)                                                        \\
     {                                                                                \\
         const Py_ssize_t jj = (J);                                                   \\
@@ -1037,7 +1041,7 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
         # Short rows are processed k at a time as one row of k*C values.
         k = _row_fold(C * sizeof(floating))
         if k > 1:
-            widened = _widen(coef, 3, C, k)
+            widened = _widen(coef, 2 if two else 3, C, k)  # rows the pass reads
             if widened == NULL:
                 k = 1
             else:

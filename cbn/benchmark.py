@@ -38,9 +38,12 @@ Honesty: each timed call is preceded by warm-up calls; the repeat count adapts
 to about ``target_time`` seconds per case (at least ``min_repeats``); the
 median of individually timed calls is reported. The implementations of a case
 are timed in alternating rounds (``rounds``, default 5), so that drift in the
-machine's speed falls on all of them alike rather than on their ratio. When an array is smaller than
-twice the last-level cache, the inputs and outputs rotate through enough
-buffers to span twice the cache, so that caches do not flatter. Threads:
+machine's speed falls on all of them alike rather than on their ratio. When an
+array is smaller than twice the last-level cache, the inputs and outputs rotate
+through enough buffers to span twice the cache, so that caches do not flatter.
+Large allocations are recycled at fixed glibc thresholds
+(:func:`steady_allocator`), so no implementation pays page faults that another's
+frees caused. Threads:
 cbn through ``n_threads``, NumPy through threadpoolctl, torch through
 ``torch.set_num_threads``. The process drops ``OPENBLAS_CORETYPE`` and
 ``OPENBLAS_L2_SIZE`` from its environment, re-executing itself if they were
@@ -773,6 +776,9 @@ def _ratio(num, den):
 
 def run_benchmark(config, progress=None):
     """Run every case of ``config``; return the JSON-ready result dictionary.
+
+    Calls :func:`steady_allocator`, which changes glibc's allocation thresholds
+    for the rest of the process.
 
     Parameters
     ----------
