@@ -399,17 +399,22 @@ cdef extern from *:
     /* Per-channel preparation, vectorized: branch-free checks (v - v is 0
        unless v is NaN or infinite) instead of isfinite() tests that would
        keep these loops scalar, which cost 3-7 ns per channel. */
+    /* Returns 2 if some var < 0 (checked here, in the pass that reads var     */
+    /* anyway, not by a NumPy comparison per call), 1 if var or invstd is not  */
+    /* finite, else 0.                                                         */
     static int cbn_invstd(Py_ssize_t C, const double* var, double eps, double* invstd) {
         double chk = 0.0;
-        _Pragma("omp simd reduction(+:chk)")
+        int neg = 0;
+        _Pragma("omp simd reduction(+:chk) reduction(|:neg)")
         for (Py_ssize_t c = 0; c < C; c++) {
             double v = var[c];
             double s = 1.0 / sqrt(v + eps);
             invstd[c] = s;
             /* An infinite variance gives invstd 0 and a meaningless output. */
             chk += (v - v) + (s - s);
+            neg |= v < 0.0;
         }
-        return chk != 0.0;
+        return neg ? 2 : chk != 0.0;
     }
     #define CBN_COEFS(S, T)                                                           \\
     /* coef rows m, a, b: m = mean, a = gamma*invstd, b = beta, in T.            */ \\
@@ -693,11 +698,13 @@ cdef enum:
     STATUS_NONFINITE_STATS = 1
     STATUS_NONFINITE_OUTPUT = 2
     STATUS_NO_MEMORY = 3
+    STATUS_NEGATIVE_VAR = 4
 
 OK = STATUS_OK
 NONFINITE_STATS = STATUS_NONFINITE_STATS
 NONFINITE_OUTPUT = STATUS_NONFINITE_OUTPUT
 NO_MEMORY = STATUS_NO_MEMORY
+NEGATIVE_VAR = STATUS_NEGATIVE_VAR
 
 
 def build_info():
@@ -1435,8 +1442,20 @@ def ema_update(floating[::1] running_mean,     # IN/OUT (C,)
 # ---------------------------------------------------------------------------
 
 cdef int _invstd(Py_ssize_t C, const double* var, double eps, double* invstd_out) noexcept nogil:
-    """invstd = 1/sqrt(var + eps); returns 1 if var or invstd is not finite."""
+    """invstd = 1/sqrt(var + eps); returns 1 if var or invstd is not finite, 2 if a var < 0."""
     return cbn_invstd(C, var, eps, invstd_out)
+
+
+cdef int _given_coefficients(const Geometry* g, const double* mean, const double* var,
+                             double eps, const floating* gamma, const floating* beta,
+                             double* invstd, floating* coef) noexcept nogil:
+    """invstd and coef rows m, a, b from given statistics; returns a status code."""
+    cdef int bad = _invstd(g.channels, var, eps, invstd)
+    if bad == 2:
+        return STATUS_NEGATIVE_VAR
+    if bad or _forward_coefficients(g, mean, invstd, gamma, beta, coef):
+        return STATUS_NONFINITE_OUTPUT
+    return STATUS_OK
 
 
 cdef int _all_finite(Py_ssize_t C, const double* v) noexcept nogil:
@@ -1499,7 +1518,8 @@ def forward_eval(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
     """Normalize with given statistics: the evaluation forward pass.
 
     ``stream`` writes y with non-temporal stores (see ``normalize``).
-    Returns 0; 2 if the coefficients or the output are non-finite; 3 if out of memory.
+    Returns 0; 2 if the coefficients or the output are non-finite; 3 if out of memory;
+    4 if some ``var`` is negative (y is not written).
     """
     cdef Geometry g = _geometry_of(x.shape)
     cdef Py_ssize_t C = g.channels
@@ -1512,10 +1532,10 @@ def forward_eval(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
         coef = <floating*>malloc(3 * C * sizeof(floating))
         if invstd == NULL or coef == NULL:
             status = STATUS_NO_MEMORY
-        elif (_invstd(C, &var[0], eps, invstd)
-              or _forward_coefficients(&g, &mean[0], invstd, &gamma[0], &beta[0], coef)):
-            status = STATUS_NONFINITE_OUTPUT
         else:
+            status = _given_coefficients(&g, &mean[0], &var[0], eps, &gamma[0], &beta[0],
+                                         invstd, coef)
+        if status == STATUS_OK:
             two = _uncentre(&g, &mean[0], &gamma[0], &beta[0], coef, relu)
             status = _normalize(&x[0, 0, 0], &y_out[0, 0, 0], &g, coef, relu, two, stream,
                                 n_threads)
@@ -1543,7 +1563,8 @@ def backward(const floating[:, :, ::1] dy,         # IN  (outer, C, inner)
     ``need_param_grads`` in evaluation, the reduction pass is skipped and
     dgamma/dbeta are not written. dgamma and dbeta are written only on success.
     ``stream`` writes dx with non-temporal stores (see ``normalize``).
-    Returns 0; 2 if the sums or dx are non-finite; 3 if out of memory.
+    Returns 0; 2 if the sums or dx are non-finite; 3 if out of memory; 4 if some
+    ``var`` is negative (nothing is written).
     """
     cdef Geometry g = _geometry_of(x.shape)
     cdef Py_ssize_t C = g.channels, c
@@ -1562,13 +1583,13 @@ def backward(const floating[:, :, ::1] dy,         # IN  (outer, C, inner)
         sum_gd = scratch + 2 * C
         if scratch == NULL or coef == NULL:
             status = STATUS_NO_MEMORY
-        elif (_invstd(C, &var[0], eps, invstd)
-              or _forward_coefficients(&g, &mean[0], invstd, &gamma[0], &beta[0], coef)):
-            status = STATUS_NONFINITE_OUTPUT
-        elif reduce:
+        else:
+            status = _given_coefficients(&g, &mean[0], &var[0], eps, &gamma[0], &beta[0],
+                                         invstd, coef)
+        if status == STATUS_OK and reduce:
             status = _backward_reduce(&dy[0, 0, 0], &x[0, 0, 0], &g, &mean[0], coef, relu,
                                       sum_g, sum_gd, n_threads)
-        else:
+        elif status == STATUS_OK:
             for c in range(C):
                 sum_g[c] = 0.0
                 sum_gd[c] = 0.0

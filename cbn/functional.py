@@ -210,11 +210,13 @@ def channel_view(x, axis, name="x", dtype=None, n_features=None):
         )
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); a batch needs at least one value")
-    if not (x.flags.c_contiguous and x.flags.aligned):
+    flags = x.flags
+    if not (flags.c_contiguous and flags.aligned):
         x = _aligned_copy(x)
-    outer = math.prod(x.shape[:axis])
-    inner = math.prod(x.shape[axis + 1 :])
-    return x, x.reshape(outer, channels, inner)
+    shape = x.shape
+    if axis == 1 and len(shape) == 2:  # (N, C): the common case, kept cheap
+        return x, x.reshape(shape[0], channels, 1)
+    return x, x.reshape(math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
 
 
 def _aligned_copy(x, dtype=None):
@@ -250,14 +252,15 @@ def _check_out(out, x, name="out"):
             f"{name} must have shape {x.shape} and dtype {x.dtype}, "
             f"got shape {out.shape} and dtype {out.dtype}"
         )
-    if not out.flags.c_contiguous:
+    flags = out.flags
+    if not flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
-    if not out.flags.aligned:
+    if not flags.aligned:
         raise ValueError(
             f"{name} is not aligned to its dtype {out.dtype} (a view at an odd byte "
             "offset); pass an array numpy allocated, or no out="
         )
-    if not out.flags.writeable:
+    if not flags.writeable:
         raise ValueError(f"{name} is read-only")
 
 
@@ -269,11 +272,13 @@ def _same_buffer(a, b):
 
 
 def _stats_vectors(mean, var, channels):
-    """Running or given statistics as float64 (C,) arrays, checked."""
+    """Running or given statistics as float64 (C,) arrays.
+
+    A negative ``var`` is found by the kernel, in the pass that reads it
+    anyway (status ``NEGATIVE_VAR``), which saves a NumPy comparison per call.
+    """
     mean = _channel_vector(mean, "mean", channels, np.float64, 0.0)
     var = _channel_vector(var, "var", channels, np.float64, 1.0)
-    if (var < 0).any():
-        raise ValueError("var must be non-negative")
     return mean, var
 
 
@@ -282,13 +287,17 @@ def _stats_vectors(mean, var, channels):
 # ---------------------------------------------------------------------------
 
 
+def _channel_list(mask):
+    """The channels where ``mask`` holds, as text (the first eight)."""
+    idx = np.flatnonzero(mask)
+    return ", ".join(str(i) for i in idx[:8]) + (", ..." if idx.size > 8 else "")
+
+
 def _nonfinite_channels(*vectors):
     bad = np.zeros(vectors[0].shape, dtype=bool)
     for v in vectors:
         bad |= ~np.isfinite(v)
-    idx = np.flatnonzero(bad)
-    shown = ", ".join(str(i) for i in idx[:8]) + (", ..." if idx.size > 8 else "")
-    return shown
+    return _channel_list(bad)
 
 
 def _raise_for_status(status, what, params=()):
@@ -301,6 +310,14 @@ def _raise_for_status(status, what, params=()):
         return
     if status == _kernels.NO_MEMORY:
         raise MemoryError(f"cbn: out of memory for the per-channel scratch of the {what}")
+    if status == _kernels.NEGATIVE_VAR:
+        for name, value in params:
+            if name.endswith("var"):
+                raise ValueError(
+                    f"{name} must be non-negative, got {float(value.min())!r} (channel "
+                    f"{_channel_list(value < 0)})"
+                )
+        raise ValueError("var must be non-negative")
     for name, value in params:
         if not np.all(np.isfinite(value)):
             raise FloatingPointError(
@@ -588,7 +605,7 @@ def _result(out, x_c, x3, name="out", sources=()):
         for src in sources:
             # Elementwise kernels may write over their own input, but not over
             # an input shifted against the output: that would read half-written data.
-            if np.may_share_memory(out, src) and not _same_buffer(out, src):
+            if out is not src and np.may_share_memory(out, src) and not _same_buffer(out, src):
                 raise ValueError(f"{name} overlaps an input without being the same array")
         y = out
     return y, y.reshape(x3.shape)

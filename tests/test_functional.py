@@ -450,6 +450,28 @@ def test_eval_with_infinite_variance_raises():
         F.batch_norm_eval(x, np.zeros(2), np.array([1.0, np.inf]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("negative", [-1.0, -0.5 * EPS])
+def test_negative_variance_is_refused_and_nothing_is_written(dtype, negative):
+    """A var in (-eps, 0) would pass sqrt(var + eps): the kernel must refuse it too."""
+    rng = np.random.default_rng()
+    C = int(rng.integers(2, 40))
+    x, gamma, beta = make_batch(rng, (int(rng.integers(2, 9)), C), 1, dtype)
+    mean, var = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    bad = int(rng.integers(C))
+    var[bad] = negative
+    y = x.copy()
+    with pytest.raises(ValueError, match=rf"var must be non-negative.*channel {bad}\)"):
+        F.batch_norm_eval(y, mean, var, gamma, beta, out=y)
+    assert np.array_equal(y, x)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dx = dy.copy()
+    for training in (True, False):
+        with pytest.raises(ValueError, match="var must be non-negative"):
+            F.batch_norm_backward(dx, x, mean, var, gamma, beta, training=training, out=dx)
+        assert np.array_equal(dx, dy)
+
+
 def test_float64_batch_whose_variance_overflows_raises():
     """Values ~1e200 have a variance beyond float64: an error, not var = 0.
 
