@@ -29,13 +29,18 @@ def _both(fn, monkeypatch):
 
 
 # (shape, axis): inner > 1 runs of lengths that are and are not multiples of a
-# 64-byte line, and inner == 1 rows.
+# 64-byte line, and inner == 1 rows: short ones, which a streamed pass folds
+# into 4 KiB virtual rows (with a remainder of rows), and rows of 4 KiB or
+# more, whose backward pass streams too.
 SHAPES = [
     ((4, 3, 37, 5), 1),
     ((2, 5, 64), 1),
     ((3, 2, 33), 1),
     ((6, 7, 8, 16), 1),
     ((50, 19), 1),
+    ((300, 16), 1),
+    ((5, 1100), 1),
+    ((4, 600), 1),
     ((8, 9, 11, 6), -1),
 ]
 
@@ -72,17 +77,18 @@ def test_streamed_results_are_bit_identical(monkeypatch, shape, axis, dtype, rel
 
 @pytest.mark.parametrize("offset", range(0, 17))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_output_alignment(stream_always, offset, dtype):
+@pytest.mark.parametrize("shape", [(3, 4, 45), (70, 12), (3, 1030)])
+def test_every_output_alignment(stream_always, offset, dtype, shape):
     """out= views starting at every element offset within a 64-byte line."""
     rng = np.random.default_rng()
-    shape = (3, 4, 45)
     x = rng.standard_normal(shape).astype(dtype)
     size = int(np.prod(shape))
     buf = np.full(size + 32, 7.0, dtype=dtype)
     out = buf[offset:offset + size].reshape(shape)
     y, mean, var = F.batch_norm_train(x, out=out)
     assert y is out
-    y_ref = R.forward_train(x.astype(np.float64), np.ones(4), np.zeros(4))[0]
+    C = shape[1]
+    y_ref = R.forward_train(x.astype(np.float64), np.ones(C), np.zeros(C))[0]
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, y_ref, rtol=tol, atol=tol)
     # Nothing outside the view was written.
@@ -118,13 +124,15 @@ def test_unaligned_for_the_dtype_arrays(stream_always):
 
 @pytest.mark.parametrize("where", ["head", "body", "tail"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_nonfinite_output_is_reported_from_streamed_lines(stream_always, where, dtype):
-    """NaN in x, at the start, middle or end of a run, is reported from the streamed path."""
+@pytest.mark.parametrize("shape", [(2, 3, 100), (130, 24), (3, 1100)])
+def test_nonfinite_output_is_reported_from_streamed_lines(stream_always, where, dtype, shape):
+    """NaN in x, at the start, middle or end of a run or row, is reported from the streamed path."""
     rng = np.random.default_rng()
-    x = rng.standard_normal((2, 3, 100)).astype(dtype)
+    x = rng.standard_normal(shape).astype(dtype)
     mean, var = F.batch_stats(x)
-    index = {"head": 0, "body": 50, "tail": 99}[where]
-    x[1, 2, index] = np.nan
+    rows = x.reshape(-1, shape[-1])
+    row = rows[rows.shape[0] // 2]  # a middle run or row: in a streamed line
+    row[{"head": 0, "body": row.size // 2, "tail": -1}[where]] = np.nan
     with pytest.raises(FloatingPointError):
         F.batch_norm_eval(x, mean, var)
     with pytest.raises(FloatingPointError):
