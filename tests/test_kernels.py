@@ -4,7 +4,7 @@ The kernels check nothing, so every call here builds exactly the arguments the
 functional layer would: a C-contiguous ``(outer, C, inner)`` view, float64
 per-channel vectors and the coefficient table. The shapes are chosen to visit
 every branch of the block geometry: ``inner == 1`` (rows, channel blocks of
-256, row blocks of 256) and ``inner > 1`` (runs, LANES = 16 tails, reduction
+2048, row blocks of 256, or two halves for batches of 128-511 rows) and ``inner > 1`` (runs, LANES = 16 tails, reduction
 blocks of 16384 values), plus random shapes of rank 2..5 folded around a
 random channel axis.
 
@@ -31,9 +31,12 @@ GEOMETRIES = [
     (3, 2, 1),
     (7, 13, 1),  # primes, C < LANES
     (5, 37, 1),  # C not a multiple of 16, tail loop
-    (300, 17, 1),  # outer > 256: several row blocks (inner == 1)
-    (3, 300, 1),  # C > 256: several channel blocks
-    (520, 263, 1),  # several row blocks x several channel blocks, prime C
+    (300, 17, 1),  # outer > 256: two row blocks of 150 (inner == 1)
+    (131, 40, 1),  # 128 <= outer < 512: two row blocks, of 66 and 65
+    (700, 9, 1),  # outer >= 512: row blocks of 256 and a remainder
+    (3, 300, 1),  # wide rows, one channel block
+    (3, 2100, 1),  # C > 2048: two channel blocks
+    (520, 2063, 1),  # several row blocks x two channel blocks, prime C
     (2, 3, 5),  # inner < LANES: tail only
     (3, 2, 16),  # inner == LANES exactly
     (4, 5, 17),  # LANES + 1
