@@ -60,7 +60,7 @@ def measure(shape, dtype, *, cache_bytes, rounds=5, target_time=0.3):
         cold = setting.startswith("out=cold")
         consume = setting.endswith("next")
 
-        def fn(stream):
+        def fn(stream, cold=cold, consume=consume):
             return (lambda i: _forward(xs[i], outs[i] if cold else None, stream, consume)), None
 
         t = B.time_interleaved({"cached": fn(False), "streamed": fn(True)}, n, rounds=rounds,
