@@ -89,9 +89,11 @@ def _stream_min_bytes():
 # before overwriting it: a third less memory traffic for a normalize pass, and
 # 1.2-1.4x faster on arrays that do not fit in cache (benchmarks/RESULTS.md).
 # Below it the output is likely read again soon (by the next layer) while still
-# cached, which streaming would forfeit. Default: half the last-level cache, as
-# input and output together then exceed it; the environment variable
-# CBN_STREAM_MIN_BYTES overrides it (0: always, a huge value: never).
+# cached, which streaming would forfeit: with an allocated y and a next layer
+# that reads it, streaming ran 0.88-1.01x on 1-12 MiB outputs, though 1.07-1.33x
+# into cold out= buffers (benchmarks/stream_threshold.py). Default: half the
+# last-level cache, as input and output together then exceed it; the environment
+# variable CBN_STREAM_MIN_BYTES overrides it (0: always, a huge value: never).
 STREAM_MIN_BYTES = _stream_min_bytes()
 
 
