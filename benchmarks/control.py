@@ -15,7 +15,6 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
 """
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -67,9 +66,7 @@ def main(argv=None):
     print(f"PyTorch against itself: {min(r):.3f} to {max(r):.3f} (median "
           f"{statistics.median(r):.3f}); {wide} of {len(r)} cases more than 5% from 1")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": B.machine_info(), "allocator": allocator, "cases": rows},
-                      f, indent=1)
+        B.write_record(args.json, allocator, cases=rows)
     return 0
 
 

@@ -23,7 +23,6 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
 """
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -87,9 +86,7 @@ def main(argv=None):
             print(f"{shape:12} {dtype:8} {row['nbytes'] / 2**20:5.1f}  "
                   + "  ".join(f"{row[s]:15.2f}" for s in SETTINGS), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": B.machine_info(), "allocator": allocator, "rows": rows},
-                      f, indent=1)
+        B.write_record(args.json, allocator, rows=rows)
     return 0
 
 

@@ -1175,6 +1175,16 @@ def format_report(result, markdown=False):
     return "\n".join(lines)
 
 
+def write_record(path, allocator, **data):
+    """Write ``data`` as JSON beside :func:`machine_info` and the ``allocator`` record.
+
+    The format of the side measurements in ``benchmarks/`` (control, streaming threshold).
+    """
+    with open(path, "w") as f:
+        json.dump({"machine": machine_info(), "allocator": allocator, **data}, f, indent=1)
+        f.write("\n")
+
+
 def _matplotlib_problem():
     try:
         import matplotlib  # noqa: F401

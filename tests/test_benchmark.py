@@ -81,6 +81,14 @@ def test_steady_allocator_sets_fixed_thresholds_or_says_why_not():
         assert big.sum() == 4 * B.MIB
 
 
+def test_write_record_keeps_the_data_beside_the_machine(tmp_path):
+    rows = [{"case": "a", "ratio": 1.5}, {"case": "b", "ratio": 0.5}]
+    B.write_record(tmp_path / "r.json", {"mmap_threshold": 7}, rows=rows)
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["rows"] == rows and record["allocator"] == {"mmap_threshold": 7}
+    assert record["machine"]["cpu"] == B.machine_info()["cpu"]
+
+
 def test_main_writes_table_and_json(tmp_path, capsys):
     status = B.main(_tiny_args(tmp_path), reexec=False)
     assert status == 0

@@ -1,26 +1,14 @@
 """The control run of benchmarks/control.py (PyTorch against itself), on a tiny case."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from cbn import benchmark as B
 
 torch = pytest.importorskip("torch")
 
-CONTROL = Path(__file__).resolve().parent.parent / "benchmarks" / "control.py"
 
-
-def _load_control():
-    spec = importlib.util.spec_from_file_location("cbn_control", CONTROL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_control_reports_torch_against_itself_and_against_cbn():
-    control = _load_control()
+def test_control_reports_torch_against_itself_and_against_cbn(benchmark_script):
+    control = benchmark_script("control")
     config = B.BenchConfig(shapes=[B.parse_shape("64x16"), B.parse_shape("4x3x5x5")],
                            dtypes=["float32"], ops=["fwd-eval", "backward"],
                            target_time=0.002, min_repeats=3, max_repeats=6, rounds=2,

@@ -1,24 +1,12 @@
 """benchmarks/stream_threshold.py (streamed against cached stores), on a tiny case."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from cbn import functional as F
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "stream_threshold.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("cbn_stream_threshold", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_measures_every_setting_and_restores_the_threshold():
-    script = _load()
+def test_measures_every_setting_and_restores_the_threshold(benchmark_script):
+    script = benchmark_script("stream_threshold")
     before = F.STREAM_MIN_BYTES
     row = script.measure("16x8x3x3", "float32", cache_bytes=1 << 14, rounds=2, target_time=0.002)
     assert F.STREAM_MIN_BYTES == before
@@ -27,9 +15,9 @@ def test_measures_every_setting_and_restores_the_threshold():
         assert np.isfinite(row[setting]) and row[setting] > 0
 
 
-def test_forward_gives_the_same_y_streamed_or_not():
+def test_forward_gives_the_same_y_streamed_or_not(benchmark_script):
     """Streamed stores change where y is written from, not its bits (see test_streaming)."""
-    script = _load()
+    script = benchmark_script("stream_threshold")
     rng = np.random.default_rng()
     x = rng.standard_normal((6, 5, 7)).astype(np.float32)
     a, b = np.empty_like(x), np.empty_like(x)
