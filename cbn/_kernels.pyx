@@ -1102,7 +1102,7 @@ cdef bint _uncentre(const Geometry* g, const double* mean, const floating* gamma
     nothing. Never with ReLU: its mask must be the CBN_Z that backward recomputes.
     Not for rows of CENTRED_ROW_MIN to CENTRED_ROW_MAX bytes either: there the
     centred form measured faster, by the same input in one process (float64
-    rows of 2-4 KiB 1.09-1.12x, float32 rows of 4 KiB 1.05x), while x*a + c
+    rows of 2-4 KiB 1.07-1.16x, float32 rows of 4 KiB 0.98-1.05x), while x*a + c
     won on shorter and longer rows (float64 rows of 512 B-1 KiB 1.03-1.16x,
     of 6-8 KiB 1.2-1.5x; float32 of 1-2 KiB 1.02-1.07x, of 8 KiB 1.33x).
     """

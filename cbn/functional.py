@@ -316,7 +316,7 @@ def _raise_for_status(status, what, params=()):
         for name, value in params:
             if name.endswith("var"):
                 raise ValueError(
-                    f"{name} must be non-negative, got {float(value.min())!r} (channel "
+                    f"{name} must be non-negative, got {float(value[value < 0].min())!r} (channel "
                     f"{_channel_list(value < 0)})"
                 )
         raise ValueError("var must be non-negative")
@@ -476,6 +476,8 @@ def batch_norm_eval(
 
     Raises
     ------
+    ValueError
+        Some ``var`` is negative (nothing is written), or another invalid argument.
     FloatingPointError
         x, the statistics, gamma or beta contain NaN or Inf.
     """
@@ -540,6 +542,13 @@ def batch_norm_backward(
     -------
     dx : ndarray, shape and dtype of x
     dgamma, dbeta : ndarray of shape (C,), dtype of x
+
+    Raises
+    ------
+    ValueError
+        Some ``var`` is negative (nothing is written), or another invalid argument.
+    FloatingPointError
+        dy, x, the statistics, gamma or beta contain NaN or Inf.
     """
     relu = check_activation(activation)
     eps = check_eps(eps)
