@@ -398,10 +398,10 @@ cdef extern from *:
 
     /* Per-channel preparation, vectorized: branch-free checks (v - v is 0
        unless v is NaN or infinite) instead of isfinite() tests that would
-       keep these loops scalar, which cost 3-7 ns per channel. */
-    /* Returns 2 if some var < 0 (checked here, in the pass that reads var     */
-    /* anyway, not by a NumPy comparison per call), 1 if var or invstd is not  */
-    /* finite, else 0.                                                         */
+       keep these loops scalar, which cost 3-7 ns per channel. cbn_invstd
+       returns 2 if some var < 0 (checked in the pass that reads var anyway,
+       not by a NumPy comparison per call), 1 if var or invstd is not finite,
+       else 0. */
     static int cbn_invstd(Py_ssize_t C, const double* var, double eps, double* invstd) {
         double chk = 0.0;
         int neg = 0;

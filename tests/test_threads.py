@@ -27,9 +27,11 @@ THREAD_COUNTS = (1, 2, 3, 4)
 #   (512, 1000) axis -1 channels-last, inner == 1: 2 row blocks x 4 channel blocks
 #   (64, 3, 4096)     inner = 4096: 4 rows per block, 16 blocks per channel
 #   (200, 1024)       inner == 1, a short batch: 2 row blocks of 100
+#   (2, 10, 15, 96) axis -1 channels-last, a short batch: 2 row blocks of 150
 SHAPES = [
     ((65536, 64), 1),
     ((200, 1024), 1),
+    ((2, 10, 15, 96), -1),
     ((4, 64, 100, 100), 1),
     ((512, 1000), -1),
     ((64, 3, 4096), 1),
