@@ -78,6 +78,14 @@ cdef extern from *:
     #define CBN_Z(x, m, a, b) (((x) - (m)) * (a) + (b))
     #define PREFETCH_BYTES 512
     #define SHORT_ROW_BYTES 4096
+    /* cbn_quad_sums prefetches its four streams this far ahead into L2
+       (prefetcht1): 2 KiB, or 1 KiB for float64 rows shorter than 8 KiB.
+       Against 512 bytes into L1, all builds in one process on cold data:
+       float32 (256, 1024) and (128, 2048) statistics 1.2x, (4096, 256) 1.0x;
+       float64 (256, 1024) 1.15x, (4096, 256), (1024, 512) and (16384, 128)
+       1.15-1.2x (where 2 KiB gave 1.05-1.1x). */
+    #define STATS_PREFETCH_BYTES(T, n) \
+        (sizeof(T) == 4 || (n) * sizeof(T) >= 8192 ? 2048 : 1024)
     #define UNCENTRED_MAX 4.0
     #define FOLD_MIN 1024
     #define CBN_SAME(v) (v)
@@ -230,25 +238,26 @@ cdef extern from *:
         *s2_out += s2;                                                               \\
     }                                                                                \\
     /* Shifted sums of four short rows p, p + q, p + 2q, p + 3q of n values    \\
-       (n * sizeof(T) < SHORT_ROW_BYTES) into s1[j], s2[j]. Four rows per update \\
+       (n * sizeof(T) <= QUAD_ROW_BYTES) into s1[j], s2[j]. Four rows per update \\
        of the memory-resident sums cut their load/store traffic fourfold. Four  \\
        adjacent short rows share a page, which the hardware prefetcher does not \\
        follow; rows q apart make four sequential streams, and each is also      \\
-       prefetched PREFETCH_BYTES ahead in software, since the loop does too     \\
+       prefetched STATS_PREFETCH_BYTES ahead in software, since the loop does too\\
        much work per byte for the hardware to run far enough ahead alone.       \\
        Measured against adjacent rows without prefetch, both builds in one      \\
        process on cold data: (4096, 256) statistics 2.5x (float32) and 2.0x     \\
-       (float64) faster, (1024, 512) float32 2.0x. Longer rows are left to the  \\
-       compiler-vectorized loop of _stats_rows, which this leaf ran 0.85x of.  */\\
+       (float64) faster, (1024, 512) float32 2.0x; rows of 4-8 KiB (against  \\
+       the adjacent rows of _stats_rows) float32 1.1-1.25x, float64 1.0-1.04x.  \\
+       Rows of 16 KiB stay with _stats_rows, which this leaf ran 0.9-0.97x of. */\\
     static inline void cbn_quad_sums_##S(const T* p, Py_ssize_t q, Py_ssize_t n,     \\
             const double* __restrict shift, double* __restrict s1,                 \\
             double* __restrict s2) {                                                 \\
         const Py_ssize_t step = (Py_ssize_t)(64 / sizeof(T));                        \\
-        const Py_ssize_t ahead = (Py_ssize_t)(PREFETCH_BYTES / sizeof(T));           \\
+        const Py_ssize_t ahead = (Py_ssize_t)(STATS_PREFETCH_BYTES(T, n) / sizeof(T));\\
         Py_ssize_t j0 = 0;                                                           \\
         for (; j0 + step <= n; j0 += step) {                                         \\
             for (int k = 0; k < 4; k++)                                              \\
-                __builtin_prefetch(p + k * q + j0 + ahead);                          \\
+                __builtin_prefetch(p + k * q + j0 + ahead, 0, 2);                    \\
             _Pragma("omp simd")                                                      \\
             for (Py_ssize_t k = 0; k < step; k++)                                    \\
                 CBN_STATS_QUAD(j0 + k)                                               \\
@@ -696,6 +705,8 @@ cdef enum:
                                 # share them: (256, 1024) and (128, 2048) training
                                 # forward 1.1-1.3x, backward 1.2-1.7x on two threads,
                                 # 0.96-1.0x on one (the extra merge)
+    QUAD_ROW_BYTES = 8192       # inner == 1: rows up to this long fold q apart in
+                                # statistics (cbn_quad_sums), longer ones adjacent
     ELEMENTS_PER_BLOCK = 16384  # inner > 1: target values per reduction block
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
                                 # no further thread is started
@@ -818,7 +829,7 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
         else:
             narrow = cbn_narrow_sums_d(x, rows, channels, shift, s1, s2)
     rows_done = rows if narrow else 4 * q
-    if not narrow and width * sizeof(floating) < SHORT_ROW_BYTES:
+    if not narrow and width * sizeof(floating) <= QUAD_ROW_BYTES:
         for r in range(q):
             row = x + r * channels + c0
             if floating is float:
