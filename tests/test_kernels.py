@@ -37,6 +37,8 @@ GEOMETRIES = [
     (3, 300, 1),  # wide rows, one channel block
     (3, 2100, 1),  # C > 2048: two channel blocks
     (520, 2063, 1),  # several row blocks x two channel blocks, prime C
+    (70, 1024, 1),  # rows of 4 KiB / 8 KiB: the longest that fold q apart in statistics
+    (133, 1030, 1),  # two halves, four-row folds plus tail rows; float64 rows just over 8 KiB
     (2, 3, 5),  # inner < LANES: tail only
     (3, 2, 16),  # inner == LANES exactly
     (4, 5, 17),  # LANES + 1
