@@ -675,6 +675,10 @@ cdef enum:
                                 # rows of up to 2048 channels: contiguous reads)
     FOLD_BYTES = 512            # inner == 1, shorter rows: normalize treats k rows
                                 # as one virtual row of about this many bytes,
+    APPLY_FOLD_BYTES = 2048     # inner == 1, rows of up to half this: backward's
+                                # apply pass treats k rows as one of about this many
+                                # bytes (rows of 32-100 channels 1.1-1.75x, 64 and
+                                # 128 channels 1.0x, against unfolded rows)
     STREAM_FOLD_BYTES = 4096    # or this many when it streams its output
     CENTRED_ROW_MIN = 2048      # inner == 1: rows of this many bytes up to
     CENTRED_ROW_MAX = 4096      # this many normalize centred (see _uncentre)
@@ -1025,8 +1029,9 @@ cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt) noexcept nogil:
     L1. Measured in one process against 512-value rows (the former rule):
     float64 (4096, 256) and channels-last (.., 64) training forward and
     evaluation 1.1-1.3x, float32 (65536, 64) evaluation 1.14x; 128-byte
-    float32 rows (C = 32) lost 0.75x when not folded. The reductions and the
-    backward pass gained nothing from folding, so they do not fold.
+    float32 rows (C = 32) lost 0.75x when not folded. The reductions gained
+    nothing from folding, so they do not fold; backward's apply pass folds to
+    APPLY_FOLD_BYTES (see _backward_apply).
 
     Streamed rows (nt) fold to STREAM_FOLD_BYTES: each streamed row ends by
     summing its vector of NaN checks, which unfolded 256-byte rows pay per
@@ -1271,20 +1276,20 @@ cdef inline int _scale_run(const floating* dy, floating* dx, Py_ssize_t n,
 
 
 cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,
-                     Py_ssize_t C, const floating* coef, bint relu,
+                     Py_ssize_t C, const floating* coef, Py_ssize_t cs, bint relu,
                      bint use_x, bint nt) noexcept nogil:
     """inner == 1 rows of dx; without use_x (fixed statistics, no ReLU) dx = a*dy.
 
-    Whole rows in memory order, as in _normalize_rows.
+    Whole rows in memory order, as in _normalize_rows; coefficient rows `cs` apart.
     """
     cdef Py_ssize_t r, off
     cdef int bad = 0
     for r in range(rows):
         off = r * C
         if use_x:
-            bad |= _grad_row(dy + off, x + off, dx + off, C, coef, C, relu, nt)
+            bad |= _grad_row(dy + off, x + off, dx + off, C, coef, cs, relu, nt)
         else:
-            bad |= _scale_row(dy + off, dx + off, C, coef + C, nt)
+            bad |= _scale_row(dy + off, dx + off, C, coef + cs, nt)
     if nt:
         cbn_store_fence()
     return bad
@@ -1317,18 +1322,35 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     rows (inner == 1) stream only from 4 KiB.
     """
     cdef Py_ssize_t C = g.channels, w, n_work, r0, r1, n_runs = g.outer * C
+    cdef Py_ssize_t k = 1, wide, folded, cs = C
+    cdef floating* widened = NULL
+    cdef const floating* ext = coef
     cdef int bad = 0
     n_work = _workers(n_runs * g.inner, n_threads)
     if g.inner == 1:
         # Streamed rows of dx measured 0.86-1.09x under 4 KiB (even folded to
         # longer virtual rows) and 1.02-1.12x from there (arrays of 16-64 MiB).
         nt = nt and C * sizeof(floating) >= SHORT_ROW_BYTES
+        # Short rows are processed k at a time as one row of k*C values.
+        if 2 * C * sizeof(floating) <= APPLY_FOLD_BYTES:
+            k = APPLY_FOLD_BYTES // (C * sizeof(floating))
+            widened = _widen(coef, 6, C, k)
+            if widened == NULL:
+                k = 1
+            else:
+                ext = widened
+                cs = k * C
+        wide = k * C
+        folded = g.outer // k
         for w in prange(n_work, schedule='static', num_threads=n_work,
                         use_threads_if=n_work > 1):
-            r0 = _share(g.outer, w, n_work)
-            r1 = _share(g.outer, w + 1, n_work)
-            bad += _apply_rows(dy + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, coef, relu,
-                               use_x, nt)
+            r0 = _share(folded, w, n_work)
+            r1 = _share(folded, w + 1, n_work)
+            bad += _apply_rows(dy + r0 * wide, x + r0 * wide, dx + r0 * wide, r1 - r0, wide,
+                               ext, cs, relu, use_x, nt)
+        bad += _apply_rows(dy + folded * wide, x + folded * wide, dx + folded * wide,
+                           g.outer - folded * k, C, ext, cs, relu, use_x, False)
+        free(widened)
     else:
         for w in prange(n_work, schedule='static', num_threads=n_work,
                         use_threads_if=n_work > 1):

@@ -28,8 +28,11 @@ THREAD_COUNTS = (1, 2, 3, 4)
 #   (64, 3, 4096)     inner = 4096: 4 rows per block, 16 blocks per channel
 #   (200, 1024)       inner == 1, a short batch: 2 row blocks of 100
 #   (2, 10, 15, 96) axis -1 channels-last, a short batch: 2 row blocks of 150
+#   (1001, 24)        inner == 1, short rows: the elementwise passes fold them into
+#                     longer virtual rows and leave remainder rows to one thread
 SHAPES = [
     ((65536, 64), 1),
+    ((1001, 24), 1),
     ((200, 1024), 1),
     ((2, 10, 15, 96), -1),
     ((4, 64, 100, 100), 1),
