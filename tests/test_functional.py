@@ -495,3 +495,27 @@ def test_update_running_stats_refuses_unaligned_arrays():
     with pytest.raises(ValueError, match="running_var is not aligned"):
         F.update_running_stats(good.copy(), odd, mean, var, 10, 0.1)
     assert np.all(raw == 0)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_backward_keeps_precision_when_the_slope_would_underflow(relu):
+    """Rows normally fold kx*invstd into one slope per channel (one coefficient
+    row fewer to stream). With x spread ~1e20 and dy ~1e-23 that slope, about
+    |dy|/std ~ 1e-43, is subnormal in float32 with only a few significant bits,
+    though dx itself (scaled by gamma ~1e15) is an ordinary number: the kernel
+    must then keep kx and invstd apart. A kernel that always folds misses this
+    reference by about 1%."""
+    rng = np.random.default_rng(seed_of("tiny-slope", relu))
+    x64 = rng.standard_normal((96, 40)) * 1e20 + rng.uniform(-1e20, 1e20, 40)
+    dy64 = rng.standard_normal((96, 40)) * 1e-23
+    g64 = rng.uniform(0.5, 2.0, 40) * 1e15
+    b64 = rng.uniform(-0.5, 0.5, 40) * 1e15
+    x, dy, gamma, beta = (a.astype(np.float32) for a in (x64, dy64, g64, b64))
+    activation = "relu" if relu else None
+    _, mean, var = F.batch_norm_train(x, gamma, beta, activation=activation)
+    dx, dgamma, dbeta = F.batch_norm_backward(dy, x, mean, var, gamma, beta,
+                                              activation=activation)
+    want = ref.backward_train(dy.astype(np.float64), x.astype(np.float64),
+                              gamma.astype(np.float64), beta.astype(np.float64), relu=relu)[0]
+    scale = np.abs(want).max(axis=0)
+    assert np.all(np.abs(dx - want) <= 1e-4 * scale), np.abs((dx - want) / scale).max()
