@@ -124,23 +124,33 @@ cdef extern from *:
     static inline void cbn_store_fence(void) {}
     #endif
 
+    /* 1 if any of the 64 bytes at p is non-zero: a vector of checks v - v,  */
+    /* all +0.0 unless some v was NaN or infinite.                           */
+    static inline int cbn_any_bits(const void* p) {
+        uint64_t u[8];
+        memcpy(u, p, 64);
+        return ((u[0] | u[1]) | (u[2] | u[3]) | (u[4] | u[5]) | (u[6] | u[7])) != 0;
+    }
     /* The one elementwise loop: v = EXPR (a function of i) for i in [0, n),  \\
-       chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). With nt, \\
-       the 64-byte lines wholly inside dst are built in registers and streamed. */
+       chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). Whole     \\
+       vectors of v - v add up in a register of per-lane checks, tested once   \\
+       at the end: an `omp simd` reduction would add its lanes one by one per  \\
+       call, about 60 cycles, as much as a 1 KiB row itself. With nt, the     \\
+       64-byte lines wholly inside dst are built in registers and streamed.    */\\
     #define CBN_EACH(T, n, dst, nt, chk, EXPR, STORE)                                 \\
     {                                                                                 \\
         Py_ssize_t i0 = 0;                                                            \\
+        const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
+        /* line_t only holds values; the arithmetic is T's. */                        \\
+        typedef T line_t __attribute__((vector_size(64)));                            \\
+        line_t lane_chk = {0}, zs;                                                    \\
         if (CBN_HAS_STREAM && (nt) && ((uintptr_t)(dst) % sizeof(T)) == 0) {          \\
-            const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                        \\
             Py_ssize_t head = (Py_ssize_t)(((64 - ((uintptr_t)(dst) & 63)) & 63) / sizeof(T)); \\
             if (head > (n)) head = (n);                                               \\
             for (Py_ssize_t i = 0; i < head; i++) {                                   \\
                 T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
             }                                                                         \\
-            /* A vector register of per-lane checks: reducing per line costs more    \\
-               than the line. line_t only holds values; the arithmetic is T's. */     \\
-            typedef T line_t __attribute__((vector_size(64)));                        \\
-            line_t lane_chk = {0}, zs, vs;                                            \\
+            line_t vs;                                                                \\
             for (i0 = head; i0 + w <= (n); i0 += w) {                                 \\
                 T z[64 / sizeof(T)], line[64 / sizeof(T)];                            \\
                 _Pragma("omp simd")                                                   \\
@@ -153,12 +163,60 @@ cdef extern from *:
                 lane_chk += zs - zs;                                                  \\
                 cbn_stream_line((dst) + i0, &vs);                                     \\
             }                                                                         \\
-            for (Py_ssize_t k = 0; k < w; k++) chk += lane_chk[k];                    \\
+        } else {                                                                      \\
+            for (; i0 + w <= (n); i0 += w) {                                          \\
+                T z[64 / sizeof(T)];                                                  \\
+                _Pragma("omp simd")                                                   \\
+                for (Py_ssize_t k = 0; k < w; k++) {                                  \\
+                    Py_ssize_t i = i0 + k;                                            \\
+                    T v = EXPR; z[k] = v; (dst)[i] = STORE(v);                        \\
+                }                                                                     \\
+                memcpy(&zs, z, 64);                                                   \\
+                lane_chk += zs - zs;                                                  \\
+            }                                                                         \\
         }                                                                             \\
-        _Pragma("omp simd reduction(+:chk)")                                          \\
         for (Py_ssize_t i = i0; i < (n); i++) {                                       \\
             T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                            \\
         }                                                                             \\
+        if (cbn_any_bits(&lane_chk))                                                  \\
+            chk += 1;                                                                 \\
+    }
+    /* CBN_EACH over four rows at once, qs values apart: rows o = 0, qs, 2qs,  \\
+       3qs of dst, where EXPR is a function of i and o. Each coefficient load  \\
+       serves four rows, and rows a quarter of the block apart make four       \\
+       sequential streams (see cbn_quad_sums). No streamed stores.             */\\
+    #define CBN_EACH4(T, n, dst, qs, chk, EXPR, STORE)                                \\
+    {                                                                                 \\
+        Py_ssize_t i0 = 0;                                                            \\
+        const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
+        typedef T line_t __attribute__((vector_size(64)));                            \\
+        line_t lane_chk = {0}, zs;                                                    \\
+        for (; i0 + w <= (n); i0 += w) {                                              \\
+            T z[64 / sizeof(T)];                                                      \\
+            _Pragma("omp simd")                                                       \\
+            for (Py_ssize_t k = 0; k < w; k++) {                                      \\
+                const Py_ssize_t i = i0 + k;                                          \\
+                Py_ssize_t o = 0;                                                     \\
+                T v0 = EXPR; (dst)[i] = STORE(v0);                                    \\
+                o = (qs);                                                             \\
+                T v1 = EXPR; (dst)[o + i] = STORE(v1);                                \\
+                o = 2 * (qs);                                                         \\
+                T v2 = EXPR; (dst)[o + i] = STORE(v2);                                \\
+                o = 3 * (qs);                                                         \\
+                T v3 = EXPR; (dst)[o + i] = STORE(v3);                                \\
+                z[k] = ((v0 - v0) + (v1 - v1)) + ((v2 - v2) + (v3 - v3));             \\
+            }                                                                         \\
+            memcpy(&zs, z, 64);                                                       \\
+            lane_chk += zs;                                                           \\
+        }                                                                             \\
+        for (Py_ssize_t r4 = 0; r4 < 4; r4++) {                                       \\
+            const Py_ssize_t o = r4 * (qs);                                           \\
+            for (Py_ssize_t i = i0; i < (n); i++) {                                   \\
+                T v = EXPR; chk += v - v; (dst)[o + i] = STORE(v);                    \\
+            }                                                                         \\
+        }                                                                             \\
+        if (cbn_any_bits(&lane_chk))                                                  \\
+            chk += 1;                                                                 \\
     }
 
     /* The incoming gradient at (row q/p, channel j), masked by the fused ReLU. */
@@ -318,6 +376,22 @@ cdef extern from *:
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_SAME)      \\
         return chk != 0;                                                             \\
     }                                                                                \\
+    /* The same for four rows qs values apart (CBN_EACH4), without nt.          */\\
+    static inline int cbn_affine_row4_##S(const T* x, T* y, Py_ssize_t n,            \\
+            Py_ssize_t qs, const T* m, const T* a, const T* b, int relu) {           \\
+        T chk = 0;                                                                   \\
+        if (relu)                                                                    \\
+            CBN_EACH4(T, n, y, qs, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+        else                                                                         \\
+            CBN_EACH4(T, n, y, qs, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
+        return chk != 0;                                                             \\
+    }                                                                                \\
+    static inline int cbn_affine2_row4_##S(const T* x, T* y, Py_ssize_t n,           \\
+            Py_ssize_t qs, const T* a, const T* c) {                                 \\
+        T chk = 0;                                                                   \\
+        CBN_EACH4(T, n, y, qs, chk, x[o + i] * a[i] + c[i], CBN_SAME)                \\
+        return chk != 0;                                                             \\
+    }                                                                                \\
     /* y = x*a + c, coefficients per element (row form, no ReLU): one           */\\
     /* coefficient row fewer to stream than CBN_Z (see cbn_uncentre).           */\\
     static inline int cbn_affine2_row_##S(const T* x, T* y, Py_ssize_t n,            \\
@@ -362,6 +436,28 @@ cdef extern from *:
                      CBN_SAME)                                                       \\
         return chk != 0;                                                             \\
     }                                                                                \\
+    /* The same for four rows qs values apart (CBN_EACH4), without nt.          */\\
+    static inline int cbn_grad_row4_##S(const T* dy, const T* x, T* dx, Py_ssize_t n,\\
+            Py_ssize_t qs, const T* m, const T* a, const T* b, const T* s,           \\
+            const T* kx, const T* k0, int relu) {                                    \\
+        T chk = 0;                                                                   \\
+        if (s == NULL && relu)                                                       \\
+            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+                      a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
+                              + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME)        \\
+        else if (s == NULL)                                                          \\
+            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+                      a[i] * (dy[o + i] + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME) \\
+        else if (relu)                                                               \\
+            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+                      a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
+                              + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), CBN_SAME) \\
+        else                                                                         \\
+            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+                      a[i] * (dy[o + i] + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), \\
+                      CBN_SAME)                                                      \\
+        return chk != 0;                                                             \\
+    }                                                                                \\
     /* The same with one channel's scalar coefficients (run form). */               \\
     static inline int cbn_grad_run_##S(const T* dy, const T* x, T* dx, Py_ssize_t n, \\
             T m, T a, T b, T s, T kx, T k0, int relu, int nt) {                      \\
@@ -380,6 +476,12 @@ cdef extern from *:
                                         const T* a, int nt) {                        \\
         T chk = 0;                                                                   \\
         CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                          \\
+        return chk != 0;                                                             \\
+    }                                                                                \\
+    static inline int cbn_scale_row4_##S(const T* dy, T* dx, Py_ssize_t n,           \\
+                                         Py_ssize_t qs, const T* a) {                \\
+        T chk = 0;                                                                   \\
+        CBN_EACH4(T, n, dx, qs, chk, a[i] * dy[o + i], CBN_SAME)                     \\
         return chk != 0;                                                             \\
     }                                                                                \\
     static inline int cbn_scale_run_##S(const T* dy, T* dx, Py_ssize_t n, T a,       \\
@@ -650,6 +752,26 @@ cdef extern from *:
     void cbn_rows_grad_sums_f(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t stride,
                               Py_ssize_t n, const double* mu, const float* m, const float* a,
                               const float* b, int relu, double* s1, double* s2) noexcept nogil
+    int cbn_affine_row4_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t qs,
+                          const float* m, const float* a, const float* b, int relu) noexcept nogil
+    int cbn_affine_row4_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t qs,
+                          const double* m, const double* a, const double* b,
+                          int relu) noexcept nogil
+    int cbn_affine2_row4_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t qs,
+                           const float* a, const float* c) noexcept nogil
+    int cbn_affine2_row4_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t qs,
+                           const double* a, const double* c) noexcept nogil
+    int cbn_grad_row4_f(const float* dy, const float* x, float* dx, Py_ssize_t n, Py_ssize_t qs,
+                        const float* m, const float* a, const float* b, const float* s,
+                        const float* kx, const float* k0, int relu) noexcept nogil
+    int cbn_grad_row4_d(const double* dy, const double* x, double* dx, Py_ssize_t n,
+                        Py_ssize_t qs, const double* m, const double* a, const double* b,
+                        const double* s, const double* kx, const double* k0,
+                        int relu) noexcept nogil
+    int cbn_scale_row4_f(const float* dy, float* dx, Py_ssize_t n, Py_ssize_t qs,
+                         const float* a) noexcept nogil
+    int cbn_scale_row4_d(const double* dy, double* dx, Py_ssize_t n, Py_ssize_t qs,
+                         const double* a) noexcept nogil
     int cbn_affine2_row_f(const float* x, float* y, Py_ssize_t n, const float* a,
                           const float* c, int nt) noexcept nogil
     int cbn_affine2_row_d(const double* x, double* y, Py_ssize_t n, const double* a,
@@ -965,6 +1087,23 @@ cdef inline int _affine_row(const floating* x, floating* y, Py_ssize_t n, const 
         return cbn_affine_row_d(x, y, n, m, a, b, relu, nt)
 
 
+cdef inline int _affine_row4(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
+                             const floating* m, const floating* a, const floating* b,
+                             bint relu) noexcept nogil:
+    if floating is float:
+        return cbn_affine_row4_f(x, y, n, qs, m, a, b, relu)
+    else:
+        return cbn_affine_row4_d(x, y, n, qs, m, a, b, relu)
+
+
+cdef inline int _affine2_row4(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
+                              const floating* a, const floating* c) noexcept nogil:
+    if floating is float:
+        return cbn_affine2_row4_f(x, y, n, qs, a, c)
+    else:
+        return cbn_affine2_row4_d(x, y, n, qs, a, c)
+
+
 cdef inline int _affine2_row(const floating* x, floating* y, Py_ssize_t n, const floating* a,
                              const floating* c, bint nt) noexcept nogil:
     if floating is float:
@@ -1005,9 +1144,16 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     on rows of 2048-4096 values once the coefficients were two rows, not three.
     Returns 1 if any z is non-finite.
     """
-    cdef Py_ssize_t r, off
+    cdef Py_ssize_t r, off, q = 0 if nt else rows // 4
     cdef int bad = 0
-    for r in range(rows):
+    for r in range(q):
+        off = r * width
+        if two:
+            bad |= _affine2_row4(x + off, y + off, width, q * width, coef, coef + cs)
+        else:
+            bad |= _affine_row4(x + off, y + off, width, q * width, coef, coef + cs,
+                                coef + 2 * cs, relu)
+    for r in range(4 * q, rows):
         off = r * width
         if two:
             bad |= _affine2_row(x + off, y + off, width, coef, coef + cs, nt)
@@ -1296,6 +1442,31 @@ cdef inline int _grad_run(const floating* dy, const floating* x, floating* dx, P
                               coef[3 * C + c], coef[4 * C + c], coef[5 * C + c], relu, nt)
 
 
+cdef inline int _grad_row4(const floating* dy, const floating* x, floating* dx,
+                           Py_ssize_t n, Py_ssize_t qs, const floating* coef, Py_ssize_t C,
+                           bint relu, bint fused) noexcept nogil:
+    """_grad_row for the four rows 0, qs, 2qs, 3qs values on (cbn_grad_row4)."""
+    cdef const floating* s = coef + 3 * C
+    cdef const floating* kx = coef + 4 * C
+    if fused:
+        s = NULL
+        kx = coef + 6 * C
+    if floating is float:
+        return cbn_grad_row4_f(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
+                               coef + 5 * C, relu)
+    else:
+        return cbn_grad_row4_d(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
+                               coef + 5 * C, relu)
+
+
+cdef inline int _scale_row4(const floating* dy, floating* dx, Py_ssize_t n, Py_ssize_t qs,
+                            const floating* a) noexcept nogil:
+    if floating is float:
+        return cbn_scale_row4_f(dy, dx, n, qs, a)
+    else:
+        return cbn_scale_row4_d(dy, dx, n, qs, a)
+
+
 cdef inline int _scale_row(const floating* dy, floating* dx, Py_ssize_t n,
                            const floating* a, bint nt) noexcept nogil:
     if floating is float:
@@ -1317,11 +1488,18 @@ cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssi
                      bint use_x, bint fused, bint nt) noexcept nogil:
     """inner == 1 rows of dx; without use_x (fixed statistics, no ReLU) dx = a*dy.
 
-    Whole rows in memory order, as in _normalize_rows; coefficient rows `cs` apart.
+    Four rows at a time, a quarter of the rows apart, as in _normalize_rows;
+    coefficient rows `cs` apart.
     """
-    cdef Py_ssize_t r, off
+    cdef Py_ssize_t r, off, q = 0 if nt else rows // 4
     cdef int bad = 0
-    for r in range(rows):
+    for r in range(q):
+        off = r * C
+        if use_x:
+            bad |= _grad_row4(dy + off, x + off, dx + off, C, q * C, coef, cs, relu, fused)
+        else:
+            bad |= _scale_row4(dy + off, dx + off, C, q * C, coef + cs)
+    for r in range(4 * q, rows):
         off = r * C
         if use_x:
             bad |= _grad_row(dy + off, x + off, dx + off, C, coef, cs, relu, fused, nt)
