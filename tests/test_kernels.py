@@ -679,3 +679,43 @@ def test_build_info_reports_threads():
     assert set(info) >= {"openmp", "max_threads", "debug", "sanitized"}
     assert info["max_threads"] >= 1
     assert K.max_threads() == info["max_threads"]
+
+
+# Row shapes whose elementwise passes take every loop: four-row blocks (rows a quarter
+# of the block apart), full vectors and column tails, folded short rows and the
+# remainder rows after the last block of four.
+NONFINITE_ROW_SHAPES = [(11, 37, 1), (9, 300, 1), (13, 64, 1), (6, 1030, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NONFINITE_ROW_SHAPES, ids=geometry_id)
+def test_a_nonfinite_value_is_caught_wherever_it_lands(dtype, shape):
+    """normalize and backward_apply report NaN or infinity in every position of the output.
+
+    Each position holds one bad value in turn (NaN, +inf, -inf alternating) in x for
+    normalize and in dy for backward_apply, with and without the fused ReLU (x finite
+    there: the mask must not hide a bad dy where it passes it, so x is positive)."""
+    rng = np.random.default_rng(seed_of("nonfinite-position", shape, np.dtype(dtype).name))
+    outer, C, _ = shape
+    x = (rng.uniform(0.5, 2.0, shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mean = np.zeros(C)
+    var = np.ones(C)
+    gamma = rng.uniform(0.5, 2.0, C).astype(dtype)
+    beta = rng.uniform(0.5, 1.0, C).astype(dtype)
+    coef3 = forward_coef(mean, var, gamma, beta, dtype)
+    coef6 = backward_coef(coef3, mean, var, rng.standard_normal(C), rng.standard_normal(C),
+                          outer, True, dtype)
+    y = np.empty_like(x)
+    assert K.normalize(x, y, coef3, False, 1) == K.OK
+    assert K.backward_apply(dy, x, coef6, y, True, 1) == K.OK
+    bad_values = (np.nan, np.inf, -np.inf)
+    for k, (r, c) in enumerate(np.ndindex(outer, C)):
+        bad = bad_values[k % 3]
+        xb = x.copy()
+        xb[r, c, 0] = bad
+        relu = bool(k % 2)
+        assert K.normalize(xb, y, coef3, relu, 1) == K.NONFINITE_OUTPUT, ("normalize", r, c)
+        dyb = dy.copy()
+        dyb[r, c, 0] = bad
+        assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, (r, c)
