@@ -1078,37 +1078,31 @@ cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
 # The centred form keeps float32 accurate when |mean| >> std.
 # ---------------------------------------------------------------------------
 
-cdef inline int _affine_row(const floating* x, floating* y, Py_ssize_t n, const floating* m,
-                            const floating* a, const floating* b, bint relu,
-                            bint nt) noexcept nogil:
+# The row leaves below take qs: 0 for one row (which may stream, nt), else the
+# four rows 0, qs, 2qs, 3qs values on (the *_row4 leaves, never streamed).
+
+cdef inline int _affine_row(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
+                            const floating* m, const floating* a, const floating* b,
+                            bint relu, bint nt) noexcept nogil:
     if floating is float:
+        if qs:
+            return cbn_affine_row4_f(x, y, n, qs, m, a, b, relu)
         return cbn_affine_row_f(x, y, n, m, a, b, relu, nt)
     else:
+        if qs:
+            return cbn_affine_row4_d(x, y, n, qs, m, a, b, relu)
         return cbn_affine_row_d(x, y, n, m, a, b, relu, nt)
 
 
-cdef inline int _affine_row4(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
-                             const floating* m, const floating* a, const floating* b,
-                             bint relu) noexcept nogil:
+cdef inline int _affine2_row(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
+                             const floating* a, const floating* c, bint nt) noexcept nogil:
     if floating is float:
-        return cbn_affine_row4_f(x, y, n, qs, m, a, b, relu)
-    else:
-        return cbn_affine_row4_d(x, y, n, qs, m, a, b, relu)
-
-
-cdef inline int _affine2_row4(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
-                              const floating* a, const floating* c) noexcept nogil:
-    if floating is float:
-        return cbn_affine2_row4_f(x, y, n, qs, a, c)
-    else:
-        return cbn_affine2_row4_d(x, y, n, qs, a, c)
-
-
-cdef inline int _affine2_row(const floating* x, floating* y, Py_ssize_t n, const floating* a,
-                             const floating* c, bint nt) noexcept nogil:
-    if floating is float:
+        if qs:
+            return cbn_affine2_row4_f(x, y, n, qs, a, c)
         return cbn_affine2_row_f(x, y, n, a, c, nt)
     else:
+        if qs:
+            return cbn_affine2_row4_d(x, y, n, qs, a, c)
         return cbn_affine2_row_d(x, y, n, a, c, nt)
 
 
@@ -1149,22 +1143,16 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     values once the coefficients were two rows, not three.
     Returns 1 if any z is non-finite.
     """
-    cdef Py_ssize_t r, off, q = 0 if nt else rows // 4
+    cdef Py_ssize_t k, off, qs, q = 0 if nt else rows // 4
     cdef int bad = 0
-    for r in range(q):
-        off = r * width
+    for k in range(rows - 3 * q):  # the q blocks of four rows, then the rest singly
+        off = (k if k < q else k + 3 * q) * width
+        qs = q * width if k < q else 0
         if two:
-            bad |= _affine2_row4(x + off, y + off, width, q * width, coef, coef + cs)
+            bad |= _affine2_row(x + off, y + off, width, qs, coef, coef + cs, nt)
         else:
-            bad |= _affine_row4(x + off, y + off, width, q * width, coef, coef + cs,
-                                coef + 2 * cs, relu)
-    for r in range(4 * q, rows):
-        off = r * width
-        if two:
-            bad |= _affine2_row(x + off, y + off, width, coef, coef + cs, nt)
-        else:
-            bad |= _affine_row(x + off, y + off, width, coef, coef + cs, coef + 2 * cs, relu,
-                               nt)
+            bad |= _affine_row(x + off, y + off, width, qs, coef, coef + cs, coef + 2 * cs,
+                               relu, nt)
     if nt:
         cbn_store_fence()
     return bad
@@ -1420,18 +1408,25 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
 # ---------------------------------------------------------------------------
 
 cdef inline int _grad_row(const floating* dy, const floating* x, floating* dx,
-                          Py_ssize_t n, const floating* coef, Py_ssize_t C,
+                          Py_ssize_t n, Py_ssize_t qs, const floating* coef, Py_ssize_t C,
                           bint relu, bint fused, bint nt) noexcept nogil:
-    # fused: row 6 holds the slopes kx*s (cbn_slopes), read instead of rows s, kx.
+    # qs as in _affine_row. fused: row 6 holds the slopes kx*s (cbn_slopes),
+    # read instead of rows s, kx.
     cdef const floating* s = coef + 3 * C
     cdef const floating* kx = coef + 4 * C
     if fused:
         s = NULL
         kx = coef + 6 * C
     if floating is float:
+        if qs:
+            return cbn_grad_row4_f(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
+                                   coef + 5 * C, relu)
         return cbn_grad_row_f(dy, x, dx, n, coef, coef + C, coef + 2 * C, s, kx, coef + 5 * C,
                               relu, nt)
     else:
+        if qs:
+            return cbn_grad_row4_d(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
+                                   coef + 5 * C, relu)
         return cbn_grad_row_d(dy, x, dx, n, coef, coef + C, coef + 2 * C, s, kx, coef + 5 * C,
                               relu, nt)
 
@@ -1447,36 +1442,15 @@ cdef inline int _grad_run(const floating* dy, const floating* x, floating* dx, P
                               coef[3 * C + c], coef[4 * C + c], coef[5 * C + c], relu, nt)
 
 
-cdef inline int _grad_row4(const floating* dy, const floating* x, floating* dx,
-                           Py_ssize_t n, Py_ssize_t qs, const floating* coef, Py_ssize_t C,
-                           bint relu, bint fused) noexcept nogil:
-    """_grad_row for the four rows 0, qs, 2qs, 3qs values on (cbn_grad_row4)."""
-    cdef const floating* s = coef + 3 * C
-    cdef const floating* kx = coef + 4 * C
-    if fused:
-        s = NULL
-        kx = coef + 6 * C
-    if floating is float:
-        return cbn_grad_row4_f(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
-                               coef + 5 * C, relu)
-    else:
-        return cbn_grad_row4_d(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
-                               coef + 5 * C, relu)
-
-
-cdef inline int _scale_row4(const floating* dy, floating* dx, Py_ssize_t n, Py_ssize_t qs,
-                            const floating* a) noexcept nogil:
-    if floating is float:
-        return cbn_scale_row4_f(dy, dx, n, qs, a)
-    else:
-        return cbn_scale_row4_d(dy, dx, n, qs, a)
-
-
-cdef inline int _scale_row(const floating* dy, floating* dx, Py_ssize_t n,
+cdef inline int _scale_row(const floating* dy, floating* dx, Py_ssize_t n, Py_ssize_t qs,
                            const floating* a, bint nt) noexcept nogil:
     if floating is float:
+        if qs:
+            return cbn_scale_row4_f(dy, dx, n, qs, a)
         return cbn_scale_row_f(dy, dx, n, a, nt)
     else:
+        if qs:
+            return cbn_scale_row4_d(dy, dx, n, qs, a)
         return cbn_scale_row_d(dy, dx, n, a, nt)
 
 
@@ -1496,20 +1470,15 @@ cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssi
     Four rows at a time, a quarter of the rows apart, as in _normalize_rows;
     coefficient rows `cs` apart.
     """
-    cdef Py_ssize_t r, off, q = 0 if nt else rows // 4
+    cdef Py_ssize_t k, off, qs, q = 0 if nt else rows // 4
     cdef int bad = 0
-    for r in range(q):
-        off = r * C
+    for k in range(rows - 3 * q):  # the q blocks of four rows, then the rest singly
+        off = (k if k < q else k + 3 * q) * C
+        qs = q * C if k < q else 0
         if use_x:
-            bad |= _grad_row4(dy + off, x + off, dx + off, C, q * C, coef, cs, relu, fused)
+            bad |= _grad_row(dy + off, x + off, dx + off, C, qs, coef, cs, relu, fused, nt)
         else:
-            bad |= _scale_row4(dy + off, dx + off, C, q * C, coef + cs)
-    for r in range(4 * q, rows):
-        off = r * C
-        if use_x:
-            bad |= _grad_row(dy + off, x + off, dx + off, C, coef, cs, relu, fused, nt)
-        else:
-            bad |= _scale_row(dy + off, dx + off, C, coef + cs, nt)
+            bad |= _scale_row(dy + off, dx + off, C, qs, coef + cs, nt)
     if nt:
         cbn_store_fence()
     return bad
