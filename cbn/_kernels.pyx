@@ -414,7 +414,7 @@ cdef extern from *:
     /* normalized (x - m)*s is formed first: kx*s alone underflows float32 when     */\\
     /* the input is large (kx*s ~ 1/std^2). g is dy masked where the forward        */\\
     /* pre-activation CBN_Z was not positive (fused ReLU). With s NULL, kx holds    */\\
-    /* the slope kx*s of cbn_slopes instead, one row fewer to read.                 */\\
+    /* the slope kx*s of cbn_backward_coefs instead, one row fewer to read.                 */\\
     static inline int cbn_grad_row_##S(const T* dy, const T* x, T* dx, Py_ssize_t n, \\
             const T* m, const T* a, const T* b, const T* s, const T* kx, const T* k0,\\
             int relu, int nt) {                                                      \\
@@ -555,39 +555,31 @@ cdef extern from *:
     /* coef rows s = invstd, kx, k0 (rows m, a, b already set); training has     */ \\
     /* kx = -invstd*sum_gd/count, k0 = -sum_g/count + kx*(m - mean)*invstd       */ \\
     /* (x_hat is formed from m, the mean rounded to T); evaluation has 0, 0.     */ \\
+    /* Row 6: the slopes kx*invstd, in double then T, for the fused row form    */ \\
+    /* of cbn_grad_row. Returns bit 1 if some coefficient is non-finite, bit 2  */ \\
+    /* if some slope is neither 0 nor a normal T: it would lose precision       */ \\
+    /* (inputs of std ~1e19 in float32) or overflow, so rows keep s and kx.     */ \\
     static int cbn_backward_coefs_##S(Py_ssize_t C, double count, const double* mean,\\
             const double* invstd, const double* sum_g, const double* sum_gd,         \\
             int training, T* coef) {                                                 \\
         double chk = 0.0;                                                            \\
-        _Pragma("omp simd reduction(+:chk)")                                         \\
+        int unsafe = 0;                                                              \\
+        _Pragma("omp simd reduction(+:chk) reduction(|:unsafe)")                     \\
         for (Py_ssize_t c = 0; c < C; c++) {                                         \\
             double kx = 0.0, k0 = 0.0;                                               \\
             if (training) {                                                          \\
                 kx = -invstd[c] * sum_gd[c] / count;                                 \\
                 k0 = -sum_g[c] / count + kx * (((double)coef[c] - mean[c]) * invstd[c]); \\
             }                                                                        \\
+            double q = kx * invstd[c], aq = q < 0 ? -q : q;                          \\
             T s = (T)invstd[c], tkx = (T)kx, tk0 = (T)k0;                            \\
             coef[3 * C + c] = s; coef[4 * C + c] = tkx; coef[5 * C + c] = tk0;       \\
+            coef[6 * C + c] = (T)q;                                                  \\
+            unsafe |= !(aq == 0.0 || (aq >= TMIN && aq <= TMAX));                    \\
             chk += (sum_g[c] - sum_g[c]) + (sum_gd[c] - sum_gd[c])                   \\
                    + (double)((s - s) + (tkx - tkx) + (tk0 - tk0));                  \\
         }                                                                            \\
-        return chk != 0.0;                                                           \\
-    }                                                                                \\
-    /* Slopes q = kx*invstd (the kx of cbn_backward_coefs) for the fused row    */ \\
-    /* form of cbn_grad_row. Returns 1 if some q is neither 0 nor a normal T:   */ \\
-    /* then it would lose precision (inputs of std ~1e19 in float32) or        */ \\
-    /* overflow, and the caller keeps kx and s apart.                          */ \\
-    static int cbn_slopes_##S(Py_ssize_t C, double count, const double* invstd,      \\
-            const double* sum_gd, int training, T* q) {                              \\
-        int unsafe = 0;                                                              \\
-        _Pragma("omp simd reduction(|:unsafe)")                                      \\
-        for (Py_ssize_t c = 0; c < C; c++) {                                         \\
-            double v = training ? -invstd[c] * sum_gd[c] / count * invstd[c] : 0.0;  \\
-            double av = v < 0 ? -v : v;                                              \\
-            unsafe |= !(av == 0.0 || (av >= TMIN && av <= TMAX));                    \\
-            q[c] = (T)v;                                                             \\
-        }                                                                            \\
-        return unsafe;                                                               \\
+        return (chk != 0.0) | (unsafe ? 2 : 0);                                      \\
     }
     CBN_COEFS(f, float, FLT_MIN, FLT_MAX)
     CBN_COEFS(d, double, DBL_MIN, DBL_MAX)
@@ -740,10 +732,6 @@ cdef extern from *:
     int cbn_backward_coefs_d(Py_ssize_t C, double count, const double* mean,
                              const double* invstd, const double* sum_g, const double* sum_gd,
                              int training, double* coef) noexcept nogil
-    int cbn_slopes_f(Py_ssize_t C, double count, const double* invstd, const double* sum_gd,
-                     int training, float* q) noexcept nogil
-    int cbn_slopes_d(Py_ssize_t C, double count, const double* invstd, const double* sum_gd,
-                     int training, double* q) noexcept nogil
     void cbn_run_sums_f(const float* x, Py_ssize_t n, double shift,
                         double* s1_out, double* s2_out) noexcept nogil
     void cbn_run_grad_sums_f(const float* dy, const float* x, Py_ssize_t n, double mu,
@@ -1404,13 +1392,13 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
 # (invstd), kx, k0. Keeping x_hat, O(1), as a factor keeps every coefficient
 # within float32's range even for inputs of 1e22 (a*invstd^2 would underflow).
 # The composite backward adds a seventh row, the slopes kx*s, which rows use
-# instead of s and kx unless some slope is subnormal or overflows (_slopes).
+# instead of s and kx unless some slope is subnormal or overflows (cbn_backward_coefs).
 # ---------------------------------------------------------------------------
 
 cdef inline int _grad_row(const floating* dy, const floating* x, floating* dx,
                           Py_ssize_t n, Py_ssize_t qs, const floating* coef, Py_ssize_t C,
                           bint relu, bint fused, bint nt) noexcept nogil:
-    # qs as in _affine_row. fused: row 6 holds the slopes kx*s (cbn_slopes),
+    # qs as in _affine_row. fused: row 6 holds the slopes kx*s (cbn_backward_coefs),
     # read instead of rows s, kx.
     cdef const floating* s = coef + 3 * C
     cdef const floating* kx = coef + 4 * C
@@ -1556,7 +1544,8 @@ cdef int _backward_coefficients(const Geometry* g, const double* mean,
                                 const double* invstd, const double* sum_g,
                                 const double* sum_gd, bint training,
                                 floating* coef) noexcept nogil:
-    """Fill rows s, kx, k0 of coef (rows m, a, b already set); 1 if non-finite."""
+    """Fill rows s, kx, k0 and the slopes (row 6) of coef, which has seven rows
+    (rows m, a, b already set); bit 1 if non-finite, bit 2 if the slopes are unusable."""
     cdef double count = <double>(g.outer * g.inner)
     if floating is float:
         return cbn_backward_coefs_f(g.channels, count, mean, invstd, sum_g, sum_gd, training,
@@ -1564,18 +1553,6 @@ cdef int _backward_coefficients(const Geometry* g, const double* mean,
     else:
         return cbn_backward_coefs_d(g.channels, count, mean, invstd, sum_g, sum_gd, training,
                                     coef)
-
-
-cdef bint _slopes(const Geometry* g, const double* invstd, const double* sum_gd,
-                  bint training, floating* coef) noexcept nogil:
-    """Row 6 of coef: the slopes kx*s; whether rows may use them (see _backward_apply)."""
-    cdef double count = <double>(g.outer * g.inner)
-    if g.inner != 1:
-        return False  # runs read scalar coefficients: nothing to save
-    if floating is float:
-        return not cbn_slopes_f(g.channels, count, invstd, sum_gd, training, coef + 6 * g.channels)
-    else:
-        return not cbn_slopes_d(g.channels, count, invstd, sum_gd, training, coef + 6 * g.channels)
 
 
 # ---------------------------------------------------------------------------
@@ -1815,7 +1792,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (outer, C, inner)
     cdef Geometry g = _geometry_of(x.shape)
     cdef Py_ssize_t C = g.channels, c
     cdef bint reduce = training or need_param_grads, fused = False
-    cdef int status = STATUS_OK
+    cdef int status = STATUS_OK, flags
     cdef double* scratch
     cdef double* invstd
     cdef double* sum_g
@@ -1840,10 +1817,11 @@ def backward(const floating[:, :, ::1] dy,         # IN  (outer, C, inner)
                 sum_g[c] = 0.0
                 sum_gd[c] = 0.0
         if status == STATUS_OK:
-            if _backward_coefficients(&g, &mean[0], invstd, sum_g, sum_gd, training, coef):
+            flags = _backward_coefficients(&g, &mean[0], invstd, sum_g, sum_gd, training, coef)
+            if flags & 1:
                 status = STATUS_NONFINITE_OUTPUT
-            else:
-                fused = _slopes(&g, invstd, sum_gd, training, coef)
+            # Rows read the slopes unless unusable; runs take scalars: nothing to save.
+            fused = g.inner == 1 and not (flags & 2)
         if status == STATUS_OK:
             # With fixed statistics and no ReLU, dx = a*dy does not read x.
             status = _backward_apply(&dy[0, 0, 0], &x[0, 0, 0], &dx_out[0, 0, 0], &g, coef,
