@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -98,7 +99,15 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-extensions = [Extension("cbn._kernels", ["cbn/_kernels.pyx"])]
+# The direct calls (``*_call``) read ndarray fields through NumPy's C API.
+extensions = [
+    Extension(
+        "cbn._kernels",
+        ["cbn/_kernels.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+]
 
 setup(
     ext_modules=cythonize(

@@ -36,6 +36,10 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
 from libc.stdlib cimport malloc, free
 
+cimport numpy as cnp
+
+cnp.import_array()
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -1689,6 +1693,97 @@ cdef int _all_finite(Py_ssize_t C, const double* v) noexcept nogil:
     return 1
 
 
+cdef int _train(const floating* x, floating* y, const Geometry* g, const floating* gamma,
+                const floating* beta, double eps, double* mean_out, double* var_out,
+                bint relu, int n_threads, bint stream) noexcept nogil:
+    """The body of ``forward_train``; returns its status code."""
+    cdef Py_ssize_t C = g.channels
+    cdef int status
+    cdef bint two
+    cdef double* invstd = <double*>malloc(C * sizeof(double))
+    cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
+    if invstd == NULL or coef == NULL:
+        status = STATUS_NO_MEMORY
+    else:
+        status = _batch_stats(x, g, mean_out, var_out, n_threads)
+    if status == STATUS_OK:
+        if _invstd(C, var_out, eps, invstd) or not _all_finite(C, mean_out):
+            status = STATUS_NONFINITE_STATS
+    if status == STATUS_OK:
+        if _forward_coefficients(g, mean_out, invstd, gamma, beta, coef):
+            status = STATUS_NONFINITE_OUTPUT
+        else:
+            two = _uncentre(g, mean_out, gamma, beta, coef, relu)
+            status = _normalize(x, y, g, coef, relu, two, stream, n_threads)
+    free(invstd)
+    free(coef)
+    return status
+
+
+cdef int _eval(const floating* x, floating* y, const Geometry* g, const double* mean,
+               const double* var, const floating* gamma, const floating* beta, double eps,
+               bint relu, int n_threads, bint stream) noexcept nogil:
+    """The body of ``forward_eval``; returns its status code."""
+    cdef Py_ssize_t C = g.channels
+    cdef int status = STATUS_OK
+    cdef bint two
+    cdef double* invstd = <double*>malloc(C * sizeof(double))
+    cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
+    if invstd == NULL or coef == NULL:
+        status = STATUS_NO_MEMORY
+    else:
+        status = _given_coefficients(g, mean, var, eps, gamma, beta, invstd, coef)
+    if status == STATUS_OK:
+        two = _uncentre(g, mean, gamma, beta, coef, relu)
+        status = _normalize(x, y, g, coef, relu, two, stream, n_threads)
+    free(invstd)
+    free(coef)
+    return status
+
+
+cdef int _backward(const floating* dy, const floating* x, const Geometry* g,
+                   const double* mean, const double* var, const floating* gamma,
+                   const floating* beta, double eps, floating* dx, floating* dgamma_out,
+                   floating* dbeta_out, bint training, bint need_param_grads, bint relu,
+                   int n_threads, bint stream) noexcept nogil:
+    """The body of ``backward``; returns its status code."""
+    cdef Py_ssize_t C = g.channels, c
+    cdef bint reduce = training or need_param_grads, fused = False
+    cdef int status = STATUS_OK, flags
+    cdef double* scratch = <double*>malloc(3 * C * sizeof(double))
+    cdef floating* coef = <floating*>malloc(7 * C * sizeof(floating))
+    cdef double* invstd = scratch
+    cdef double* sum_g = scratch + C
+    cdef double* sum_gd = scratch + 2 * C
+    if scratch == NULL or coef == NULL:
+        status = STATUS_NO_MEMORY
+    else:
+        status = _given_coefficients(g, mean, var, eps, gamma, beta, invstd, coef)
+    if status == STATUS_OK and reduce:
+        status = _backward_reduce(dy, x, g, mean, coef, relu, sum_g, sum_gd, n_threads)
+    elif status == STATUS_OK:
+        for c in range(C):
+            sum_g[c] = 0.0
+            sum_gd[c] = 0.0
+    if status == STATUS_OK:
+        flags = _backward_coefficients(g, mean, invstd, sum_g, sum_gd, training, coef)
+        if flags & 1:
+            status = STATUS_NONFINITE_OUTPUT
+        # Rows read the slopes unless unusable; runs take scalars: nothing to save.
+        fused = g.inner == 1 and not (flags & 2)
+    if status == STATUS_OK:
+        # With fixed statistics and no ReLU, dx = a*dy does not read x.
+        status = _backward_apply(dy, x, dx, g, coef, relu, training or relu, fused, stream,
+                                 n_threads)
+    if status == STATUS_OK and reduce:
+        for c in range(C):
+            dgamma_out[c] = <floating>(sum_gd[c] * invstd[c])
+            dbeta_out[c] = <floating>sum_g[c]
+    free(scratch)
+    free(coef)
+    return status
+
+
 def forward_train(const floating[:, :, ::1] x,     # IN  (outer, C, inner)
                   floating[:, :, ::1] y_out,       # OUT (outer, C, inner), may be x
                   const floating[::1] gamma,       # IN  (C,)
@@ -1704,30 +1799,10 @@ def forward_train(const floating[:, :, ::1] x,     # IN  (outer, C, inner)
     2 if the coefficients or the output are non-finite; 3 if out of memory.
     """
     cdef Geometry g = _geometry_of(x.shape)
-    cdef Py_ssize_t C = g.channels
     cdef int status
-    cdef bint two
-    cdef double* invstd
-    cdef floating* coef
     with nogil:
-        invstd = <double*>malloc(C * sizeof(double))
-        coef = <floating*>malloc(3 * C * sizeof(floating))
-        if invstd == NULL or coef == NULL:
-            status = STATUS_NO_MEMORY
-        else:
-            status = _batch_stats(&x[0, 0, 0], &g, &mean_out[0], &var_out[0], n_threads)
-        if status == STATUS_OK:
-            if _invstd(C, &var_out[0], eps, invstd) or not _all_finite(C, &mean_out[0]):
-                status = STATUS_NONFINITE_STATS
-        if status == STATUS_OK:
-            if _forward_coefficients(&g, &mean_out[0], invstd, &gamma[0], &beta[0], coef):
-                status = STATUS_NONFINITE_OUTPUT
-            else:
-                two = _uncentre(&g, &mean_out[0], &gamma[0], &beta[0], coef, relu)
-                status = _normalize(&x[0, 0, 0], &y_out[0, 0, 0], &g, coef, relu, two, stream,
-                                    n_threads)
-        free(invstd)
-        free(coef)
+        status = _train(&x[0, 0, 0], &y_out[0, 0, 0], &g, &gamma[0], &beta[0], eps,
+                        &mean_out[0], &var_out[0], relu, n_threads, stream)
     return status
 
 
@@ -1745,25 +1820,10 @@ def forward_eval(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
     4 if some ``var`` is negative (y is not written).
     """
     cdef Geometry g = _geometry_of(x.shape)
-    cdef Py_ssize_t C = g.channels
-    cdef int status = STATUS_OK
-    cdef bint two
-    cdef double* invstd
-    cdef floating* coef
+    cdef int status
     with nogil:
-        invstd = <double*>malloc(C * sizeof(double))
-        coef = <floating*>malloc(3 * C * sizeof(floating))
-        if invstd == NULL or coef == NULL:
-            status = STATUS_NO_MEMORY
-        else:
-            status = _given_coefficients(&g, &mean[0], &var[0], eps, &gamma[0], &beta[0],
-                                         invstd, coef)
-        if status == STATUS_OK:
-            two = _uncentre(&g, &mean[0], &gamma[0], &beta[0], coef, relu)
-            status = _normalize(&x[0, 0, 0], &y_out[0, 0, 0], &g, coef, relu, two, stream,
-                                n_threads)
-        free(invstd)
-        free(coef)
+        status = _eval(&x[0, 0, 0], &y_out[0, 0, 0], &g, &mean[0], &var[0], &gamma[0],
+                       &beta[0], eps, relu, n_threads, stream)
     return status
 
 
@@ -1790,46 +1850,284 @@ def backward(const floating[:, :, ::1] dy,         # IN  (outer, C, inner)
     ``var`` is negative (nothing is written).
     """
     cdef Geometry g = _geometry_of(x.shape)
-    cdef Py_ssize_t C = g.channels, c
-    cdef bint reduce = training or need_param_grads, fused = False
-    cdef int status = STATUS_OK, flags
-    cdef double* scratch
-    cdef double* invstd
-    cdef double* sum_g
-    cdef double* sum_gd
-    cdef floating* coef
+    cdef int status
     with nogil:
-        scratch = <double*>malloc(3 * C * sizeof(double))
-        coef = <floating*>malloc(7 * C * sizeof(floating))
-        invstd = scratch
-        sum_g = scratch + C
-        sum_gd = scratch + 2 * C
-        if scratch == NULL or coef == NULL:
-            status = STATUS_NO_MEMORY
-        else:
-            status = _given_coefficients(&g, &mean[0], &var[0], eps, &gamma[0], &beta[0],
-                                         invstd, coef)
-        if status == STATUS_OK and reduce:
-            status = _backward_reduce(&dy[0, 0, 0], &x[0, 0, 0], &g, &mean[0], coef, relu,
-                                      sum_g, sum_gd, n_threads)
-        elif status == STATUS_OK:
-            for c in range(C):
-                sum_g[c] = 0.0
-                sum_gd[c] = 0.0
-        if status == STATUS_OK:
-            flags = _backward_coefficients(&g, &mean[0], invstd, sum_g, sum_gd, training, coef)
-            if flags & 1:
-                status = STATUS_NONFINITE_OUTPUT
-            # Rows read the slopes unless unusable; runs take scalars: nothing to save.
-            fused = g.inner == 1 and not (flags & 2)
-        if status == STATUS_OK:
-            # With fixed statistics and no ReLU, dx = a*dy does not read x.
-            status = _backward_apply(&dy[0, 0, 0], &x[0, 0, 0], &dx_out[0, 0, 0], &g, coef,
-                                     relu, training or relu, fused, stream, n_threads)
-        if status == STATUS_OK and reduce:
-            for c in range(C):
-                dgamma_out[c] = <floating>(sum_gd[c] * invstd[c])
-                dbeta_out[c] = <floating>sum_g[c]
-        free(scratch)
-        free(coef)
+        status = _backward(&dy[0, 0, 0], &x[0, 0, 0], &g, &mean[0], &var[0], &gamma[0],
+                           &beta[0], eps, &dx_out[0, 0, 0], &dgamma_out[0], &dbeta_out[0],
+                           training, need_param_grads, relu, n_threads, stream)
     return status
+
+
+# ---------------------------------------------------------------------------
+# Direct calls: argument handling in C for the common case.
+#
+# cbn.functional's checks and the typed-memoryview arguments above cost about
+# 6 us per call, longer than the whole kernel on a small batch. The *_call
+# functions below take the Python arguments as they come, accept them only in
+# the shape the kernels need (exact ndarrays, C-contiguous and aligned, the
+# parameters already (C,) vectors of the right dtype, plain int/float/None
+# options) and otherwise return None: the caller then runs its full
+# validation, which converts what it can and raises an exception that names
+# the problem. So they never raise for bad input and never report a problem
+# themselves; after a kernel failure they return its status code.
+# ---------------------------------------------------------------------------
+
+cdef enum:
+    _PLAIN = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    _PLAIN_OUT = _PLAIN | cnp.NPY_ARRAY_WRITEABLE
+    _MAX_AXIS = 64              # more than any ndarray has dimensions (NPY_MAXDIMS)
+
+
+cdef struct Batch:
+    int typenum                 # NPY_FLOAT or NPY_DOUBLE
+    Geometry g
+    Py_ssize_t nbytes
+    char* data
+
+
+cdef bint _batch(object a, object axis, Batch* b):
+    """Whether ``a`` is a batch the kernels take as it is; fills ``b`` if so."""
+    cdef cnp.ndarray arr
+    cdef int nd, ax, i
+    cdef cnp.npy_intp* dims
+    cdef Py_ssize_t outer = 1, inner = 1
+    if not cnp.PyArray_CheckExact(a) or type(axis) is not int:
+        return False
+    if not -_MAX_AXIS <= axis < _MAX_AXIS:
+        return False
+    arr = <cnp.ndarray>a
+    b.typenum = cnp.PyArray_TYPE(arr)
+    nd = cnp.PyArray_NDIM(arr)
+    ax = axis
+    if ax < 0:
+        ax += nd
+    if (b.typenum != cnp.NPY_FLOAT and b.typenum != cnp.NPY_DOUBLE) or nd < 2 \
+            or not 0 <= ax < nd or cnp.PyArray_SIZE(arr) == 0 \
+            or (cnp.PyArray_FLAGS(arr) & _PLAIN) != _PLAIN:
+        return False
+    dims = cnp.PyArray_DIMS(arr)
+    for i in range(ax):
+        outer *= dims[i]
+    for i in range(ax + 1, nd):
+        inner *= dims[i]
+    b.g = _geometry(outer, dims[ax], inner)
+    b.nbytes = cnp.PyArray_NBYTES(arr)
+    b.data = <char*>cnp.PyArray_DATA(arr)
+    return True
+
+
+cdef bint _like(object a, object x, const Batch* xb, object axis, Batch* b):
+    """Whether ``a`` is a batch (see ``_batch``) of the shape and dtype of ``x``."""
+    if not _batch(a, axis, b) or b.typenum != xb.typenum:
+        return False
+    return cnp.PyArray_SAMESHAPE(<cnp.ndarray>a, <cnp.ndarray>x)
+
+
+cdef void* _vector(object v, int typenum, Py_ssize_t C):
+    """The data of ``v`` if it is a plain (C,) array of ``typenum``, else NULL."""
+    cdef cnp.ndarray arr
+    if not cnp.PyArray_CheckExact(v):
+        return NULL
+    arr = <cnp.ndarray>v
+    if cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_NDIM(arr) != 1 \
+            or cnp.PyArray_DIMS(arr)[0] != C \
+            or (cnp.PyArray_FLAGS(arr) & _PLAIN) != _PLAIN:
+        return NULL
+    return cnp.PyArray_DATA(arr)
+
+
+cdef inline bint _apart(const char* a, const char* b, Py_ssize_t nbytes) noexcept:
+    """Whether two buffers of ``nbytes`` are the same memory or do not overlap.
+
+    Kernels may write over their own input, but not over an input shifted
+    against the output: that would read half-written data.
+    """
+    return a == b or a + nbytes <= b or b + nbytes <= a
+
+
+cdef object _output(object out, object like, const Batch* x, char** data):
+    """``out`` if it can take the result shaped like ``like``, a new array if
+    ``out`` is None, else None."""
+    cdef cnp.ndarray arr, src = <cnp.ndarray>like
+    if out is None:
+        arr = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(src), cnp.PyArray_DIMS(src), x.typenum, 0)
+    elif not cnp.PyArray_CheckExact(out):
+        return None
+    else:
+        arr = <cnp.ndarray>out
+        if cnp.PyArray_TYPE(arr) != x.typenum or not cnp.PyArray_SAMESHAPE(arr, src) \
+                or (cnp.PyArray_FLAGS(arr) & _PLAIN_OUT) != _PLAIN_OUT:
+            return None
+    data[0] = <char*>cnp.PyArray_DATA(arr)
+    return arr
+
+
+cdef object _param_grad(object out, int typenum, cnp.npy_intp C):
+    """``out`` if it is a writable plain (C,) array of ``typenum``, a new one
+    if it is None, else None."""
+    if out is None:
+        return cnp.PyArray_EMPTY(1, &C, typenum, 0)
+    if _vector(out, typenum, C) == NULL \
+            or not cnp.PyArray_FLAGS(<cnp.ndarray>out) & cnp.NPY_ARRAY_WRITEABLE:
+        return None
+    return out
+
+
+cdef int _threads(object n_threads, Py_ssize_t size, Py_ssize_t parallel_min):
+    """``cbn.functional.resolve_threads`` for plain arguments; 0 to decline."""
+    if n_threads is None:
+        return 1 if size < parallel_min else cbn_max_threads()
+    if type(n_threads) is not int:
+        return 0
+    if n_threads == 1:
+        return 1
+    if n_threads == -1:
+        return cbn_max_threads()
+    if 1 < n_threads <= 1 << 20:
+        return n_threads
+    return 0
+
+
+cdef int _options(object eps, object activation, double* eps_out) except -2:
+    """``relu`` (0 or 1) for plain ``eps`` and ``activation``, else -1 to decline."""
+    cdef double e
+    if type(eps) is not float:
+        return -1
+    e = eps
+    if not (isfinite(e) and e > 0):
+        return -1
+    eps_out[0] = e
+    if activation is None:
+        return 0
+    if type(activation) is str and activation == "relu":
+        return 1
+    return -1
+
+
+def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
+              Py_ssize_t parallel_min, Py_ssize_t stream_min):
+    """``cbn.functional.batch_norm_eval`` for arguments the kernel takes as they are.
+
+    Returns y; the kernel's status code if it failed; None if some argument
+    needs the caller's validation (nothing was computed).
+    """
+    cdef Batch xb
+    cdef double e
+    cdef int relu = _options(eps, activation, &e), threads, status
+    cdef char* y_data
+    if relu < 0 or not _batch(x, axis, &xb):
+        return None
+    cdef Py_ssize_t C = xb.g.channels
+    cdef const double* m = <const double*>_vector(mean, cnp.NPY_DOUBLE, C)
+    cdef const double* v = <const double*>_vector(var, cnp.NPY_DOUBLE, C)
+    cdef const void* ga = _vector(gamma, xb.typenum, C)
+    cdef const void* be = _vector(beta, xb.typenum, C)
+    threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
+    if m == NULL or v == NULL or ga == NULL or be == NULL or threads == 0:
+        return None
+    y = _output(out, x, &xb, &y_data)
+    if y is None or not _apart(y_data, xb.data, xb.nbytes):
+        return None
+    cdef bint stream = xb.nbytes >= stream_min
+    with nogil:
+        if xb.typenum == cnp.NPY_FLOAT:
+            status = _eval(<const float*>xb.data, <float*>y_data, &xb.g, m, v,
+                           <const float*>ga, <const float*>be, e, relu, threads, stream)
+        else:
+            status = _eval(<const double*>xb.data, <double*>y_data, &xb.g, m, v,
+                           <const double*>ga, <const double*>be, e, relu, threads, stream)
+    return y if status == STATUS_OK else status
+
+
+def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
+               Py_ssize_t parallel_min, Py_ssize_t stream_min):
+    """``cbn.functional.batch_norm_train`` for arguments the kernel takes as they are.
+
+    Returns ``(y, mean, var)``; the kernel's status code if it failed; None if
+    some argument needs the caller's validation (nothing was computed). A
+    batch with one value per channel is left to the caller.
+    """
+    cdef Batch xb
+    cdef double e
+    cdef int relu = _options(eps, activation, &e), threads, status
+    cdef char* y_data
+    cdef cnp.npy_intp C
+    if relu < 0 or not _batch(x, axis, &xb) or xb.g.outer * xb.g.inner < 2:
+        return None
+    C = xb.g.channels
+    cdef const void* ga = _vector(gamma, xb.typenum, C)
+    cdef const void* be = _vector(beta, xb.typenum, C)
+    threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
+    if ga == NULL or be == NULL or threads == 0:
+        return None
+    y = _output(out, x, &xb, &y_data)
+    if y is None or not _apart(y_data, xb.data, xb.nbytes):
+        return None
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &C, cnp.NPY_DOUBLE, 0)
+    cdef cnp.ndarray var = cnp.PyArray_EMPTY(1, &C, cnp.NPY_DOUBLE, 0)
+    cdef double* m = <double*>cnp.PyArray_DATA(mean)
+    cdef double* v = <double*>cnp.PyArray_DATA(var)
+    cdef bint stream = xb.nbytes >= stream_min
+    with nogil:
+        if xb.typenum == cnp.NPY_FLOAT:
+            status = _train(<const float*>xb.data, <float*>y_data, &xb.g, <const float*>ga,
+                            <const float*>be, e, m, v, relu, threads, stream)
+        else:
+            status = _train(<const double*>xb.data, <double*>y_data, &xb.g, <const double*>ga,
+                            <const double*>be, e, m, v, relu, threads, stream)
+    return (y, mean, var) if status == STATUS_OK else status
+
+
+def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation, out,
+                  n_threads, Py_ssize_t parallel_min, Py_ssize_t stream_min,
+                  dgamma_out=None, dbeta_out=None, bint need_param_grads=True):
+    """``cbn.functional.batch_norm_backward`` for arguments the kernel takes as they are.
+
+    ``dgamma_out``, ``dbeta_out``: (C,) arrays of x's dtype to write the
+    parameter gradients into (only on success), or None for new ones;
+    ``need_param_grads`` as in ``backward``. Returns ``(dx, dgamma, dbeta)``;
+    the kernel's status code if it failed; None if some argument needs the
+    caller's validation (nothing was computed).
+    """
+    cdef Batch xb, db
+    cdef double e
+    cdef int relu = _options(eps, activation, &e), threads, status
+    cdef char* dx_data
+    cdef cnp.npy_intp C
+    if relu < 0 or type(training) is not bool or not _batch(x, axis, &xb) \
+            or not _like(dy, x, &xb, axis, &db):
+        return None
+    cdef bint train = training
+    if train and xb.g.outer * xb.g.inner < 2:
+        return None
+    C = xb.g.channels
+    cdef const double* m = <const double*>_vector(mean, cnp.NPY_DOUBLE, C)
+    cdef const double* v = <const double*>_vector(var, cnp.NPY_DOUBLE, C)
+    cdef const void* ga = _vector(gamma, xb.typenum, C)
+    cdef const void* be = _vector(beta, xb.typenum, C)
+    threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
+    if m == NULL or v == NULL or ga == NULL or be == NULL or threads == 0:
+        return None
+    dx = _output(out, x, &xb, &dx_data)
+    if dx is None or not (_apart(dx_data, xb.data, xb.nbytes)
+                          and _apart(dx_data, db.data, xb.nbytes)):
+        return None
+    dgamma = _param_grad(dgamma_out, xb.typenum, C)
+    dbeta = _param_grad(dbeta_out, xb.typenum, C)
+    if dgamma is None or dbeta is None:
+        return None
+    cdef void* dg = cnp.PyArray_DATA(<cnp.ndarray>dgamma)
+    cdef void* dbe = cnp.PyArray_DATA(<cnp.ndarray>dbeta)
+    cdef bint stream = xb.nbytes >= stream_min
+    with nogil:
+        if xb.typenum == cnp.NPY_FLOAT:
+            status = _backward(<const float*>db.data, <const float*>xb.data, &xb.g, m, v,
+                               <const float*>ga, <const float*>be, e, <float*>dx_data,
+                               <float*>dg, <float*>dbe, train, need_param_grads, relu,
+                               threads, stream)
+        else:
+            status = _backward(<const double*>db.data, <const double*>xb.data, &xb.g, m, v,
+                               <const double*>ga, <const double*>be, e, <double*>dx_data,
+                               <double*>dg, <double*>dbe, train, need_param_grads, relu,
+                               threads, stream)
+    return (dx, dgamma, dbeta) if status == STATUS_OK else status

@@ -414,6 +414,19 @@ def batch_norm_train(
         The batch statistics or the output are not finite (NaN or Inf in x,
         gamma or beta).
     """
+    result = _kernels.train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
+                                 PARALLEL_MIN_SIZE, STREAM_MIN_BYTES)
+    if type(result) is tuple:
+        return result
+    if result is not None and result != _kernels.NONFINITE_STATS:
+        _raise_for_status(result, "output", (("gamma", gamma), ("beta", beta)))
+    # Arguments that need checking or converting; or non-finite statistics,
+    # which left y unwritten and which the checked path names by channel.
+    return _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads)
+
+
+def _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads):
+    """:func:`batch_norm_train` for arguments that need validation or conversion."""
     relu = check_activation(activation)
     eps = check_eps(eps)
     x_c, x3 = channel_view(x, axis)
@@ -481,6 +494,18 @@ def batch_norm_eval(
     FloatingPointError
         x, the statistics, gamma or beta contain NaN or Inf.
     """
+    y = _kernels.eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
+                           PARALLEL_MIN_SIZE, STREAM_MIN_BYTES)
+    if y is None:  # arguments that need checking or converting
+        return _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads)
+    if type(y) is int:
+        _raise_for_status(y, "output", (("mean", mean), ("var", var), ("gamma", gamma),
+                                        ("beta", beta)))
+    return y
+
+
+def _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads):
+    """:func:`batch_norm_eval` for arguments that need validation or conversion."""
     relu = check_activation(activation)
     eps = check_eps(eps)
     x_c, x3 = channel_view(x, axis)
@@ -550,6 +575,21 @@ def batch_norm_backward(
     FloatingPointError
         dy, x, the statistics, gamma or beta contain NaN or Inf.
     """
+    result = _kernels.backward_call(dy, x, mean, var, gamma, beta, axis, eps, training,
+                                    activation, out, n_threads, PARALLEL_MIN_SIZE,
+                                    STREAM_MIN_BYTES)
+    if result is None:  # arguments that need checking or converting
+        return _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training,
+                                 activation, out, n_threads)
+    if type(result) is int:
+        _raise_for_status(result, "gradient", (("mean", mean), ("var", var),
+                                               ("gamma", gamma), ("beta", beta)))
+    return result
+
+
+def _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training, activation, out,
+                      n_threads):
+    """:func:`batch_norm_backward` for arguments that need validation or conversion."""
     relu = check_activation(activation)
     eps = check_eps(eps)
     x_c, x3 = channel_view(x, axis)

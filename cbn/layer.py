@@ -6,6 +6,7 @@ import threading
 import numpy as np
 
 from . import _kernels, io
+from . import functional as F
 from .functional import (
     FLOAT_DTYPES,
     _nonfinite_channels,
@@ -261,6 +262,35 @@ class BatchNorm:
             self._busy.release()
 
     def _forward(self, x):
+        gamma, beta = (self._gamma, self._beta) if self.affine else (self._ones, self._zeros)
+        batch_stats = self.uses_batch_stats
+        # A batch the kernels take as it is runs without further Python;
+        # anything else (or a kernel failure) goes through the checked path,
+        # which converts it or raises an exception that names the problem.
+        if batch_stats:
+            result = _kernels.train_call(
+                x, gamma, beta, self.axis, self.eps, self.activation, None, self.n_threads,
+                F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
+            )
+            if type(result) is not tuple:
+                return self._checked_forward(x)
+            y, mean, var = result
+            if self.training and self.track_running_stats:
+                count = y.size // self.num_features
+                self._update_running_stats(mean, var, count)
+        else:
+            mean = self._running_mean.astype(np.float64)
+            var = self._running_var.astype(np.float64)
+            y = _kernels.eval_call(
+                x, mean, var, gamma, beta, self.axis, self.eps, self.activation, None,
+                self.n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
+            )
+            if type(y) is not np.ndarray:
+                return self._checked_forward(x)
+        self._cache = (x, mean, var, batch_stats)
+        return y
+
+    def _checked_forward(self, x):
         x_c, x3 = channel_view(x, self.axis, "x", self.dtype, self.num_features)
         count = x3.shape[0] * x3.shape[2]
         gamma, beta = (self._gamma, self._beta) if self.affine else (self._ones, self._zeros)
@@ -305,7 +335,7 @@ class BatchNorm:
                     ("beta", beta),
                 ),
             )
-        self._cache = (x_c, x3, mean, var, self.uses_batch_stats)
+        self._cache = (x_c, mean, var, self.uses_batch_stats)
         return y
 
     def _update_running_stats(self, mean, var, count):
@@ -357,17 +387,31 @@ class BatchNorm:
     def _backward(self, dy):
         if self._cache is None:
             raise RuntimeError("backward() called before forward(): there is nothing to differentiate")
-        x_c, x3, mean, var, batch_stats = self._cache
-        dy = dy if isinstance(dy, np.ndarray) else np.asarray(dy)
-        if dy.shape != x_c.shape:
-            raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
-        dy_c, dy3 = channel_view(dy, self.axis, "dy", self.dtype, self.num_features)
+        x_c, mean, var, batch_stats = self._cache
         if self.affine:
             gamma, beta = self._gamma, self._beta
             dgamma, dbeta = self.dgamma, self.dbeta
         else:
             gamma, beta = self._ones, self._zeros
             dgamma, dbeta = self._scratch_grads
+        result = _kernels.backward_call(
+            dy, x_c, mean, var, gamma, beta, self.axis, self.eps, batch_stats, self.activation,
+            None, self.n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES, dgamma, dbeta,
+            self.affine,
+        )
+        if type(result) is tuple:
+            return result[0]
+        return self._checked_backward(dy, (x_c, mean, var, batch_stats),
+                                      (gamma, beta, dgamma, dbeta))
+
+    def _checked_backward(self, dy, cache, params):
+        x_c, mean, var, batch_stats = cache
+        gamma, beta, dgamma, dbeta = params
+        x3 = channel_view(x_c, self.axis)[1]
+        dy = dy if isinstance(dy, np.ndarray) else np.asarray(dy)
+        if dy.shape != x_c.shape:
+            raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
+        dy_c, dy3 = channel_view(dy, self.axis, "dy", self.dtype, self.num_features)
         dx = np.empty_like(dy_c)
         status = _kernels.backward(
             dy3, x3, mean, var, gamma, beta, self.eps, dx.reshape(x3.shape), dgamma, dbeta,
