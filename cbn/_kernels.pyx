@@ -833,6 +833,8 @@ cdef enum:
     QUAD_ROW_BYTES = 8192       # inner == 1: rows up to this long fold q apart in
                                 # statistics (cbn_quad_sums), longer ones adjacent
     ELEMENTS_PER_BLOCK = 16384  # inner > 1: target values per reduction block
+    BACK_CHUNK_BYTES = 1048576  # second passes over the data go backwards in
+                                # chunks of this many bytes (see _chunk_items)
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
                                 # no further thread is started
 
@@ -1202,15 +1204,63 @@ cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt) noexcept nogil:
     return target // row_bytes if 2 * row_bytes <= target else 1
 
 
+cdef inline Py_ssize_t _chunk_items(Py_ssize_t item_bytes) noexcept nogil:
+    """Items (rows or runs) per chunk of a second pass, which goes backwards.
+
+    Training forward normalizes, and backward applies dx, after a first pass
+    (statistics, sums) has read the same x (and dy) front to back. Taking the
+    second pass's chunks last to first starts it on the data the first pass
+    read last, which the cache still holds; front to back, it would find the
+    least recently read data first, evicted on any array larger than the
+    cache, and then evict what it is about to need. Within a chunk the loops
+    run forwards, for the hardware prefetcher. Against front to back, in one
+    process on cold data: backward 1.0-1.13x and training forward 0.96-1.1x
+    on arrays of 4-32 MiB (one thread; two threads 0.99-1.1x and 0.97-1.05x);
+    1 MiB chunks measured as well as 4 MiB, 256 KiB a little worse. Results
+    do not change: the pass is elementwise.
+    """
+    cdef Py_ssize_t n = BACK_CHUNK_BYTES // item_bytes
+    return n if n > 1 else 1
+
+
+cdef int _normalize_rows_back(const floating* x, floating* y, Py_ssize_t r0, Py_ssize_t r1,
+                              Py_ssize_t wide, const floating* coef, bint relu, bint two,
+                              bint nt) noexcept nogil:
+    """_normalize_rows over rows [r0, r1) in chunks, the last chunk first."""
+    cdef Py_ssize_t step = _chunk_items(wide * sizeof(floating)), hi = r1, lo
+    cdef int bad = 0
+    while hi > r0:
+        lo = hi - step if hi - step > r0 else r0
+        bad |= _normalize_rows(x + lo * wide, y + lo * wide, hi - lo, wide, coef, wide,
+                               relu, two, nt)
+        hi = lo
+    return bad
+
+
+cdef int _normalize_runs_back(const floating* x, floating* y, const Geometry* g,
+                              const floating* coef, Py_ssize_t u0, Py_ssize_t u1,
+                              bint relu, bint nt) noexcept nogil:
+    """_normalize_runs over runs [u0, u1) in chunks, the last chunk first."""
+    cdef Py_ssize_t step = _chunk_items(g.inner * sizeof(floating)), hi = u1, lo
+    cdef int bad = 0
+    while hi > u0:
+        lo = hi - step if hi - step > u0 else u0
+        bad |= _normalize_runs(x, y, g, coef, lo, hi, relu, nt)
+        hi = lo
+    return bad
+
+
 cdef int _normalize(const floating* x, floating* y, const Geometry* g,
                     const floating* coef, bint relu, bint two, bint nt,
-                    int n_threads) noexcept nogil:
+                    int n_threads, bint back=False) noexcept nogil:
     """Apply the per-channel affine map; coef holds rows m, a, b. Returns a status.
 
     two (rows only, without ReLU): coef holds rows a, c of cbn_uncentre instead.
+    back: take each thread's share in chunks, last to first (after the
+    statistics pass; see _chunk_items).
 
     Each thread writes one contiguous share of y. nt: write y with streaming
-    stores (for outputs too large to stay cached), fenced once per thread.
+    stores (for outputs too large to stay cached), fenced once per chunk.
     Measured against ordinary stores on outputs of 16-64 MiB: runs of
     inner > 1 1.1-1.3x; rows (folded, see _row_fold) 1.1-1.6x.
     """
@@ -1234,8 +1284,11 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
                         use_threads_if=n_work > 1):
             r0 = _share(folded, w, n_work)
             r1 = _share(folded, w + 1, n_work)
-            bad += _normalize_rows(x + r0 * wide, y + r0 * wide, r1 - r0, wide, ext, wide,
-                                   relu, two, nt)
+            if back:
+                bad += _normalize_rows_back(x, y, r0, r1, wide, ext, relu, two, nt)
+            else:
+                bad += _normalize_rows(x + r0 * wide, y + r0 * wide, r1 - r0, wide, ext, wide,
+                                       relu, two, nt)
         bad += _normalize_rows(x + folded * wide, y + folded * wide, g.outer - folded * k, C,
                                ext, wide, relu, two, False)
         free(widened)
@@ -1243,8 +1296,12 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
         n_work = _workers(g.outer * C * g.inner, n_threads)
         for w in prange(n_work, schedule='static', num_threads=n_work,
                         use_threads_if=n_work > 1):
-            bad += _normalize_runs(x, y, g, coef, _share(g.outer * C, w, n_work),
-                                   _share(g.outer * C, w + 1, n_work), relu, nt)
+            r0 = _share(g.outer * C, w, n_work)
+            r1 = _share(g.outer * C, w + 1, n_work)
+            if back:
+                bad += _normalize_runs_back(x, y, g, coef, r0, r1, relu, nt)
+            else:
+                bad += _normalize_runs(x, y, g, coef, r0, r1, relu, nt)
     return STATUS_NONFINITE_OUTPUT if bad else STATUS_OK
 
 
@@ -1493,6 +1550,33 @@ cdef int _apply_runs(const floating* dy, const floating* x, floating* dx,
     return bad
 
 
+cdef int _apply_rows_back(const floating* dy, const floating* x, floating* dx, Py_ssize_t r0,
+                          Py_ssize_t r1, Py_ssize_t wide, const floating* coef, Py_ssize_t cs,
+                          bint relu, bint use_x, bint fused, bint nt) noexcept nogil:
+    """_apply_rows over rows [r0, r1) in chunks, the last chunk first."""
+    cdef Py_ssize_t step = _chunk_items(wide * sizeof(floating)), hi = r1, lo
+    cdef int bad = 0
+    while hi > r0:
+        lo = hi - step if hi - step > r0 else r0
+        bad |= _apply_rows(dy + lo * wide, x + lo * wide, dx + lo * wide, hi - lo, wide,
+                           coef, cs, relu, use_x, fused, nt)
+        hi = lo
+    return bad
+
+
+cdef int _apply_runs_back(const floating* dy, const floating* x, floating* dx,
+                          const Geometry* g, const floating* coef, Py_ssize_t u0,
+                          Py_ssize_t u1, bint relu, bint use_x, bint nt) noexcept nogil:
+    """_apply_runs over runs [u0, u1) in chunks, the last chunk first."""
+    cdef Py_ssize_t step = _chunk_items(g.inner * sizeof(floating)), hi = u1, lo
+    cdef int bad = 0
+    while hi > u0:
+        lo = hi - step if hi - step > u0 else u0
+        bad |= _apply_runs(dy, x, dx, g, coef, lo, hi, relu, use_x, nt)
+        hi = lo
+    return bad
+
+
 cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
                          const Geometry* g, const floating* coef, bint relu, bint use_x,
                          bint fused, bint nt, int n_threads) noexcept nogil:
@@ -1502,9 +1586,10 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     dx = a*(g + k0 + slope*(x - m)): one coefficient row fewer to stream,
     backward 1.0-1.1x on rows of 64-1024 channels.
 
-    Each thread writes one contiguous share of dx. nt: write dx with streaming
-    stores (for outputs too large to stay cached), fenced once per thread;
-    rows (inner == 1) stream only from 4 KiB.
+    Each thread writes one contiguous share of dx, in chunks last to first
+    (the sums pass has just read x and dy front to back; see _chunk_items).
+    nt: write dx with streaming stores (for outputs too large to stay cached),
+    fenced once per chunk; rows (inner == 1) stream only from 4 KiB.
     """
     cdef Py_ssize_t C = g.channels, w, n_work, r0, r1, n_runs = g.outer * C
     cdef Py_ssize_t k = 1, wide, folded, cs = C
@@ -1531,16 +1616,15 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
                         use_threads_if=n_work > 1):
             r0 = _share(folded, w, n_work)
             r1 = _share(folded, w + 1, n_work)
-            bad += _apply_rows(dy + r0 * wide, x + r0 * wide, dx + r0 * wide, r1 - r0, wide,
-                               ext, cs, relu, use_x, fused, nt)
+            bad += _apply_rows_back(dy, x, dx, r0, r1, wide, ext, cs, relu, use_x, fused, nt)
         bad += _apply_rows(dy + folded * wide, x + folded * wide, dx + folded * wide,
                            g.outer - folded * k, C, ext, cs, relu, use_x, fused, False)
         free(widened)
     else:
         for w in prange(n_work, schedule='static', num_threads=n_work,
                         use_threads_if=n_work > 1):
-            bad += _apply_runs(dy, x, dx, g, coef, _share(n_runs, w, n_work),
-                               _share(n_runs, w + 1, n_work), relu, use_x, nt)
+            bad += _apply_runs_back(dy, x, dx, g, coef, _share(n_runs, w, n_work),
+                                    _share(n_runs, w + 1, n_work), relu, use_x, nt)
     return STATUS_NONFINITE_OUTPUT if bad else STATUS_OK
 
 
@@ -1714,7 +1798,7 @@ cdef int _train(const floating* x, floating* y, const Geometry* g, const floatin
             status = STATUS_NONFINITE_OUTPUT
         else:
             two = _uncentre(g, mean_out, gamma, beta, coef, relu)
-            status = _normalize(x, y, g, coef, relu, two, stream, n_threads)
+            status = _normalize(x, y, g, coef, relu, two, stream, n_threads, True)
     free(invstd)
     free(coef)
     return status

@@ -47,6 +47,8 @@ GEOMETRIES = [
     (3, 2, 9001),  # one row per reduction block, prime inner
     (1, 3, 20011),  # inner > 16384 with outer == 1
     (2, 1, 2),  # one channel, two values each... per row
+    (9003, 64, 1),  # second passes in several 1 MiB chunks, short rows folded, tail rows
+    (37, 5, 1601),  # runs in several 1 MiB chunks (float32 2, float64 3)
 ]
 
 
@@ -537,7 +539,9 @@ def run_everything(x, dy, gamma, beta, relu, n_threads):
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "geometry", [(520, 263, 1), (3, 300, 1), (40, 3, 1000), (3, 2, 9001), (7, 11, 31), (2, 3, 5)],
+    "geometry",
+    [(520, 263, 1), (3, 300, 1), (40, 3, 1000), (3, 2, 9001), (7, 11, 31), (2, 3, 5),
+     (9003, 64, 1), (37, 5, 1601)],
     ids=geometry_id,
 )
 def test_results_are_bit_identical_for_any_thread_count(geometry, dtype, relu):
@@ -719,3 +723,36 @@ def test_a_nonfinite_value_is_caught_wherever_it_lands(dtype, shape):
         dyb = dy.copy()
         dyb[r, c, 0] = bad
         assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, (r, c)
+
+
+# Arrays whose second passes (training forward's normalize, backward's apply) run in
+# several chunks of BACK_CHUNK_BYTES, last chunk first: rows (unfolded and folded)
+# and runs, each with a partial chunk.
+CHUNKED_SHAPES = [(520, 2063, 1), (9003, 64, 1), (37, 5, 1601)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CHUNKED_SHAPES, ids=geometry_id)
+def test_backward_apply_checks_every_chunk(dtype, shape):
+    """A bad dy in the first, a middle or the last value of every chunk is reported,
+    and a clean dy after it is not (nothing sticks between calls)."""
+    rng = np.random.default_rng(seed_of("chunks", shape, np.dtype(dtype).name))
+    outer, C, inner = shape
+    x = rng.uniform(0.5, 2.0, shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mean, var = np.zeros(C), np.ones(C)
+    coef3 = forward_coef(mean, var, rng.uniform(0.5, 2.0, C).astype(dtype),
+                         rng.uniform(0.5, 1.0, C).astype(dtype), dtype)
+    coef6 = backward_coef(coef3, mean, var, rng.standard_normal(C), rng.standard_normal(C),
+                          outer * inner, True, dtype)
+    dx = np.empty_like(x)
+    flat = dy.reshape(-1)
+    chunk = (1 << 20) // dtype().itemsize  # values per chunk, about
+    positions = sorted({0, flat.size - 1, flat.size // 2,
+                        *range(chunk - 1, flat.size, chunk), *range(chunk, flat.size, chunk)})
+    assert len(positions) >= 5
+    for k, p in enumerate(positions):
+        dyb = dy.copy()
+        dyb.reshape(-1)[p] = (np.nan, np.inf, -np.inf)[k % 3]
+        assert K.backward_apply(dyb, x, coef6, dx, bool(k % 2), 1) == K.NONFINITE_OUTPUT, p
+    assert K.backward_apply(dy, x, coef6, dx, False, 1) == K.OK
