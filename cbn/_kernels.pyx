@@ -1962,6 +1962,12 @@ cdef enum:
     _MAX_AXIS = 64              # more than any ndarray has dimensions (NPY_MAXDIMS)
 
 
+cdef inline bint _plain(cnp.ndarray arr, int flags) noexcept:
+    """Whether ``arr`` has all of ``flags`` and its values in this machine's byte
+    order (the type number alone does not say: ``>f4`` is NPY_FLOAT too)."""
+    return (cnp.PyArray_FLAGS(arr) & flags) == flags and cnp.PyArray_ISNOTSWAPPED(arr)
+
+
 cdef struct Batch:
     int typenum                 # NPY_FLOAT or NPY_DOUBLE
     Geometry g
@@ -1986,8 +1992,7 @@ cdef bint _batch(object a, object axis, Batch* b):
     if ax < 0:
         ax += nd
     if (b.typenum != cnp.NPY_FLOAT and b.typenum != cnp.NPY_DOUBLE) or nd < 2 \
-            or not 0 <= ax < nd or cnp.PyArray_SIZE(arr) == 0 \
-            or (cnp.PyArray_FLAGS(arr) & _PLAIN) != _PLAIN:
+            or not 0 <= ax < nd or cnp.PyArray_SIZE(arr) == 0 or not _plain(arr, _PLAIN):
         return False
     dims = cnp.PyArray_DIMS(arr)
     for i in range(ax):
@@ -2014,8 +2019,7 @@ cdef void* _vector(object v, int typenum, Py_ssize_t C):
         return NULL
     arr = <cnp.ndarray>v
     if cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_NDIM(arr) != 1 \
-            or cnp.PyArray_DIMS(arr)[0] != C \
-            or (cnp.PyArray_FLAGS(arr) & _PLAIN) != _PLAIN:
+            or cnp.PyArray_DIMS(arr)[0] != C or not _plain(arr, _PLAIN):
         return NULL
     return cnp.PyArray_DATA(arr)
 
@@ -2040,7 +2044,7 @@ cdef object _output(object out, object like, const Batch* x, char** data):
     else:
         arr = <cnp.ndarray>out
         if cnp.PyArray_TYPE(arr) != x.typenum or not cnp.PyArray_SAMESHAPE(arr, src) \
-                or (cnp.PyArray_FLAGS(arr) & _PLAIN_OUT) != _PLAIN_OUT:
+                or not _plain(arr, _PLAIN_OUT):
             return None
     data[0] = <char*>cnp.PyArray_DATA(arr)
     return arr

@@ -318,3 +318,39 @@ def test_layer_bad_input_still_gets_the_layer_messages():
         layer.backward(np.ones((2, 4), np.float32))
     with pytest.raises(TypeError, match="float64"):
         layer.backward(np.ones((3, 4)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_calls_decline_byte_swapped_arrays(dtype):
+    """``>f4`` has NumPy's float32 type number; read as native it is garbage."""
+    rng = np.random.default_rng(seed_of("swapped", dtype.__name__))
+    x, gamma, beta = make_batch(rng, (6, 4), 1, dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    s, v = rng.normal(size=4), rng.uniform(0.5, 2.0, size=4)
+    sizes = (1 << 16, 1 << 30)
+
+    def swapped(a):
+        return a.astype(a.dtype.newbyteorder())
+
+    calls = {
+        "eval_call": (_kernels.eval_call,
+                      [x, s, v, gamma, beta, 1, 1e-5, None, None, 1, *sizes], (0, 1, 2, 3, 4)),
+        "train_call": (_kernels.train_call,
+                       [x, gamma, beta, 1, 1e-5, None, None, 1, *sizes], (0, 1, 2)),
+        "backward_call": (_kernels.backward_call,
+                          [dy, x, s, v, gamma, beta, 1, 1e-5, True, None, None, 1, *sizes],
+                          (0, 1, 2, 3, 4, 5)),
+    }
+    for name, (call, args, positions) in calls.items():
+        assert call(*args) is not None, name
+        for p in positions:
+            bad = list(args)
+            bad[p] = swapped(args[p])
+            assert call(*bad) is None, (name, p)
+    out = swapped(np.empty_like(x))
+    assert _kernels.eval_call(x, s, v, gamma, beta, 1, 1e-5, None, out, 1, *sizes) is None
+    # Through the public function: refused by name, never computed from raw bytes.
+    with pytest.raises(TypeError, match="gamma"):
+        F.batch_norm_train(x, swapped(gamma), beta)
+    with pytest.raises(TypeError, match="x must be"):
+        F.batch_norm_eval(swapped(x), s, v, gamma, beta)
