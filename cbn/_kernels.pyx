@@ -823,8 +823,6 @@ cdef enum:
                                 # bytes (rows of 32-100 channels 1.1-1.75x, 64 and
                                 # 128 channels 1.0x, against unfolded rows)
     STREAM_FOLD_BYTES = 4096    # or this many when it streams its output
-    CENTRED_ROW_MIN = 2048      # inner == 1: rows of this many bytes up to
-    CENTRED_ROW_MAX = 4096      # this many normalize centred (see _uncentre)
     MIN_BLOCK_ROWS = 64         # inner == 1: batches of 2*this to 2*ROWS_PER_BLOCK - 1
                                 # rows reduce as two halves, so that two threads
                                 # share them: (256, 1024) and (128, 2048) training
@@ -851,8 +849,6 @@ NONFINITE_STATS = STATUS_NONFINITE_STATS
 NONFINITE_OUTPUT = STATUS_NONFINITE_OUTPUT
 NO_MEMORY = STATUS_NO_MEMORY
 NEGATIVE_VAR = STATUS_NEGATIVE_VAR
-# Row lengths in bytes, inclusive, that always normalize in the centred form.
-CENTRED_ROW_BYTES = (CENTRED_ROW_MIN, CENTRED_ROW_MAX)
 
 
 def build_info():
@@ -1311,15 +1307,13 @@ cdef bint _uncentre(const Geometry* g, const double* mean, const floating* gamma
 
     Rows only: the runs of inner > 1 read one coefficient per run, so they gain
     nothing. Never with ReLU: its mask must be the CBN_Z that backward recomputes.
-    Not for rows of CENTRED_ROW_MIN to CENTRED_ROW_MAX bytes either: there the
-    centred form measured faster, by the same input in one process (float64
-    rows of 2-4 KiB 1.07-1.16x, float32 rows of 4 KiB 0.98-1.05x), while x*a + c
-    won on shorter and longer rows (float64 rows of 512 B-1 KiB 1.03-1.16x,
-    of 6-8 KiB 1.2-1.5x; float32 of 1-2 KiB 1.02-1.07x, of 8 KiB 1.33x).
+    Rows of every length take it: x*a + c measured 1.03-1.16x on rows of
+    512 B-1 KiB and 6-8 KiB, and since the passes take four rows per
+    coefficient load, 0.94-1.09x (about 1.03 at the median; evaluation and
+    training forward, one and two threads) on rows of 2-4 KiB, which used to
+    keep the centred form.
     """
     if g.inner != 1 or relu:
-        return False
-    if CENTRED_ROW_MIN <= g.channels * sizeof(floating) <= CENTRED_ROW_MAX:
         return False
     if floating is float:
         return cbn_uncentre_f(g.channels, mean, gamma, beta, coef)
