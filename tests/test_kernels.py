@@ -733,7 +733,8 @@ CHUNKED_SHAPES = [(520, 2063, 1), (9003, 64, 1), (37, 5, 1601)]
 @pytest.mark.parametrize("shape", CHUNKED_SHAPES, ids=geometry_id)
 def test_backward_apply_checks_every_chunk(dtype, shape):
     """A bad dy in the first, a middle or the last value of every chunk is reported,
-    and a clean dy after it is not (nothing sticks between calls)."""
+    with ordinary and with streaming stores, and a clean dy after it is not
+    (nothing sticks between calls)."""
     rng = np.random.default_rng(seed_of("chunks", shape, np.dtype(dtype).name))
     outer, C, inner = shape
     x = rng.uniform(0.5, 2.0, shape).astype(dtype)
@@ -749,8 +750,10 @@ def test_backward_apply_checks_every_chunk(dtype, shape):
     positions = sorted({0, flat.size - 1, flat.size // 2,
                         *range(chunk - 1, flat.size, chunk), *range(chunk, flat.size, chunk)})
     assert len(positions) >= 5
-    for k, p in enumerate(positions):
-        dyb = dy.copy()
-        dyb.reshape(-1)[p] = (np.nan, np.inf, -np.inf)[k % 3]
-        assert K.backward_apply(dyb, x, coef6, dx, bool(k % 2), 1) == K.NONFINITE_OUTPUT, p
-    assert K.backward_apply(dy, x, coef6, dx, False, 1) == K.OK
+    for stream in (False, True):
+        for k, p in enumerate(positions):
+            dyb = dy.copy()
+            dyb.reshape(-1)[p] = (np.nan, np.inf, -np.inf)[k % 3]
+            status = K.backward_apply(dyb, x, coef6, dx, bool(k % 2), 1, stream)
+            assert status == K.NONFINITE_OUTPUT, (p, stream)
+        assert K.backward_apply(dy, x, coef6, dx, False, 1, stream) == K.OK

@@ -30,8 +30,8 @@ def _both(fn, monkeypatch):
 
 # (shape, axis): inner > 1 runs of lengths that are and are not multiples of a
 # 64-byte line, and inner == 1 rows: short ones, which a streamed pass folds
-# into 4 KiB virtual rows (with a remainder of rows), and rows of 4 KiB or
-# more, whose backward pass streams too.
+# into virtual rows (normalize 4 KiB, backward 2 KiB; with a remainder of
+# rows), and rows of 4 KiB or more.
 SHAPES = [
     ((4, 3, 37, 5), 1),
     ((2, 5, 64), 1),
