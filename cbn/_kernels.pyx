@@ -2086,6 +2086,32 @@ cdef int _options(object eps, object activation, double* eps_out) except -2:
     return -1
 
 
+cdef struct Params:
+    const double* mean          # NULL unless asked for (see _params)
+    const double* var
+    const void* gamma           # of the batch's dtype
+    const void* beta
+    int threads
+
+
+cdef bint _params(const Batch* xb, object mean, object var, object gamma, object beta,
+                  object n_threads, Py_ssize_t parallel_min, bint stats, Params* p):
+    """Whether the per-channel arguments (the statistics only if ``stats``) and
+    ``n_threads`` are what the kernels take as they are; fills ``p`` if so."""
+    cdef Py_ssize_t C = xb.g.channels
+    p.mean = NULL
+    p.var = NULL
+    if stats:
+        p.mean = <const double*>_vector(mean, cnp.NPY_DOUBLE, C)
+        p.var = <const double*>_vector(var, cnp.NPY_DOUBLE, C)
+        if p.mean == NULL or p.var == NULL:
+            return False
+    p.gamma = _vector(gamma, xb.typenum, C)
+    p.beta = _vector(beta, xb.typenum, C)
+    p.threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
+    return p.gamma != NULL and p.beta != NULL and p.threads != 0
+
+
 def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
               Py_ssize_t parallel_min, Py_ssize_t stream_min):
     """``cbn.functional.batch_norm_eval`` for arguments the kernel takes as they are.
@@ -2094,18 +2120,12 @@ def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
     needs the caller's validation (nothing was computed).
     """
     cdef Batch xb
+    cdef Params p
     cdef double e
-    cdef int relu = _options(eps, activation, &e), threads, status
+    cdef int relu = _options(eps, activation, &e), status
     cdef char* y_data
-    if relu < 0 or not _batch(x, axis, &xb):
-        return None
-    cdef Py_ssize_t C = xb.g.channels
-    cdef const double* m = <const double*>_vector(mean, cnp.NPY_DOUBLE, C)
-    cdef const double* v = <const double*>_vector(var, cnp.NPY_DOUBLE, C)
-    cdef const void* ga = _vector(gamma, xb.typenum, C)
-    cdef const void* be = _vector(beta, xb.typenum, C)
-    threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
-    if m == NULL or v == NULL or ga == NULL or be == NULL or threads == 0:
+    if relu < 0 or not _batch(x, axis, &xb) \
+            or not _params(&xb, mean, var, gamma, beta, n_threads, parallel_min, True, &p):
         return None
     y = _output(out, x, &xb, &y_data)
     if y is None or not _apart(y_data, xb.data, xb.nbytes):
@@ -2113,11 +2133,13 @@ def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
     cdef bint stream = xb.nbytes >= stream_min
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
-            status = _eval(<const float*>xb.data, <float*>y_data, &xb.g, m, v,
-                           <const float*>ga, <const float*>be, e, relu, threads, stream)
+            status = _eval(<const float*>xb.data, <float*>y_data, &xb.g, p.mean, p.var,
+                           <const float*>p.gamma, <const float*>p.beta, e, relu, p.threads,
+                           stream)
         else:
-            status = _eval(<const double*>xb.data, <double*>y_data, &xb.g, m, v,
-                           <const double*>ga, <const double*>be, e, relu, threads, stream)
+            status = _eval(<const double*>xb.data, <double*>y_data, &xb.g, p.mean, p.var,
+                           <const double*>p.gamma, <const double*>p.beta, e, relu, p.threads,
+                           stream)
     return y if status == STATUS_OK else status
 
 
@@ -2130,21 +2152,18 @@ def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
     batch with one value per channel is left to the caller.
     """
     cdef Batch xb
+    cdef Params p
     cdef double e
-    cdef int relu = _options(eps, activation, &e), threads, status
+    cdef int relu = _options(eps, activation, &e), status
     cdef char* y_data
     cdef cnp.npy_intp C
-    if relu < 0 or not _batch(x, axis, &xb) or xb.g.outer * xb.g.inner < 2:
-        return None
-    C = xb.g.channels
-    cdef const void* ga = _vector(gamma, xb.typenum, C)
-    cdef const void* be = _vector(beta, xb.typenum, C)
-    threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
-    if ga == NULL or be == NULL or threads == 0:
+    if relu < 0 or not _batch(x, axis, &xb) or xb.g.outer * xb.g.inner < 2 \
+            or not _params(&xb, None, None, gamma, beta, n_threads, parallel_min, False, &p):
         return None
     y = _output(out, x, &xb, &y_data)
     if y is None or not _apart(y_data, xb.data, xb.nbytes):
         return None
+    C = xb.g.channels
     cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &C, cnp.NPY_DOUBLE, 0)
     cdef cnp.ndarray var = cnp.PyArray_EMPTY(1, &C, cnp.NPY_DOUBLE, 0)
     cdef double* m = <double*>cnp.PyArray_DATA(mean)
@@ -2152,11 +2171,13 @@ def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
     cdef bint stream = xb.nbytes >= stream_min
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
-            status = _train(<const float*>xb.data, <float*>y_data, &xb.g, <const float*>ga,
-                            <const float*>be, e, m, v, relu, threads, stream)
+            status = _train(<const float*>xb.data, <float*>y_data, &xb.g,
+                            <const float*>p.gamma, <const float*>p.beta, e, m, v, relu,
+                            p.threads, stream)
         else:
-            status = _train(<const double*>xb.data, <double*>y_data, &xb.g, <const double*>ga,
-                            <const double*>be, e, m, v, relu, threads, stream)
+            status = _train(<const double*>xb.data, <double*>y_data, &xb.g,
+                            <const double*>p.gamma, <const double*>p.beta, e, m, v, relu,
+                            p.threads, stream)
     return (y, mean, var) if status == STATUS_OK else status
 
 
@@ -2172,30 +2193,23 @@ def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation
     caller's validation (nothing was computed).
     """
     cdef Batch xb, db
+    cdef Params p
     cdef double e
-    cdef int relu = _options(eps, activation, &e), threads, status
+    cdef int relu = _options(eps, activation, &e), status
     cdef char* dx_data
-    cdef cnp.npy_intp C
     if relu < 0 or type(training) is not bool or not _batch(x, axis, &xb) \
             or not _like(dy, x, &xb, axis, &db):
         return None
     cdef bint train = training
-    if train and xb.g.outer * xb.g.inner < 2:
-        return None
-    C = xb.g.channels
-    cdef const double* m = <const double*>_vector(mean, cnp.NPY_DOUBLE, C)
-    cdef const double* v = <const double*>_vector(var, cnp.NPY_DOUBLE, C)
-    cdef const void* ga = _vector(gamma, xb.typenum, C)
-    cdef const void* be = _vector(beta, xb.typenum, C)
-    threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
-    if m == NULL or v == NULL or ga == NULL or be == NULL or threads == 0:
+    if train and xb.g.outer * xb.g.inner < 2 \
+            or not _params(&xb, mean, var, gamma, beta, n_threads, parallel_min, True, &p):
         return None
     dx = _output(out, x, &xb, &dx_data)
     if dx is None or not (_apart(dx_data, xb.data, xb.nbytes)
                           and _apart(dx_data, db.data, xb.nbytes)):
         return None
-    dgamma = _param_grad(dgamma_out, xb.typenum, C)
-    dbeta = _param_grad(dbeta_out, xb.typenum, C)
+    dgamma = _param_grad(dgamma_out, xb.typenum, xb.g.channels)
+    dbeta = _param_grad(dbeta_out, xb.typenum, xb.g.channels)
     if dgamma is None or dbeta is None:
         return None
     cdef void* dg = cnp.PyArray_DATA(<cnp.ndarray>dgamma)
@@ -2203,13 +2217,13 @@ def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation
     cdef bint stream = xb.nbytes >= stream_min
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
-            status = _backward(<const float*>db.data, <const float*>xb.data, &xb.g, m, v,
-                               <const float*>ga, <const float*>be, e, <float*>dx_data,
-                               <float*>dg, <float*>dbe, train, need_param_grads, relu,
-                               threads, stream)
+            status = _backward(<const float*>db.data, <const float*>xb.data, &xb.g, p.mean,
+                               p.var, <const float*>p.gamma, <const float*>p.beta, e,
+                               <float*>dx_data, <float*>dg, <float*>dbe, train,
+                               need_param_grads, relu, p.threads, stream)
         else:
-            status = _backward(<const double*>db.data, <const double*>xb.data, &xb.g, m, v,
-                               <const double*>ga, <const double*>be, e, <double*>dx_data,
-                               <double*>dg, <double*>dbe, train, need_param_grads, relu,
-                               threads, stream)
+            status = _backward(<const double*>db.data, <const double*>xb.data, &xb.g, p.mean,
+                               p.var, <const double*>p.gamma, <const double*>p.beta, e,
+                               <double*>dx_data, <double*>dg, <double*>dbe, train,
+                               need_param_grads, relu, p.threads, stream)
     return (dx, dgamma, dbeta) if status == STATUS_OK else status
