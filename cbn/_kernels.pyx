@@ -1771,49 +1771,29 @@ cdef int _all_finite(Py_ssize_t C, const double* v) noexcept nogil:
     return 1
 
 
-cdef int _train(const floating* x, floating* y, const Geometry* g, const floating* gamma,
-                const floating* beta, double eps, double* mean_out, double* var_out,
-                bint relu, int n_threads, bint stream) noexcept nogil:
-    """The body of ``forward_train``; returns its status code."""
-    cdef Py_ssize_t C = g.channels
-    cdef int status
-    cdef bint two
-    cdef double* invstd = <double*>malloc(C * sizeof(double))
-    cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
-    if invstd == NULL or coef == NULL:
-        status = STATUS_NO_MEMORY
-    else:
-        status = _batch_stats(x, g, mean_out, var_out, n_threads)
-    if status == STATUS_OK:
-        if _invstd(C, var_out, eps, invstd) or not _all_finite(C, mean_out):
-            status = STATUS_NONFINITE_STATS
-    if status == STATUS_OK:
-        if _forward_coefficients(g, mean_out, invstd, gamma, beta, coef):
-            status = STATUS_NONFINITE_OUTPUT
-        else:
-            two = _uncentre(g, mean_out, gamma, beta, coef, relu)
-            status = _normalize(x, y, g, coef, relu, two, stream, n_threads, True)
-    free(invstd)
-    free(coef)
-    return status
-
-
-cdef int _eval(const floating* x, floating* y, const Geometry* g, const double* mean,
-               const double* var, const floating* gamma, const floating* beta, double eps,
-               bint relu, int n_threads, bint stream) noexcept nogil:
-    """The body of ``forward_eval``; returns its status code."""
+cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mean,
+                  double* var, const floating* gamma, const floating* beta, double eps,
+                  bint training, bint relu, int n_threads, bint stream) noexcept nogil:
+    """The body of ``forward_train`` (training: the batch's mean and var are
+    written) and of ``forward_eval`` (mean and var are read); returns a status."""
     cdef Py_ssize_t C = g.channels
     cdef int status = STATUS_OK
-    cdef bint two
     cdef double* invstd = <double*>malloc(C * sizeof(double))
     cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
     if invstd == NULL or coef == NULL:
         status = STATUS_NO_MEMORY
+    elif training:
+        status = _batch_stats(x, g, mean, var, n_threads)
+        if status == STATUS_OK and (_invstd(C, var, eps, invstd) or not _all_finite(C, mean)):
+            status = STATUS_NONFINITE_STATS
+        if status == STATUS_OK and _forward_coefficients(g, mean, invstd, gamma, beta, coef):
+            status = STATUS_NONFINITE_OUTPUT
     else:
         status = _given_coefficients(g, mean, var, eps, gamma, beta, invstd, coef)
     if status == STATUS_OK:
-        two = _uncentre(g, mean, gamma, beta, coef, relu)
-        status = _normalize(x, y, g, coef, relu, two, stream, n_threads)
+        # After the statistics pass, normalize goes backwards (see _chunk_items).
+        status = _normalize(x, y, g, coef, relu, _uncentre(g, mean, gamma, beta, coef, relu),
+                            stream, n_threads, training)
     free(invstd)
     free(coef)
     return status
@@ -1879,8 +1859,8 @@ def forward_train(const floating[:, :, ::1] x,     # IN  (outer, C, inner)
     cdef Geometry g = _geometry_of(x.shape)
     cdef int status
     with nogil:
-        status = _train(&x[0, 0, 0], &y_out[0, 0, 0], &g, &gamma[0], &beta[0], eps,
-                        &mean_out[0], &var_out[0], relu, n_threads, stream)
+        status = _forward(&x[0, 0, 0], &y_out[0, 0, 0], &g, &mean_out[0], &var_out[0],
+                          &gamma[0], &beta[0], eps, True, relu, n_threads, stream)
     return status
 
 
@@ -1900,8 +1880,9 @@ def forward_eval(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
     cdef Geometry g = _geometry_of(x.shape)
     cdef int status
     with nogil:
-        status = _eval(&x[0, 0, 0], &y_out[0, 0, 0], &g, &mean[0], &var[0], &gamma[0],
-                       &beta[0], eps, relu, n_threads, stream)
+        status = _forward(&x[0, 0, 0], &y_out[0, 0, 0], &g, <double*>&mean[0],
+                          <double*>&var[0], &gamma[0], &beta[0], eps, False, relu, n_threads,
+                          stream)
     return status
 
 
@@ -2133,13 +2114,13 @@ def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
     cdef bint stream = xb.nbytes >= stream_min
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
-            status = _eval(<const float*>xb.data, <float*>y_data, &xb.g, p.mean, p.var,
-                           <const float*>p.gamma, <const float*>p.beta, e, relu, p.threads,
-                           stream)
+            status = _forward(<const float*>xb.data, <float*>y_data, &xb.g, <double*>p.mean,
+                              <double*>p.var, <const float*>p.gamma, <const float*>p.beta, e,
+                              False, relu, p.threads, stream)
         else:
-            status = _eval(<const double*>xb.data, <double*>y_data, &xb.g, p.mean, p.var,
-                           <const double*>p.gamma, <const double*>p.beta, e, relu, p.threads,
-                           stream)
+            status = _forward(<const double*>xb.data, <double*>y_data, &xb.g, <double*>p.mean,
+                              <double*>p.var, <const double*>p.gamma, <const double*>p.beta, e,
+                              False, relu, p.threads, stream)
     return y if status == STATUS_OK else status
 
 
@@ -2171,13 +2152,13 @@ def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
     cdef bint stream = xb.nbytes >= stream_min
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
-            status = _train(<const float*>xb.data, <float*>y_data, &xb.g,
-                            <const float*>p.gamma, <const float*>p.beta, e, m, v, relu,
-                            p.threads, stream)
+            status = _forward(<const float*>xb.data, <float*>y_data, &xb.g, m, v,
+                              <const float*>p.gamma, <const float*>p.beta, e, True, relu,
+                              p.threads, stream)
         else:
-            status = _train(<const double*>xb.data, <double*>y_data, &xb.g,
-                            <const double*>p.gamma, <const double*>p.beta, e, m, v, relu,
-                            p.threads, stream)
+            status = _forward(<const double*>xb.data, <double*>y_data, &xb.g, m, v,
+                              <const double*>p.gamma, <const double*>p.beta, e, True, relu,
+                              p.threads, stream)
     return (y, mean, var) if status == STATUS_OK else status
 
 
