@@ -14,7 +14,6 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/control.py [--json FILE]
 """
 
-import argparse
 import statistics
 import sys
 
@@ -49,15 +48,12 @@ def control(torch, config):
 
 def main(argv=None):
     """Run the control and print a summary; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", metavar="FILE", help="write the per-case ratios as JSON")
-    args = p.parse_args(argv)
+    save = B.side_measurement(__doc__, "write the per-case ratios as JSON", argv)
     torch = B._import_torch()
     if torch is None:
         print("PyTorch is not installed: nothing to compare", file=sys.stderr)
         return 1
     torch.set_num_threads(1)
-    allocator = B.steady_allocator()
     config = B.BenchConfig(shapes=[B.parse_shape(s) for s in B.DEFAULT_SHAPES],
                            cache_bytes=B._last_level_cache_bytes())
     rows = control(torch, config)
@@ -65,8 +61,7 @@ def main(argv=None):
     wide = sum(abs(x - 1) > 0.05 for x in r)
     print(f"PyTorch against itself: {min(r):.3f} to {max(r):.3f} (median "
           f"{statistics.median(r):.3f}); {wide} of {len(r)} cases more than 5% from 1")
-    if args.json:
-        B.write_record(args.json, allocator, cases=rows)
+    save(cases=rows)
     return 0
 
 

@@ -22,7 +22,6 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/stream_threshold.py [--json FILE]
 """
 
-import argparse
 import sys
 
 import numpy as np
@@ -70,10 +69,7 @@ def measure(shape, dtype, *, cache_bytes, rounds=5, target_time=0.3):
 
 def main(argv=None):
     """Measure every shape and dtype, print a table; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", metavar="FILE", help="write the ratios as JSON")
-    args = p.parse_args(argv)
-    allocator = B.steady_allocator()
+    save = B.side_measurement(__doc__, "write the ratios as JSON", argv)
     cache = B._last_level_cache_bytes()
     print(f"streamed speed-up (cached time / streamed time), one thread; "
           f"STREAM_MIN_BYTES = {F.STREAM_MIN_BYTES >> 20} MiB")
@@ -85,8 +81,7 @@ def main(argv=None):
             rows.append(row)
             print(f"{shape:12} {dtype:8} {row['nbytes'] / 2**20:5.1f}  "
                   + "  ".join(f"{row[s]:15.2f}" for s in SETTINGS), flush=True)
-    if args.json:
-        B.write_record(args.json, allocator, rows=rows)
+    save(rows=rows)
     return 0
 
 

@@ -1175,6 +1175,26 @@ def format_report(result, markdown=False):
     return "\n".join(lines)
 
 
+def side_measurement(doc, json_help, argv=None):
+    """Start a side measurement of ``benchmarks/``: its command line, then the allocator.
+
+    Parses ``argv`` (a ``--json FILE`` option, described by ``json_help``; the
+    first paragraph of ``doc`` describes the script) and calls
+    :func:`steady_allocator`. Returns ``save(**data)``, which writes ``data``
+    with :func:`write_record` if ``--json`` was given, and does nothing otherwise.
+    """
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--json", metavar="FILE", help=json_help)
+    args = p.parse_args(argv)
+    allocator = steady_allocator()
+
+    def save(**data):
+        if args.json:
+            write_record(args.json, allocator, **data)
+
+    return save
+
+
 def write_record(path, allocator, **data):
     """Write ``data`` as JSON beside :func:`machine_info` and the ``allocator`` record.
 

@@ -89,6 +89,20 @@ def test_write_record_keeps_the_data_beside_the_machine(tmp_path):
     assert record["machine"]["cpu"] == B.machine_info()["cpu"]
 
 
+def test_side_measurement_saves_only_with_json(tmp_path):
+    """The side scripts' start: --json decides whether save() writes a record."""
+    path = tmp_path / "side.json"
+    save = B.side_measurement("A side script.\n\nMore.", "write it", ["--json", str(path)])
+    rows = [{"case": "c", "ratio": float(np.random.default_rng().uniform(0.5, 2))}]
+    save(rows=rows)
+    record = json.loads(path.read_text())
+    assert record["rows"] == rows and record["allocator"] == B.steady_allocator()
+    B.side_measurement("A side script.", "write it", [])(rows=rows)
+    assert [p.name for p in tmp_path.iterdir()] == ["side.json"]
+    with pytest.raises(SystemExit):
+        B.side_measurement("A side script.", "write it", ["--bogus"])
+
+
 def test_main_writes_table_and_json(tmp_path, capsys):
     status = B.main(_tiny_args(tmp_path), reexec=False)
     assert status == 0
