@@ -1175,16 +1175,20 @@ def format_report(result, markdown=False):
     return "\n".join(lines)
 
 
-def side_measurement(doc, json_help, argv=None):
+def side_measurement(doc, json_help, argv=None, add_arguments=None):
     """Start a side measurement of ``benchmarks/``: its command line, then the allocator.
 
-    Parses ``argv`` (a ``--json FILE`` option, described by ``json_help``; the
-    first paragraph of ``doc`` describes the script) and calls
-    :func:`steady_allocator`. Returns ``save(**data)``, which writes ``data``
-    with :func:`write_record` if ``--json`` was given, and does nothing otherwise.
+    Parses ``argv`` (a ``--json FILE`` option, described by ``json_help``, and
+    whatever ``add_arguments(parser)`` adds; the first paragraph of ``doc``
+    describes the script) and calls :func:`steady_allocator`. Returns
+    ``save(**data)``, which writes ``data`` with :func:`write_record` if
+    ``--json`` was given, and does nothing otherwise; ``save.args`` is the
+    parsed command line.
     """
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--json", metavar="FILE", help=json_help)
+    if add_arguments is not None:
+        add_arguments(p)
     args = p.parse_args(argv)
     allocator = steady_allocator()
 
@@ -1192,6 +1196,7 @@ def side_measurement(doc, json_help, argv=None):
         if args.json:
             write_record(args.json, allocator, **data)
 
+    save.args = args
     return save
 
 
