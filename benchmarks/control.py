@@ -109,8 +109,9 @@ def main(argv=None):
           f"{statistics.median(r):.3f}); {wide} of {len(r)} cases more than 5% from 1")
     behind = [row["case"] for row in rows if row["torch_over_cbn"] < 1]
     beyond = [row["case"] for row in rows if row["trails_beyond_control"]]
+    named = f" ({', '.join(beyond)})" if beyond else ""
     print(f"cbn slower than PyTorch: {len(behind)} of {len(rows)} cases; by more than "
-          f"PyTorch differs from itself: {len(beyond)}" + (f" ({', '.join(beyond)})" if beyond else ""))
+          f"PyTorch differs from itself: {len(beyond)}{named}")
     save(threads=args.threads, repeats=args.repeats, cases=rows)
     return 0
 
