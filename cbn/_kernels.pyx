@@ -1210,10 +1210,10 @@ cdef inline Py_ssize_t _quarter(Py_ssize_t rows, Py_ssize_t row_bytes) noexcept 
     prefetched lines. An odd number of rows apart, rows of up to 1 KiB fall into
     four different L1 sets and rows of up to 32 KiB into different L2 sets.
     Against q = rows // 4, old and new builds in one process, one and two
-    threads, on rows of 512 B-2 KiB: evaluation and training forward 1.0-1.2x
-    on cold data and 1.1-1.8x on data in L3 (as a network's previous layer
-    leaves it); backward's apply pass 0.95-1.03x cold and 1.0-1.55x in L3. On
-    rows of 4 KiB the odd distance measured 0.95-1.0x, so those keep rows // 4.
+    threads, on rows of 512 B-2 KiB: evaluation and training forward 0.97-1.2x
+    on cold data and 1.0-1.7x on data in cache (as a network's previous layer
+    leaves it); backward 0.95-1.05x cold and 0.97-1.55x in cache. On rows of
+    4 KiB the odd distance measured 0.95-1.0x, so those keep rows // 4.
     Results do not change: the passes are elementwise.
     """
     cdef Py_ssize_t q = rows // 4
