@@ -49,6 +49,7 @@ GEOMETRIES = [
     (2, 1, 2),  # one channel, two values each... per row
     (9003, 64, 1),  # second passes in several 1 MiB chunks, short rows folded, tail rows
     (37, 5, 1601),  # runs in several 1 MiB chunks (float32 2, float64 3)
+    (1032, 256, 1),  # rows of 1-2 KiB taken an odd number apart (_quarter), tail rows
 ]
 
 
