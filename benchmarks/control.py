@@ -92,13 +92,9 @@ def main(argv=None):
     """Run the control and print a summary; returns the exit status."""
     save = B.side_measurement(__doc__, "write the per-case ratios as JSON", argv, _options)
     args = save.args
-    if args.threads < 1 or args.repeats < 1:
-        print("--threads and --repeats must be at least 1", file=sys.stderr)
-        return 2
-    torch = B._import_torch()
+    torch, status = B.side_torch(args, ("threads", "repeats"))
     if torch is None:
-        print("PyTorch is not installed: nothing to compare", file=sys.stderr)
-        return 1
+        return status
     config = B.BenchConfig(shapes=args.shapes or [B.parse_shape(s) for s in B.DEFAULT_SHAPES],
                            dtypes=args.dtypes, ops=args.ops,
                            cache_bytes=B._last_level_cache_bytes())

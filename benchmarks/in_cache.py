@@ -50,13 +50,9 @@ def main(argv=None):
     """Measure every case, print a table and a summary; returns the exit status."""
     save = B.side_measurement(__doc__, "write the per-case results as JSON", argv, _options)
     args = save.args
-    if args.threads < 1:
-        print("--threads must be at least 1", file=sys.stderr)
-        return 2
-    torch = B._import_torch()
+    torch, status = B.side_torch(args)
     if torch is None:
-        print("PyTorch is not installed: nothing to compare", file=sys.stderr)
-        return 1
+        return status
     shapes = args.shapes or [B.parse_shape(s) for s in B.DEFAULT_SHAPES]
     rows = []
     for spec in shapes:

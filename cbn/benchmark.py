@@ -1200,6 +1200,25 @@ def side_measurement(doc, json_help, argv=None, add_arguments=None):
     return save
 
 
+def side_torch(args, positive=("threads",)):
+    """PyTorch for a side measurement that compares cbn with it.
+
+    Checks first that the integer options of ``args`` named in ``positive`` are
+    at least 1. Returns ``(torch, None)``, or ``(None, status)`` with the
+    reason printed to standard error: 2 for a bad option, 1 without PyTorch.
+    """
+    bad = [name for name in positive if getattr(args, name) < 1]
+    if bad:
+        print(" and ".join(f"--{name}" for name in bad) + " must be at least 1",
+              file=sys.stderr)
+        return None, 2
+    torch = _import_torch()
+    if torch is None:
+        print("PyTorch is not installed: nothing to compare", file=sys.stderr)
+        return None, 1
+    return torch, None
+
+
 def write_record(path, allocator, **data):
     """Write ``data`` as JSON beside :func:`machine_info` and the ``allocator`` record.
 

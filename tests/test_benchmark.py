@@ -191,3 +191,21 @@ def test_reexec_drops_openblas_variables(tmp_path):
     machine = json.loads(out.read_text())["machine"]
     assert machine["openblas_env"] == {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
     assert "OPENBLAS_CORETYPE=Haswell" in machine["env_cleaned"]
+
+
+def test_side_torch_checks_options_then_imports_torch(monkeypatch, capsys):
+    """The start of the side scripts that compare with PyTorch."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(threads=2, repeats=0)
+    assert B.side_torch(args, ("threads", "repeats")) == (None, 2)
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    args.threads = 0
+    assert B.side_torch(args, ("threads", "repeats")) == (None, 2)
+    assert "--threads and --repeats" in capsys.readouterr().err
+    monkeypatch.setattr(B, "_import_torch", lambda: None)
+    assert B.side_torch(SimpleNamespace(threads=1)) == (None, 1)
+    assert "PyTorch is not installed" in capsys.readouterr().err
+    sentinel = object()
+    monkeypatch.setattr(B, "_import_torch", lambda: sentinel)
+    assert B.side_torch(SimpleNamespace(threads=1)) == (sentinel, None)
