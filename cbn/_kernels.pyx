@@ -1124,8 +1124,9 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
 
     two: the coefficient rows are a, c of cbn_uncentre (y = x*a + c), not m, a, b.
     Rows go whole, four at a time: r, r + q, r + 2q, r + 3q (q about rows / 4,
-    see _quarter; CBN_EACH4), then the remainder one by one; streamed rows (nt) one by one in
-    memory order. Against one row at a time, in one process on cold data:
+    see _quarter; CBN_EACH4), then the remainder one by one; streamed rows (nt)
+    one by one in memory order. Against one row at a time, in one process on
+    cold data:
     evaluation (256, 1024) 1.23x (float32) and 1.3x (float64), (32, 4096)
     1.45-1.5x, (4096, 256) 1.1x; adjacent rows instead of rows q apart ran
     0.5x on rows of 1 KiB. Column tiles (all rows of a tile of columns, then the
@@ -1532,8 +1533,8 @@ cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssi
                      bint use_x, bint fused, bint nt) noexcept nogil:
     """inner == 1 rows of dx; without use_x (fixed statistics, no ReLU) dx = a*dy.
 
-    Four rows at a time, a quarter of the rows apart, as in _normalize_rows;
-    coefficient rows `cs` apart.
+    Four rows at a time, about a quarter of the rows apart (_quarter), as in
+    _normalize_rows; coefficient rows `cs` apart.
     """
     cdef Py_ssize_t k, off, qs, q = 0 if nt else _quarter(rows, C * sizeof(floating))
     cdef int bad = 0
