@@ -835,6 +835,7 @@ cdef enum:
                                 # chunks of this many bytes (see _chunk_items)
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
                                 # no further thread is started
+    THREADS_MAX = 1048576       # the largest n_threads accepted (kernels take a C int)
 
 # Status codes of the composites; cbn.functional turns them into exceptions.
 cdef enum:
@@ -849,6 +850,7 @@ NONFINITE_STATS = STATUS_NONFINITE_STATS
 NONFINITE_OUTPUT = STATUS_NONFINITE_OUTPUT
 NO_MEMORY = STATUS_NO_MEMORY
 NEGATIVE_VAR = STATUS_NEGATIVE_VAR
+MAX_THREADS = THREADS_MAX
 
 
 def build_info():
@@ -2077,7 +2079,7 @@ cdef int _threads(object n_threads, Py_ssize_t size, Py_ssize_t parallel_min):
         return 1
     if n_threads == -1:
         return cbn_max_threads()
-    if 1 < n_threads <= 1 << 20:
+    if 1 < n_threads <= THREADS_MAX:
         return n_threads
     return 0
 

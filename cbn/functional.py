@@ -133,6 +133,8 @@ def resolve_threads(n_threads, size):
         return _kernels.max_threads()
     if n < 1:
         raise ValueError(f"n_threads must be >= 1, -1 (all) or None (auto), got {n}")
+    if n > _kernels.MAX_THREADS:
+        raise ValueError(f"n_threads must be at most {_kernels.MAX_THREADS}, got {n}")
     return n
 
 

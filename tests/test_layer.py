@@ -582,6 +582,7 @@ BAD_CONSTRUCTORS = [
     (dict(num_features=4, axis="1"), TypeError, "axis"),
     (dict(num_features=4, axis=1.0), TypeError, "axis"),
     (dict(num_features=4, n_threads=0), ValueError, "n_threads"),
+    (dict(num_features=4, n_threads=2**40), ValueError, "n_threads must be at most"),
 ]
 
 
