@@ -1182,8 +1182,21 @@ cdef floating* _widen(const floating* coef, Py_ssize_t n_rows, Py_ssize_t C,
     return out
 
 
-cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt) noexcept nogil:
-    """Rows that normalize treats as one virtual row (inner == 1).
+cdef inline Py_ssize_t _fold(Py_ssize_t row_bytes, Py_ssize_t target,
+                            Py_ssize_t rows) noexcept nogil:
+    """Rows (k) that a pass treats as one virtual row of about `target` bytes,
+    for rows of at most half that; 1 for longer ones. At most `rows`: widening
+    the coefficient rows for rows that are not there only costs (a (4, 8)
+    backward widened seven of them 64 times, 14 KiB; capped, the call takes
+    2.2 µs instead of 3.1)."""
+    cdef Py_ssize_t k = target // row_bytes if 2 * row_bytes <= target else 1
+    if k > rows:
+        k = rows
+    return k if k > 1 else 1
+
+
+cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt, Py_ssize_t rows) noexcept nogil:
+    """Rows that normalize treats as one virtual row (inner == 1; see _fold).
 
     Short rows run short vector loops; k rows at a time make one of about
     FOLD_BYTES. Longer virtual rows only cost: their coefficient rows crowd
@@ -1199,8 +1212,7 @@ cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt) noexcept nogil:
     row. (65536, 64) and (100352, 64) float32 streamed 0.75-0.95x unfolded,
     1.1-1.4x folded to 4 KiB, against ordinary stores.
     """
-    cdef Py_ssize_t target = STREAM_FOLD_BYTES if nt else FOLD_BYTES
-    return target // row_bytes if 2 * row_bytes <= target else 1
+    return _fold(row_bytes, STREAM_FOLD_BYTES if nt else FOLD_BYTES, rows)
 
 
 cdef inline Py_ssize_t _quarter(Py_ssize_t rows, Py_ssize_t row_bytes) noexcept nogil:
@@ -1290,10 +1302,8 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
     cdef floating* widened = NULL
     cdef int bad = 0
     if g.inner == 1:
-        # Short rows are processed k at a time as one row of k*C values (at
-        # most all of them: widening coefficients for more rows than there are
-        # would only cost).
-        k = _min(_row_fold(C * sizeof(floating), nt), g.outer)
+        # Short rows are processed k at a time as one row of k*C values.
+        k = _row_fold(C * sizeof(floating), nt, g.outer)
         if k > 1:
             widened = _widen(coef, 2 if two else 3, C, k)  # rows the pass reads
             if widened == NULL:
@@ -1613,7 +1623,7 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     fenced once per chunk.
     """
     cdef Py_ssize_t C = g.channels, w, n_work, r0, r1, n_runs = g.outer * C
-    cdef Py_ssize_t k = 1, wide, folded, cs = C
+    cdef Py_ssize_t k, wide, folded, cs = C
     cdef floating* widened = NULL
     cdef const floating* ext = coef
     cdef int bad = 0
@@ -1624,12 +1634,8 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
         # streamed dx no longer evicts the x and dy it is about to reread:
         # rows of 64-256 channels (arrays of 16-32 MiB) 1.1-1.3x, one and two
         # threads. Rows of 4 KiB and more: 1.02-1.12x.
-        # Short rows are processed k at a time as one row of k*C values (at
-        # most all of them: a (4, 8) batch widened seven coefficient rows 64
-        # times, 14 KiB, for 4 rows; capped, its backward call takes 2.2 µs,
-        # not 3.1).
-        if 2 * C * sizeof(floating) <= APPLY_FOLD_BYTES:
-            k = _min(APPLY_FOLD_BYTES // (C * sizeof(floating)), g.outer)
+        # Short rows are processed k at a time as one row of k*C values.
+        k = _fold(C * sizeof(floating), APPLY_FOLD_BYTES, g.outer)
         if k > 1:
             widened = _widen(coef, 7 if fused else 6, C, k)
             if widened == NULL:
