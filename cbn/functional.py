@@ -18,12 +18,14 @@ it, ``g`` the incoming gradient (masked by the ReLU when ``activation="relu"``):
     dx     = gamma / sqrt(var + eps) * g                                  # fixed statistics
 
 The statistics are float64 whatever the input dtype; outputs have the input's
-dtype. Threads: ``n_threads=1`` uses :func:`default_threads`; ``-1`` uses
+dtype. Threads: ``n_threads=1`` (the default) runs one thread, ``None`` picks
+by input size (:func:`default_threads`) and ``-1`` uses
 every thread OpenMP allows (``OMP_NUM_THREADS``, threadpoolctl). Results are
 bit-identical for any thread count.
 """
 
 import math
+import numbers
 import operator
 import os
 
@@ -108,7 +110,7 @@ def streams(nbytes):
 
 
 def default_threads(size):
-    """Thread count used when ``n_threads=1``, for an input of ``size`` values.
+    """Thread count used when ``n_threads=None``, for an input of ``size`` values.
 
     One thread for small inputs (thread start-up dominates them); otherwise
     every thread OpenMP allows, which honours ``OMP_NUM_THREADS`` and
@@ -124,6 +126,8 @@ def resolve_threads(n_threads, size):
     if n_threads is None:
         return default_threads(size)
     try:
+        if isinstance(n_threads, (bool, np.bool_)):
+            raise TypeError
         n = operator.index(n_threads)
     except TypeError:
         raise TypeError(
@@ -146,11 +150,14 @@ def check_activation(activation):
 
 
 def check_eps(eps):
-    """Validate ``eps`` (a positive finite float) and return it as a float."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a positive float, got {eps!r}") from None
+    """Validate ``eps`` (a positive finite float) and return it as a float.
+
+    Bools and strings are refused: ``float(True)`` and ``float("0.1")`` would
+    pass a typo silently.
+    """
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {eps!r}")
+    value = float(eps)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     return value
@@ -158,8 +165,16 @@ def check_eps(eps):
 
 def _as_float_array(x, name, dtype=None):
     """``x`` as an ndarray of float32/float64 (or exactly ``dtype`` if given)."""
-    if not isinstance(x, np.ndarray):
+    if isinstance(x, np.ma.MaskedArray):
+        # Normalizing would count the masked values; refuse rather than guess.
+        raise TypeError(
+            f"{name} is a masked array; batch norm has no notion of masked values: "
+            f"pass {name}.filled(...) or the unmasked rows"
+        )
+    if type(x) is not np.ndarray:
         try:
+            # Subclasses (numpy.matrix, memmap) as plain arrays: matrix keeps
+            # two dimensions under reshape, which the (outer, C, inner) view needs.
             x = np.asarray(x)
         except Exception as exc:  # ragged lists and other non-arrays
             raise TypeError(f"{name} must be an array, got {type(x).__name__}: {exc}") from None
@@ -177,6 +192,8 @@ def _as_float_array(x, name, dtype=None):
 def normalize_axis(axis, ndim, name="axis"):
     """``axis`` as a non-negative index into an ``ndim``-dimensional array."""
     try:
+        if isinstance(axis, (bool, np.bool_)):
+            raise TypeError
         axis = operator.index(axis)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(axis).__name__}") from None
@@ -249,7 +266,7 @@ def _channel_vector(v, name, channels, dtype, default):
 
 def _check_out(out, x, name="out"):
     """Validate an ``out=`` buffer for a result shaped and typed like ``x``."""
-    if not isinstance(out, np.ndarray):
+    if not isinstance(out, np.ndarray) or isinstance(out, (np.matrix, np.ma.MaskedArray)):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(
@@ -560,6 +577,9 @@ def batch_norm_backward(
         Statistics the forward pass normalized with (``var`` biased).
     gamma, beta : array_like of shape (C,), optional
         As in the forward pass (beta matters only for the ReLU mask).
+    training : bool, default True
+        Whether the forward pass normalized with the batch's own statistics
+        (the gradient then flows through them) or with fixed ones.
     axis, eps, activation, n_threads
         As in the forward pass.
     out : ndarray, optional
@@ -592,6 +612,8 @@ def batch_norm_backward(
 def _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training, activation, out,
                       n_threads):
     """:func:`batch_norm_backward` for arguments that need validation or conversion."""
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be True or False, got {training!r}")
     relu = check_activation(activation)
     eps = check_eps(eps)
     x_c, x3 = channel_view(x, axis)
@@ -635,18 +657,75 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
     factor : float
         ``momentum``, or ``1 / num_batches_tracked`` for a cumulative average.
     """
-    for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
-        if isinstance(arr, np.ndarray) and not arr.flags.aligned:
-            raise ValueError(f"{name} is not aligned to its dtype {arr.dtype}")
-    if count < 2:
+    _check_running_pair(running_mean, running_var)
+    C = running_mean.shape[0]
+    mean = _batch_moment(mean, "mean", C)
+    var = _batch_moment(var, "var", C)
+    if np.any(var < 0):
+        raise ValueError(
+            f"var must not be negative, got {float(var.min())!r} in channel {_channel_list(var < 0)}"
+        )
+    count = _real_number(count, "count")
+    if not count > 1:
         raise ValueError(f"count must be > 1 to unbias the variance, got {count}")
+    factor = _real_number(factor, "factor")
     if not 0.0 <= factor <= 1.0:
         raise ValueError(f"factor must be in [0, 1], got {factor}")
-    if _kernels.ema_update(running_mean, running_var, mean, var, float(count), float(factor)):
+    if _kernels.ema_update(running_mean, running_var, mean, var, count, factor):
         raise FloatingPointError(
             f"the running statistics would not be finite in {running_mean.dtype} "
             "(the batch variance overflows it); they were left unchanged"
         )
+
+
+def _check_running_pair(running_mean, running_var):
+    """Validate the running statistics that update_running_stats writes in place."""
+    for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
+        if type(arr) is not np.ndarray:
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+        if arr.dtype not in FLOAT_DTYPES or not arr.dtype.isnative:
+            raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
+        if arr.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional (C,), got shape {arr.shape}")
+        flags = arr.flags
+        if not flags.aligned:
+            raise ValueError(f"{name} is not aligned to its dtype {arr.dtype}")
+        if not (flags.c_contiguous and flags.writeable):
+            raise ValueError(f"{name} must be C-contiguous and writable (it is updated in place)")
+    if running_var.dtype != running_mean.dtype:
+        raise TypeError(
+            f"running_var has dtype {running_var.dtype}, expected {running_mean.dtype} "
+            "(the dtype of running_mean)"
+        )
+    if running_var.shape != running_mean.shape:
+        raise ValueError(
+            f"running_var has shape {running_var.shape}, expected {running_mean.shape} "
+            "(the shape of running_mean)"
+        )
+
+
+def _batch_moment(v, name, channels):
+    """A batch mean or variance as a float64 (C,) array, checked to be finite."""
+    v = _as_float_array(v, name)
+    if v.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
+    v = np.ascontiguousarray(v, dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise FloatingPointError(
+            f"{name} is not finite in channel {_channel_list(~np.isfinite(v))}; "
+            "the running statistics were left unchanged"
+        )
+    return v
+
+
+def _real_number(value, name):
+    """``value`` as a float, refusing bools and non-numbers by name."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
 
 
 def _result(out, x_c, x3, name="out", sources=()):

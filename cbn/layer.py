@@ -21,6 +21,28 @@ from .functional import (
 __all__ = ["BatchNorm"]
 
 
+def _fixed(name, doc):
+    """A read-only attribute: changing it would invalidate the layer's arrays."""
+    attr = "_" + name
+
+    def refuse(self, value):
+        raise AttributeError(
+            f"{name} is fixed when the layer is built; create a new BatchNorm to change it"
+        )
+
+    return property(lambda self: getattr(self, attr), refuse, doc=doc)
+
+
+def _checked(name, check, doc):
+    """An attribute whose new values pass ``check`` (which returns the value to keep)."""
+    attr = "_" + name
+
+    def assign(self, value):
+        setattr(self, attr, check(value))
+
+    return property(lambda self: getattr(self, attr), assign, doc=doc)
+
+
 class BatchNorm:
     r"""Batch normalization (Ioffe & Szegedy 2015) for NumPy trainers.
 
@@ -112,23 +134,20 @@ class BatchNorm:
             )
         if num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features}")
-        self.num_features = int(num_features)
-        self.eps = check_eps(eps)
-        self.momentum = _check_momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        self.axis = int(axis)
+        self._num_features = int(num_features)
+        self._affine = _check_flag(affine, "affine")
+        self._track_running_stats = _check_flag(track_running_stats, "track_running_stats")
         try:
-            self.dtype = np.dtype(dtype)
+            self._dtype = np.dtype(dtype)
         except TypeError:
             raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}") from None
-        if self.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {self.dtype}")
-        check_activation(activation)
+        if self._dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {self._dtype}")
+        # The settable hyperparameters go through their properties' checks.
+        self.eps = eps
+        self.momentum = momentum
+        self.axis = axis
         self.activation = activation
-        resolve_threads(n_threads, 0)
         self.n_threads = n_threads
 
         C, dt = self.num_features, self.dtype
@@ -138,8 +157,8 @@ class BatchNorm:
         self._scratch_grads = (np.empty(C, dt), np.empty(C, dt))
         self._gamma = np.ones(C, dt) if self.affine else None
         self._beta = np.zeros(C, dt) if self.affine else None
-        self.dgamma = np.zeros(C, dt) if self.affine else None
-        self.dbeta = np.zeros(C, dt) if self.affine else None
+        self._dgamma = np.zeros(C, dt) if self.affine else None
+        self._dbeta = np.zeros(C, dt) if self.affine else None
         self._running_mean = np.zeros(C, dt) if self.track_running_stats else None
         self._running_var = np.ones(C, dt) if self.track_running_stats else None
         self.num_batches_tracked = 0 if self.track_running_stats else None
@@ -148,8 +167,31 @@ class BatchNorm:
         self._cache = None
         self._busy = threading.Lock()
 
+    # -- configuration: fixed at construction, or checked when set (a value
+    # set later goes to the kernels as it is, so it is checked here).
+
+    num_features = _fixed("num_features", "Channels (C), fixed at construction.")
+    dtype = _fixed("dtype", "Dtype of parameters, statistics and inputs, fixed at construction.")
+    affine = _fixed("affine", "Whether the layer has gamma and beta, fixed at construction.")
+    track_running_stats = _fixed(
+        "track_running_stats", "Whether the layer keeps running statistics, fixed at construction."
+    )
+    eps = _checked("eps", check_eps, "Added to the variance before the square root (> 0).")
+    momentum = _checked(
+        "momentum", lambda v: _check_momentum(v),
+        "Weight of a new batch in the running statistics ([0, 1]), or None for a "
+        "cumulative average.",
+    )
+    axis = _checked("axis", lambda v: _check_axis(v), "The channel axis of the input.")
+    activation = _checked(
+        "activation", lambda v: _check_activation_name(v), "None, or 'relu' (fused)."
+    )
+    n_threads = _checked(
+        "n_threads", lambda v: _check_threads(v), "Kernel threads: an int >= 1, -1 or None."
+    )
+
     # -- parameters and statistics: assignment copies into the owned arrays,
-    # so that optimizers holding `params` keep seeing the live values.
+    # so that optimizers holding `params` and `grads` keep seeing the live values.
 
     gamma = property(
         lambda self: self._gamma,
@@ -171,12 +213,28 @@ class BatchNorm:
         lambda self, v: self._assign("_running_var", "running_var", v),
         doc="Running (unbiased) variance, shape (C,), or None when track_running_stats=False.",
     )
+    dgamma = property(
+        lambda self: self._dgamma,
+        lambda self, v: self._assign("_dgamma", "dgamma", v),
+        doc="Gradient of gamma from the last backward, shape (C,), or None when affine=False.",
+    )
+    dbeta = property(
+        lambda self: self._dbeta,
+        lambda self, v: self._assign("_dbeta", "dbeta", v),
+        doc="Gradient of beta from the last backward, shape (C,), or None when affine=False.",
+    )
 
     def _assign(self, attr, name, value):
         target = getattr(self, attr)
         if target is None:
             raise AttributeError(f"{name} is None for this layer and cannot be assigned")
-        target[...] = _checked_vector(value, name, self.num_features, self.dtype)
+        value = _checked_vector(value, name, self.num_features, self.dtype)
+        if name == "running_var" and np.any(value < 0):
+            raise ValueError(
+                f"running_var must be non-negative, got {float(value.min())!r} "
+                f"(channel {F._channel_list(value < 0)})"
+            )
+        target[...] = value
 
     @property
     def params(self):
@@ -269,7 +327,7 @@ class BatchNorm:
         # which converts it or raises an exception that names the problem.
         if batch_stats:
             result = _kernels.train_call(
-                x, gamma, beta, self.axis, self.eps, self.activation, None, self.n_threads,
+                x, gamma, beta, self._axis, self._eps, self._activation, None, self._n_threads,
                 F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
             )
             if type(result) is not tuple:
@@ -282,8 +340,8 @@ class BatchNorm:
             mean = self._running_mean.astype(np.float64)
             var = self._running_var.astype(np.float64)
             y = _kernels.eval_call(
-                x, mean, var, gamma, beta, self.axis, self.eps, self.activation, None,
-                self.n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
+                x, mean, var, gamma, beta, self._axis, self._eps, self._activation, None,
+                self._n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
             )
             if type(y) is not np.ndarray:
                 return self._checked_forward(x)
@@ -390,14 +448,14 @@ class BatchNorm:
         x_c, mean, var, batch_stats = self._cache
         if self.affine:
             gamma, beta = self._gamma, self._beta
-            dgamma, dbeta = self.dgamma, self.dbeta
+            dgamma, dbeta = self._dgamma, self._dbeta
         else:
             gamma, beta = self._ones, self._zeros
             dgamma, dbeta = self._scratch_grads
         result = _kernels.backward_call(
-            dy, x_c, mean, var, gamma, beta, self.axis, self.eps, batch_stats, self.activation,
-            None, self.n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES, dgamma, dbeta,
-            self.affine,
+            dy, x_c, mean, var, gamma, beta, self._axis, self._eps, batch_stats, self._activation,
+            None, self._n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES, dgamma, dbeta,
+            self._affine,
         )
         if type(result) is tuple:
             return result[0]
@@ -508,6 +566,7 @@ class BatchNorm:
             "axis": self.axis,
             "dtype": self.dtype.name,
             "activation": self.activation,
+            "n_threads": self.n_threads,
         }
 
     def save(self, path):
@@ -560,14 +619,38 @@ class BatchNorm:
 
 
 _FORMAT = "cbn.BatchNorm"
+_INT64_MAX = 2**63 - 1
 _CONFIG_KEYS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "axis",
-                "dtype", "activation")
+                "dtype", "activation", "n_threads")
 
 
 _BUSY = (
     "this BatchNorm is being used by another thread; a layer holds the state of one "
     "forward/backward at a time, so give each thread its own layer"
 )
+
+
+def _check_flag(value, name):
+    """A constructor switch: True or False (``affine="no"`` would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_axis(axis):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    return int(axis)
+
+
+def _check_activation_name(activation):
+    check_activation(activation)
+    return activation
+
+
+def _check_threads(n_threads):
+    resolve_threads(n_threads, 0)
+    return n_threads
 
 
 def _check_momentum(momentum):
@@ -616,6 +699,8 @@ def _checked_count(value):
             f"num_batches_tracked must be a non-negative integer, got {arr.dtype} of shape {arr.shape}"
         )
     n = int(arr.reshape(()))
-    if n < 0:
-        raise ValueError(f"num_batches_tracked must be non-negative, got {n}")
+    if not 0 <= n <= _INT64_MAX:
+        raise ValueError(
+            f"num_batches_tracked must be a non-negative int64 (as PyTorch stores it), got {n}"
+        )
     return n

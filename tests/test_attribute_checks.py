@@ -1,0 +1,313 @@
+"""Values that reach the kernels by a route other than a call's arguments:
+layer attributes set after construction, the arrays update_running_stats
+writes in place, array subclasses and flag-like arguments.
+
+Each bad value must raise an exception that names it and leave the layer (or
+the arrays) exactly as they were.
+"""
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import functional as F
+
+# np.matrix inputs are part of what is tested
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random data on every run; the seed is in the test's report if it fails."""
+    seed = np.random.SeedSequence().entropy
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def fresh(rng, shape, dtype=np.float32):
+    C = shape[1]
+    shift = rng.uniform(-2, 2, (1, C) + (1,) * (len(shape) - 2))
+    return (shift + rng.uniform(0.5, 2) * rng.standard_normal(shape)).astype(dtype)
+
+
+def trained(rng, C, dtype=np.float32, steps=3):
+    layer = cbn.BatchNorm(C, dtype=dtype)
+    for _ in range(steps):
+        x = fresh(rng, (int(rng.integers(4, 20)), C), dtype)
+        layer(x)
+        layer.backward(rng.standard_normal(x.shape).astype(dtype))
+    return layer
+
+
+def snapshot(layer):
+    arrays = {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+    arrays["dgamma"] = layer.dgamma.copy()
+    arrays["dbeta"] = layer.dbeta.copy()
+    config = layer.config()
+    return arrays, config
+
+
+def assert_same(layer, before):
+    arrays, config = snapshot(layer)
+    assert config == before[1]
+    for k, v in before[0].items():
+        assert arrays[k].tobytes() == v.tobytes(), k
+
+
+# -- layer attributes -------------------------------------------------------
+
+BAD_ATTRIBUTES = [
+    ("eps", -1e-3, ValueError, "eps"),
+    ("eps", 0.0, ValueError, "eps"),
+    ("eps", float("nan"), ValueError, "eps"),
+    ("eps", True, TypeError, "eps"),
+    ("eps", "0.1", TypeError, "eps"),
+    ("momentum", 5.0, ValueError, "momentum"),
+    ("momentum", -0.1, ValueError, "momentum"),
+    ("momentum", True, TypeError, "momentum"),
+    ("activation", "tanh", ValueError, "activation"),
+    ("n_threads", 0, ValueError, "n_threads"),
+    ("n_threads", True, TypeError, "n_threads"),
+    ("n_threads", 2.0, TypeError, "n_threads"),
+    ("axis", True, TypeError, "axis"),
+    ("axis", 1.0, TypeError, "axis"),
+    ("num_features", 3, AttributeError, "num_features"),
+    ("dtype", np.float64, AttributeError, "dtype"),
+    ("affine", False, AttributeError, "affine"),
+    ("track_running_stats", False, AttributeError, "track_running_stats"),
+]
+
+
+@pytest.mark.parametrize("name,value,exc,needle", BAD_ATTRIBUTES)
+def test_bad_attribute_is_refused_and_changes_nothing(rng, name, value, exc, needle):
+    C = int(rng.integers(2, 7))
+    layer = trained(rng, C)
+    before = snapshot(layer)
+    with pytest.raises(exc, match=needle):
+        setattr(layer, name, value)
+    assert_same(layer, before)
+    # and the layer still works, with what it had
+    x = fresh(rng, (9, C))
+    y = layer(x)
+    assert np.isfinite(y).all()
+
+
+def test_good_attributes_take_effect(rng):
+    C = 5
+    x = fresh(rng, (16, C), np.float64)
+    layer = cbn.BatchNorm(C, dtype=np.float64)
+    layer.eps = 0.5
+    layer.activation = "relu"
+    layer.momentum = None
+    y = layer(x)
+    mu, var = x.mean(0), x.var(0)
+    np.testing.assert_allclose(y, np.maximum((x - mu) / np.sqrt(var + 0.5), 0), atol=1e-12)
+    # momentum=None after one batch: the running mean is that batch's mean
+    np.testing.assert_allclose(layer.running_mean, mu, rtol=1e-12)
+    layer.n_threads = None
+    layer.axis = -1
+    assert layer.config()["axis"] == -1 and layer.config()["n_threads"] is None
+
+
+@pytest.mark.parametrize("name", ["dgamma", "dbeta", "gamma", "beta", "running_mean",
+                                  "running_var"])
+def test_short_vector_is_refused_not_written_past(rng, name):
+    C = int(rng.integers(3, 9))
+    layer = trained(rng, C)
+    guard = rng.standard_normal(C).astype(np.float32)
+    view = guard[:1]
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=name):
+        setattr(layer, name, view)
+    assert_same(layer, before)
+    x = fresh(rng, (7, C))
+    layer(x)
+    layer.backward(rng.standard_normal(x.shape).astype(np.float32))
+    # the buffer the bad assignment offered was never written
+    assert np.array_equal(guard, guard.copy()) and guard[1:].size == C - 1
+
+
+def test_gradient_assignment_copies_into_the_layer(rng):
+    C = 4
+    layer = trained(rng, C)
+    grads = layer.grads
+    value = rng.standard_normal(C).astype(np.float32)
+    layer.dgamma = value
+    assert grads["gamma"] is layer.dgamma and np.array_equal(layer.dgamma, value)
+    x = fresh(rng, (10, C))
+    layer(x)
+    layer.backward(rng.standard_normal(x.shape).astype(np.float32))
+    assert grads["gamma"] is layer.dgamma and not np.array_equal(layer.dgamma, value)
+
+
+def test_negative_running_var_is_refused(rng):
+    layer = trained(rng, 3)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="running_var must be non-negative"):
+        layer.running_var = np.array([0.5, -1e-3, 2.0])
+    assert_same(layer, before)
+
+
+@pytest.mark.parametrize("flag", ["affine", "track_running_stats"])
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_constructor_switches_must_be_bool(flag, value):
+    with pytest.raises(TypeError, match=flag):
+        cbn.BatchNorm(3, **{flag: value})
+    assert cbn.BatchNorm(3, **{flag: np.bool_(False)}).config()[flag] is False
+
+
+def test_n_threads_survives_save_and_load(rng, tmp_path):
+    layer = trained(rng, 4)
+    layer.n_threads = -1
+    layer.save(tmp_path / "bn.npz")
+    assert cbn.BatchNorm.load(tmp_path / "bn.npz").n_threads == -1
+
+
+def test_oversized_num_batches_tracked_is_refused(rng):
+    layer = trained(rng, 3)
+    state = layer.state_dict()
+    state["num_batches_tracked"] = np.array(2**64 - 1, np.uint64)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        layer.load_state_dict(state)
+    assert_same(layer, before)
+
+
+# -- functional flags and subclasses ------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,needle", [
+    ({"eps": True}, TypeError, "eps"),
+    ({"eps": "1e-5"}, TypeError, "eps"),
+    ({"axis": True}, TypeError, "axis"),
+    ({"n_threads": True}, TypeError, "n_threads"),
+    ({"n_threads": np.bool_(True)}, TypeError, "n_threads"),
+])
+def test_functional_refuses_flag_like_numbers(rng, kwargs, exc, needle):
+    x = fresh(rng, (8, 3))
+    with pytest.raises(exc, match=needle):
+        F.batch_norm_train(x, **kwargs)
+    with pytest.raises(exc, match=needle):
+        F.batch_norm_eval(x, np.zeros(3), np.ones(3), **kwargs)
+
+
+@pytest.mark.parametrize("training", ["no", 1, None])
+def test_backward_training_must_be_bool(rng, training):
+    x = fresh(rng, (8, 3))
+    _, mean, var = F.batch_norm_train(x)
+    with pytest.raises(TypeError, match="training"):
+        F.batch_norm_backward(rng.standard_normal(x.shape).astype(np.float32), x, mean, var,
+                              training=training)
+
+
+def test_masked_arrays_are_refused(rng):
+    x = fresh(rng, (6, 3), np.float64)
+    mx = np.ma.masked_array(x, mask=rng.random(x.shape) < 0.3)
+    layer = cbn.BatchNorm(3, dtype=np.float64)
+    before = snapshot(layer)
+    with pytest.raises(TypeError, match="masked"):
+        layer(mx)
+    assert_same(layer, before)
+    with pytest.raises(TypeError, match="masked"):
+        F.batch_norm_train(mx)
+    with pytest.raises(TypeError, match="out"):
+        F.batch_norm_train(x, out=np.ma.masked_array(np.empty_like(x)))
+
+
+def test_matrix_input_is_taken_as_a_plain_array(rng):
+    x = fresh(rng, (10, 4), np.float64)
+    m = np.matrix(x)
+    y, mean, var = F.batch_norm_train(m)
+    assert type(y) is np.ndarray
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-12)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    layer = cbn.BatchNorm(4, dtype=np.float64)
+    np.testing.assert_array_equal(layer(m), y)
+    dy = rng.standard_normal(x.shape)
+    dx = layer.backward(np.matrix(dy))
+    np.testing.assert_array_equal(dx, F.batch_norm_backward(dy, x, mean, var)[0])
+    with pytest.raises(TypeError, match="out"):
+        F.batch_norm_train(x, out=np.matrix(np.empty_like(x)))
+
+
+# -- update_running_stats -----------------------------------------------------
+
+def running(rng, C, dtype=np.float64):
+    return rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+
+
+@pytest.mark.parametrize("case,exc,needle", [
+    ("short_var", ValueError, "running_var has shape"),
+    ("short_mean", ValueError, "mean must have shape"),
+    ("long_batch_var", ValueError, "var must have shape"),
+    ("negative_var", ValueError, "var must not be negative"),
+    ("nan_mean", FloatingPointError, "mean is not finite"),
+    ("mixed_dtypes", TypeError, "running_var has dtype"),
+    ("list_running", TypeError, "running_mean must be a numpy.ndarray"),
+    ("int_running", TypeError, "running_mean must be a float32 or float64"),
+    ("two_d", ValueError, "one-dimensional"),
+    ("read_only", ValueError, "writable"),
+    ("bool_count", TypeError, "count"),
+    ("count_one", ValueError, "count"),
+    ("str_factor", TypeError, "factor"),
+    ("nan_factor", ValueError, "factor"),
+    ("big_factor", ValueError, "factor"),
+])
+def test_update_running_stats_refuses_bad_arrays(rng, case, exc, needle):
+    C = int(rng.integers(3, 9))
+    rm, rv = running(rng, C)
+    mean, var = rng.standard_normal(C), rng.uniform(0.1, 3, C)
+    guard = np.concatenate([rv, rng.standard_normal(5)])  # memory past a short view
+    args = dict(running_mean=rm, running_var=rv, mean=mean, var=var, count=7, factor=0.1)
+    if case == "short_var":
+        args["running_var"] = guard[: C - 1]
+    elif case == "short_mean":
+        args["mean"] = mean[:-1]
+    elif case == "long_batch_var":
+        args["var"] = np.append(var, 1.0)
+    elif case == "negative_var":
+        var[C // 2] = -1e-3
+    elif case == "nan_mean":
+        mean[0] = np.nan
+    elif case == "mixed_dtypes":
+        args["running_var"] = rv.astype(np.float32)
+    elif case == "list_running":
+        args["running_mean"] = list(rm)
+    elif case == "int_running":
+        args["running_mean"] = np.arange(C)
+        args["running_var"] = np.ones(C, dtype=np.int64)
+    elif case == "two_d":
+        args["running_mean"] = rm.reshape(1, C)
+        args["running_var"] = rv.reshape(1, C)
+    elif case == "read_only":
+        rm.setflags(write=False)
+    elif case == "bool_count":
+        args["count"] = True
+    elif case == "count_one":
+        args["count"] = 1
+    elif case == "str_factor":
+        args["factor"] = "0.1"
+    elif case == "nan_factor":
+        args["factor"] = float("nan")
+    elif case == "big_factor":
+        args["factor"] = 1.5
+    before = [np.array(a, copy=True) for a in (rm, rv, guard)]
+    with pytest.raises(exc, match=needle):
+        F.update_running_stats(**args)
+    for a, b in zip((rm, rv, guard), before):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_running_stats_matches_the_formula(rng, dtype):
+    C = int(rng.integers(2, 12))
+    rm, rv = running(rng, C, dtype)
+    want_m = rm.astype(np.float64)
+    want_v = rv.astype(np.float64)
+    mean, var = rng.standard_normal(C), rng.uniform(0.1, 3, C)
+    count, factor = int(rng.integers(2, 50)), float(rng.uniform(0, 1))
+    F.update_running_stats(rm, rv, mean, var, count, factor)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(rm, (1 - factor) * want_m + factor * mean, rtol=tol, atol=tol)
+    np.testing.assert_allclose(rv, (1 - factor) * want_v + factor * var * count / (count - 1),
+                               rtol=tol)
