@@ -21,6 +21,13 @@ update with ``lr_torch = lr * (1 - beta)``.  L2 weight decay, when
 ``weight_decay > 0``, adds ``weight_decay * p`` to ``g`` before the update
 (coupled L2, as in ``torch.optim``); it skips batch norm's ``gamma`` and
 ``beta`` unless ``decay_bn=True``.
+
+A gradient must be a plain ndarray with its parameter's dtype and shape.
+``step()`` checks that (and the keys, and that each parameter keeps the dtype
+and shape it had when the optimizer was built) before it changes anything, so a step that
+raises leaves the parameters, the state and ``t`` as they were.  The checks
+are O(1) per parameter; the values themselves are not scanned (a NaN
+gradient propagates, as in ``torch.optim``).
 """
 
 import numbers
@@ -45,6 +52,79 @@ def _nonneg_float(value, name, *, positive=False, below_one=False):
     return value
 
 
+# Array types whose arithmetic is the ndarray's elementwise one.  A memmap is
+# an ndarray backed by a file; other subclasses can redefine the operators
+# the updates use (np.matrix makes ``g * g`` a matrix product, a masked array
+# skips masked entries), so they are refused rather than trusted.
+_ARRAY_TYPES = (np.ndarray, np.memmap)
+
+
+def _check_array_type(x, what):
+    """Raise TypeError unless ``x`` is an ndarray whose arithmetic is elementwise."""
+    if type(x) in _ARRAY_TYPES:
+        return
+    if isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{what} is a {type(x).__module__}.{type(x).__name__}, an ndarray subclass whose "
+            f"arithmetic need not be elementwise (np.matrix multiplies as matrices); pass "
+            f"np.asarray(...) of it, a plain view of the same memory")
+    raise TypeError(f"{what} must be an ndarray, got {type(x).__name__}")
+
+
+def _check_dicts(params, grads):
+    """Raise unless ``params`` and ``grads`` are dicts with the same str keys."""
+    if not isinstance(params, dict) or not isinstance(grads, dict):
+        raise TypeError("params and grads must be dicts of arrays (model.params, model.grads)")
+    if set(params) != set(grads):
+        raise ValueError(f"params and grads must have the same keys, got {sorted(map(str, params))} "
+                         f"and {sorted(map(str, grads))}")
+    # Weight decay reads the last component of the key ("1.gamma" -> "gamma").
+    for key in params:
+        if not isinstance(key, str):
+            raise TypeError(f"params keys must be str (e.g. '0.W'), got {type(key).__name__} {key!r}")
+
+
+def _check_param(key, p):
+    """Raise unless ``p`` is a writeable real floating ndarray, updatable in place."""
+    _check_array_type(p, f"params[{key!r}]")
+    if p.dtype.kind != "f":
+        raise TypeError(f"params[{key!r}] must have a real floating dtype, got {p.dtype}")
+    if not p.flags.writeable:
+        raise ValueError(f"params[{key!r}] is read-only; it must be updated in place")
+
+
+def _check_grad(key, p, g):
+    """Raise unless ``g`` is a plain ndarray with the dtype and shape of ``p``."""
+    _check_array_type(g, f"grads[{key!r}]")
+    # The same dtype, not merely a castable one: the update would otherwise
+    # fail part way (complex, object, str) or mix precisions in the state.
+    if g.dtype != p.dtype:
+        raise TypeError(f"grads[{key!r}] must have the dtype of params[{key!r}], {p.dtype}, "
+                        f"got {g.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(f"grads[{key!r}] must have the shape of params[{key!r}], {p.shape}, "
+                         f"got {g.shape}")
+
+
+def _rounding_problem(value, dtype, *, normal=False):
+    """How rounding the positive ``value`` to ``dtype`` spoils it, or None if it does not.
+
+    The updates apply hyper-parameters in the parameter's dtype (NumPy casts
+    a Python float to the array's float32), so a value valid as a float64 can
+    become inf or 0 there.  ``normal=True`` also refuses a subnormal result.
+    """
+    info = np.finfo(dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        cast = dtype.type(value)
+    if np.isinf(cast):
+        return f"overflows to inf in {dtype} (largest {info.max!s})"
+    if cast == 0:
+        return f"rounds to 0 in {dtype} (smallest normal {info.tiny!s})"
+    if normal and cast < info.tiny:
+        return f"is subnormal in {dtype} (smallest normal {info.tiny!s})"
+    return None
+
+
 class Optimizer:
     """Base class: holds the parameter/gradient pairs and applies weight decay.
 
@@ -53,9 +133,11 @@ class Optimizer:
     params : dict of str to ndarray
         Writeable floating arrays, updated in place (e.g. ``model.params``).
     grads : dict of str to ndarray
-        Gradients with the same keys and shapes (e.g. ``model.grads``).
+        Gradients with the same keys, dtypes and shapes (e.g. ``model.grads``).
+        Subclasses other than ``np.memmap`` (``np.matrix``, masked arrays)
+        are refused for both, as their arithmetic need not be elementwise.
     lr : float
-        Learning rate, > 0.
+        Learning rate, > 0, and neither 0 nor inf in the parameters' dtypes.
     weight_decay : float, default 0.0
         L2 coefficient added as ``weight_decay * p`` to each gradient.
     decay_bn : bool, default False
@@ -64,26 +146,53 @@ class Optimizer:
     """
 
     def __init__(self, params, grads, lr, *, weight_decay=0.0, decay_bn=False):
-        if not isinstance(params, dict) or not isinstance(grads, dict):
-            raise TypeError("params and grads must be dicts of arrays (model.params, model.grads)")
-        if set(params) != set(grads):
-            raise ValueError(f"params and grads must have the same keys, got {sorted(params)} "
-                             f"and {sorted(grads)}")
+        _check_dicts(params, grads)
         for key, p in params.items():
-            g = grads[key]
-            if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
-                raise TypeError(f"params[{key!r}] must be a floating ndarray")
-            if not p.flags.writeable:
-                raise ValueError(f"params[{key!r}] is read-only; it must be updated in place")
-            if not isinstance(g, np.ndarray) or g.shape != p.shape:
-                got = g.shape if isinstance(g, np.ndarray) else type(g).__name__
-                raise ValueError(f"grads[{key!r}] must be an ndarray of shape {p.shape}, got {got}")
+            _check_param(key, p)
+            _check_grad(key, p, grads[key])
         self.params = params
         self.grads = grads
+        # What step() holds the arrays to: the state and the dtype checks of
+        # the hyper-parameters are only valid for these dtypes and shapes.
+        self._layout = {key: (p.shape, p.dtype) for key, p in params.items()}
         self.lr = _nonneg_float(lr, "lr", positive=True)
+        self._check_in_dtypes(self.lr, "lr")
         self.weight_decay = _nonneg_float(weight_decay, "weight_decay")
         self.decay_bn = bool(decay_bn)
+        if self.weight_decay > 0:
+            self._check_in_dtypes(self.weight_decay, "weight_decay",
+                                  [key for key in params if self._decays(key)])
         self.t = 0
+
+    def _check_in_dtypes(self, value, name, keys=None, *, normal=False):
+        """Raise ValueError if ``value`` turns inf or 0 in the dtype of ``params[key]``.
+
+        ``keys`` defaults to every parameter; ``normal=True`` also refuses a
+        subnormal value (see :func:`_rounding_problem`).
+        """
+        for key in self.params if keys is None else keys:
+            problem = _rounding_problem(value, self.params[key].dtype, normal=normal)
+            if problem:
+                raise ValueError(f"{name}={value!r} {problem}, the dtype of params[{key!r}]")
+
+    def _check_step(self):
+        """Raise unless params and grads still match what the optimizer was built over.
+
+        The dicts are plain and the model rewrites the gradients between
+        steps, so any key, array, dtype or flag may have changed since the
+        constructor checked them.  Only O(1) checks per parameter.
+        """
+        _check_dicts(self.params, self.grads)
+        if set(self.params) != set(self._layout):
+            raise ValueError(f"params keys changed since the optimizer was built: "
+                             f"{sorted(self.params)}, was {sorted(self._layout)}")
+        for key, p in self.params.items():
+            _check_param(key, p)
+            shape, dtype = self._layout[key]
+            if p.shape != shape or p.dtype != dtype:
+                raise ValueError(f"params[{key!r}] is now {p.dtype} of shape {p.shape}; the "
+                                 f"optimizer was built for {dtype} of shape {shape}")
+            _check_grad(key, p, self.grads[key])
 
     def _decays(self, key):
         """Whether the parameter ``key`` gets weight decay."""
@@ -97,7 +206,12 @@ class Optimizer:
         return g
 
     def step(self):
-        """Apply one update to every parameter, in place."""
+        """Apply one update to every parameter, in place.
+
+        Raises before changing anything (parameters, state, ``t``) if a
+        parameter or gradient no longer fits, see :meth:`_check_step`.
+        """
+        self._check_step()
         self.t += 1
         for key, p in self.params.items():
             self._update(key, p, self._grad(key))
@@ -106,8 +220,9 @@ class Optimizer:
         raise NotImplementedError
 
     def _state(self, key):
-        """A zero array shaped like ``params[key]``, created on first use."""
-        return np.zeros_like(self.params[key])
+        """A plain zero array shaped like ``params[key]``, created on first use."""
+        # subok=False: a memmap parameter must not give a file-less memmap state.
+        return np.zeros_like(self.params[key], subok=False)
 
     def __repr__(self):
         return f"{type(self).__name__}(lr={self.lr}, weight_decay={self.weight_decay})"
@@ -159,7 +274,8 @@ class RMSprop(Optimizer):
     beta : float, default 0.999
         Weight of the running average of ``g**2``, in ``[0, 1)``.
     eps : float, default 1e-8
-        Added to ``sqrt(s)`` in the denominator.
+        Added to ``sqrt(s)`` in the denominator; must be a normal number in
+        every parameter's dtype (so not 1e-8 with float16 parameters).
     """
 
     def __init__(self, params, grads, lr=0.001, *, beta=0.999, eps=1e-8, weight_decay=0.0,
@@ -167,6 +283,8 @@ class RMSprop(Optimizer):
         super().__init__(params, grads, lr, weight_decay=weight_decay, decay_bn=decay_bn)
         self.beta = _nonneg_float(beta, "beta", below_one=True)
         self.eps = _nonneg_float(eps, "eps", positive=True)
+        # eps keeps the denominator off 0 in the parameter's dtype.
+        self._check_in_dtypes(self.eps, "eps", normal=True)
         self.s = {key: self._state(key) for key in params}
 
     def _update(self, key, p, g):
@@ -188,7 +306,8 @@ class Adam(Optimizer):
     beta2 : float, default 0.999
         Weight of the running average of ``g**2``.
     eps : float, default 1e-8
-        Added to the square root in the denominator.
+        Added to the square root in the denominator; must be a normal number
+        in every parameter's dtype (so not 1e-8 with float16 parameters).
 
     Notes
     -----
@@ -204,6 +323,8 @@ class Adam(Optimizer):
         self.beta1 = _nonneg_float(beta1, "beta1", below_one=True)
         self.beta2 = _nonneg_float(beta2, "beta2", below_one=True)
         self.eps = _nonneg_float(eps, "eps", positive=True)
+        # eps keeps the denominator off 0 in the parameter's dtype.
+        self._check_in_dtypes(self.eps, "eps", normal=True)
         self.v = {key: self._state(key) for key in params}
         self.s = {key: self._state(key) for key in params}
 
