@@ -321,11 +321,13 @@ def _nonfinite_channels(*vectors):
     return _channel_list(bad)
 
 
-def _raise_for_status(status, what, params=()):
+def _raise_for_status(status, what, params=(), eps=None, dtype=None):
     """Raise the exception that a kernel status code stands for.
 
     ``what`` names the result ("output" or "gradient"); ``params`` are the
-    ``(name, array)`` pairs that could be to blame besides the batch itself.
+    ``(name, array)`` pairs that could be to blame besides the batch itself;
+    ``eps`` and ``dtype``, if given, let the message name an eps too small
+    for the dtype.
     """
     if status == _kernels.OK:
         return
@@ -345,6 +347,17 @@ def _raise_for_status(status, what, params=()):
                 f"{name} contains NaN or Inf (channel {_nonfinite_channels(value)}), "
                 f"so the {what} would not be finite"
             )
+    if status == _kernels.NONFINITE_PARAM_GRAD:
+        raise FloatingPointError(
+            "dgamma or dbeta is not finite in the dtype of x: the sums of dy (and of "
+            "dy * x_hat) over the batch overflow it; dgamma and dbeta were left unchanged"
+        )
+    if eps is not None and dtype is not None and 1.0 / math.sqrt(eps) > float(np.finfo(dtype).max):
+        raise FloatingPointError(
+            f"the {what} is not finite: 1/sqrt(eps) = {1.0 / math.sqrt(eps):.3g} overflows "
+            f"{np.dtype(dtype)}, so a channel of constant values has no finite normalization; "
+            f"use a larger eps (eps={eps!r}) or float64"
+        )
     inputs = "x" if what == "output" else "dy or x"
     raise FloatingPointError(
         f"the {what} is not finite: {inputs} contains NaN or Inf, or the result "
@@ -438,7 +451,8 @@ def batch_norm_train(
     if type(result) is tuple:
         return result
     if result is not None and result != _kernels.NONFINITE_STATS:
-        _raise_for_status(result, "output", (("gamma", gamma), ("beta", beta)))
+        _raise_for_status(result, "output", (("gamma", gamma), ("beta", beta)),
+                          eps, x.dtype)
     # Arguments that need checking or converting; or non-finite statistics,
     # which left y unwritten and which the checked path names by channel.
     return _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads)
@@ -468,11 +482,7 @@ def _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads):
             "the batch statistics are not finite: x contains NaN or Inf (or values whose "
             f"square overflows) in channel {_nonfinite_channels(mean, var)}"
         )
-    _raise_for_status(
-        status,
-        "output",
-        (("gamma", gamma), ("beta", beta)),
-    )
+    _raise_for_status(status, "output", (("gamma", gamma), ("beta", beta)), eps, x_c.dtype)
     return y, mean, var
 
 
@@ -519,7 +529,7 @@ def batch_norm_eval(
         return _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads)
     if type(y) is int:
         _raise_for_status(y, "output", (("mean", mean), ("var", var), ("gamma", gamma),
-                                        ("beta", beta)))
+                                        ("beta", beta)), eps, x.dtype)
     return y
 
 
@@ -541,6 +551,8 @@ def _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threa
         status,
         "output",
         (("mean", mean), ("var", var), ("gamma", gamma), ("beta", beta)),
+        eps,
+        x_c.dtype,
     )
     return y
 
@@ -731,7 +743,9 @@ def _real_number(value, name):
 def _result(out, x_c, x3, name="out", sources=()):
     """The output array and its (outer, C, inner) view: ``out`` or a fresh array."""
     if out is None:
-        y = np.empty_like(x_c)
+        # Placed apart from the inputs within its page (see _kernels._fresh).
+        other = next((src for src in sources if src is not x_c), None)
+        y = _kernels.empty_near(x_c, x_c, x3.shape[1], x3.shape[2], other)
     else:
         _check_out(out, x_c, name)
         for src in sources:

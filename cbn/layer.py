@@ -354,7 +354,7 @@ class BatchNorm:
         gamma, beta = (self._gamma, self._beta) if self.affine else (self._ones, self._zeros)
         relu = self.activation == "relu"
         threads = resolve_threads(self.n_threads, x3.size)
-        y = np.empty_like(x_c)
+        y = _kernels.empty_near(x_c, x_c, x3.shape[1], x3.shape[2])
         y3 = y.reshape(x3.shape)
         C = self.num_features
         if self.uses_batch_stats:
@@ -374,7 +374,8 @@ class BatchNorm:
                     f"whose square overflows) in channel {_nonfinite_channels(mean, var)}; "
                     "the running statistics were left unchanged"
                 )
-            _raise_for_status(status, "output", (("gamma", gamma), ("beta", beta)))
+            _raise_for_status(status, "output", (("gamma", gamma), ("beta", beta)),
+                              self.eps, self.dtype)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, count)
         else:
@@ -392,6 +393,8 @@ class BatchNorm:
                     ("gamma", gamma),
                     ("beta", beta),
                 ),
+                self.eps,
+                self.dtype,
             )
         self._cache = (x_c, mean, var, self.uses_batch_stats)
         return y
@@ -470,7 +473,7 @@ class BatchNorm:
         if dy.shape != x_c.shape:
             raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
         dy_c, dy3 = channel_view(dy, self.axis, "dy", self.dtype, self.num_features)
-        dx = np.empty_like(dy_c)
+        dx = _kernels.empty_near(dy_c, x_c, x3.shape[1], x3.shape[2], dy_c)
         status = _kernels.backward(
             dy3, x3, mean, var, gamma, beta, self.eps, dx.reshape(x3.shape), dgamma, dbeta,
             batch_stats, self.affine, self.activation == "relu",

@@ -311,3 +311,55 @@ def test_update_running_stats_matches_the_formula(rng, dtype):
     np.testing.assert_allclose(rm, (1 - factor) * want_m + factor * mean, rtol=tol, atol=tol)
     np.testing.assert_allclose(rv, (1 - factor) * want_v + factor * var * count / (count - 1),
                                rtol=tol)
+
+
+# -- results that overflow the dtype ------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False])
+def test_parameter_gradients_that_overflow_float32_raise(rng, training):
+    C = int(rng.integers(2, 6))
+    layer = trained(rng, C)
+    x = fresh(rng, (int(rng.integers(4, 12)), C))
+    _, mean, var = F.batch_norm_train(x)
+    if not training:
+        # dx = gamma * dy / sqrt(var + eps) stays finite; only the sum overflows
+        layer.eval()
+        layer.gamma = np.full(C, 0.5, np.float32)
+        layer.running_var = var = np.full(C, 4.0)
+    layer(x)
+    before = snapshot(layer)
+    # each value is finite; four or more of them sum past float32's 3.4e38
+    dy = np.float32(1e38) * rng.uniform(0.95, 1.0, x.shape).astype(np.float32)
+    with pytest.raises(FloatingPointError, match="dgamma or dbeta"):
+        layer.backward(dy)
+    assert_same(layer, before)
+    with pytest.raises(FloatingPointError, match="dgamma or dbeta"):
+        F.batch_norm_backward(dy, x, mean, var, training=training)
+    # the same gradient in float64 is finite and returned
+    dx, dgamma, dbeta = F.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64),
+                                              mean, var, training=training)
+    np.testing.assert_allclose(dbeta, dy.astype(np.float64).sum(0), rtol=1e-12)
+
+
+def test_eps_too_small_for_float32_is_named(rng):
+    x = fresh(rng, (10, 3))
+    x[:, 1] = x[0, 1]  # a constant channel: var = 0, so 1/sqrt(eps) is the scale
+    with pytest.raises(FloatingPointError, match="eps"):
+        F.batch_norm_train(x, eps=1e-100)
+    layer = cbn.BatchNorm(3, eps=1e-100)
+    before = snapshot(layer)
+    with pytest.raises(FloatingPointError, match="1/sqrt\\(eps\\)"):
+        layer(x)
+    assert_same(layer, before)
+    y = F.batch_norm_train(x.astype(np.float64), eps=1e-100)[0]
+    assert np.all(y[:, 1] == 0)
+
+
+def test_ema_update_kernel_refuses_unequal_lengths(rng):
+    from cbn import _kernels
+    guard = rng.standard_normal(9)
+    rm, rv = guard[:4], rng.uniform(0.5, 2, 6)
+    before = guard.copy()
+    with pytest.raises(ValueError, match="same length"):
+        _kernels.ema_update(rm, rv, rng.standard_normal(6), rng.uniform(0.1, 2, 6), 5.0, 0.1)
+    assert guard.tobytes() == before.tobytes()
