@@ -10,6 +10,7 @@ that over several learning rates.  ``bench`` forwards its arguments to
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -44,26 +45,41 @@ def _hidden(text):
 
 
 def _floats(text):
-    """Parse ``--lr-sweep 0.1,1`` into a list of positive floats."""
+    """Parse ``--lr-sweep 0.1,1`` into a list of positive, finite floats."""
     try:
         values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    # "not v > 0" also catches NaN, which every comparison rejects.
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive, finite numbers, got {text!r}")
     return values
 
 
 def _positive(kind):
+    """An argparse type: a positive ``kind`` (int or float; a float must also be finite)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(
+                f"expected a positive, finite {kind.__name__}, got {text!r}")
         return value
     return parse
+
+
+def _accuracy(text):
+    """Parse ``--target``: a test accuracy in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an accuracy in (0, 1], got {text!r}")
+    if not 0 < value <= 1:  # also false for NaN
+        raise argparse.ArgumentTypeError(
+            f"expected an accuracy in (0, 1] (a fraction: 0.9 for 90%), got {text!r}")
+    return value
 
 
 def build_parser():
@@ -97,8 +113,8 @@ def build_parser():
                    metavar="W1,W2,...", help="hidden layer widths")
     d.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights and of the mini-batch order")
-    d.add_argument("--target", type=float, default=DEFAULTS["target"],
-                   help="test accuracy whose first crossing is reported, in steps")
+    d.add_argument("--target", type=_accuracy, default=DEFAULTS["target"],
+                   help="test accuracy in (0, 1] whose first crossing is reported, in steps")
     d.add_argument("--fixed-steps", type=_positive(int), default=DEFAULTS["fixed_steps"],
                    help="report test accuracy after this many steps")
     d.add_argument("--eval-every", type=_positive(int), default=None,
@@ -155,8 +171,36 @@ class _ProgressLine:
             sys.stderr.flush()
 
 
+class _Diverged(FloatingPointError):
+    """Training of one demo model hit NaN or Inf (batch norm's kernels refuse them)."""
+
+    def __init__(self, label, lr, steps, reason):
+        self.label, self.lr, self.steps = label, lr, steps
+        self.reason = " ".join(str(reason).split())  # one line
+        super().__init__(f"training diverged ({label}, lr {lr:g}) after {steps} steps: "
+                         f"{self.reason}")
+
+
+class _StepCounter:
+    """Callback that counts the steps completed, to say where a run diverged.
+
+    Put it first among the callbacks: a later one that fails at step ``k``
+    (an evaluation) then fails after ``k`` counted steps.
+    """
+
+    def __init__(self):
+        self.step = 0
+
+    def on_step_end(self, model, step, logs):
+        self.step = step
+
+
 def _train(args, data, batch_norm, lr, label):
-    """Train one model; return ``(model, history, evaluator)``."""
+    """Train one model; return ``(model, history, evaluator)``.
+
+    Raises :class:`_Diverged` when the run meets a non-finite value that
+    batch norm refuses (a plain network just carries on with NaN).
+    """
     from .nn import mlp
     from .optim import make_optimizer
     from .trainer import StepEvaluator, fit
@@ -170,11 +214,19 @@ def _train(args, data, batch_norm, lr, label):
     steps_per_epoch = len(X_train) // args.batch_size + (len(X_train) % args.batch_size > 1)
     every = args.eval_every or max(1, round(steps_per_epoch / 4))
     evaluator = StepEvaluator(X_test, y_test, every=every, at=(args.fixed_steps,))
-    with np.errstate(all="ignore"):  # a diverging run is a result here, not an error
-        history = fit(model, X_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
-                      optimizer=optimizer, seed=args.seed, validation=(X_test, y_test),
-                      callbacks=[evaluator, _ProgressLine(label, args.epochs, not args.quiet)],
-                      record_steps=True, verbose=0)
+    progress = _ProgressLine(label, args.epochs, not args.quiet)
+    counter = _StepCounter()
+    try:
+        # A plain network's NaN is a result here (numpy stays quiet); batch norm
+        # refuses NaN and Inf with a FloatingPointError, reported as divergence.
+        with np.errstate(all="ignore"):
+            history = fit(model, X_train, y_train, epochs=args.epochs,
+                          batch_size=args.batch_size, optimizer=optimizer, seed=args.seed,
+                          validation=(X_test, y_test), callbacks=[counter, evaluator, progress],
+                          record_steps=True, verbose=0)
+    except FloatingPointError as exc:
+        progress.on_train_end(model, None)  # fit ended without calling it: clear the line
+        raise _Diverged(label, lr, counter.step, exc) from exc
     return model, history, evaluator
 
 
@@ -307,6 +359,28 @@ def _check_plot_available(path):
     return None
 
 
+def _output_path_problem(option, path):
+    """Why ``path`` (of ``--json`` or ``--plot``) cannot be written, or None; before training."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return f"cbn demo: {option} {path!r} is a directory; name a file to write"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"cbn demo: {option}: directory {parent!r} does not exist"
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK):
+        return f"cbn demo: {option}: {target!r} is not writable"
+    return None
+
+
+def _os_error_message(exc):
+    """One line for an OSError: the file and the reason, without the errno prefix."""
+    if exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def _config(args):
     keys = ("dataset", "data_dir", "epochs", "batch_size", "lr", "optimizer", "activation",
             "hidden", "seed", "target", "fixed_steps", "eval_every", "threads", "blas_threads",
@@ -350,17 +424,29 @@ def _run_sweep(args, data, out):
         row = {"lr": lr}
         cells = []
         for key, title, bn in RUNS:
-            model, history, ev = _train(args, data, bn, lr, f"{title}, lr {lr:g}")
+            # One diverged run is a result of the sweep: mark it and go on.
+            try:
+                model, history, ev = _train(args, data, bn, lr, f"{title}, lr {lr:g}")
+            except _Diverged as exc:
+                row[key] = {"final_test_acc": None, "steps_to_target": None,
+                            "steps": exc.steps, "final_train_loss": None, "diverged": True,
+                            "error": exc.reason}
+                cells.append(f"{'diverged':>9} {f'after {exc.steps}':>15} {'-':>10}")
+                continue
             with np.errstate(all="ignore"):
                 _, acc = evaluate(model, data[1], data[3])
+            loss = history.train_loss[-1]
             row[key] = {"final_test_acc": acc, "steps_to_target": ev.first_step_reaching(
-                args.target), "steps": history.n_steps,
-                "final_train_loss": history.train_loss[-1]}
+                args.target), "steps": history.n_steps, "final_train_loss": loss,
+                "diverged": bool(not np.isfinite(loss))}
             cells.append(f"{_fmt(acc):>9} {_steps(row[key]['steps_to_target'], history.n_steps):>15}"
-                         f" {_fmt(history.train_loss[-1]):>10}")
+                         f" {_fmt(loss):>10}")
         rows.append(row)
         out.write(f"{lr:>8g}" + "".join(f" | {c}" for c in cells) + "\n")
         out.flush()
+    if any(row[key].get("error") for row in rows for key, _, _ in RUNS):
+        out.write("\n(diverged after N: training stopped after N steps at a NaN or Inf that "
+                  "batch norm refuses)\n")
     return rows
 
 
@@ -430,24 +516,29 @@ def main(argv=None):
 
         return benchmark.main(argv[1:])
     args = build_parser().parse_args(argv)
-    problem = _check_plot_available(args.plot)
-    if problem:
-        sys.stderr.write(problem + "\n")
-        return 2
-    for path in (args.plot, args.json):
-        parent = os.path.dirname(os.path.abspath(path)) if path else None
-        if parent and not os.path.isdir(parent):
-            sys.stderr.write(f"cbn demo: directory {parent!r} does not exist\n")
+    # Problems with the arguments are reported before any training (status 2).
+    problems = [_check_plot_available(args.plot), _output_path_problem("--plot", args.plot),
+                _output_path_problem("--json", args.json)]
+    for problem in problems:
+        if problem:
+            sys.stderr.write(problem + "\n")
             return 2
+    # Failures of the run itself: one line and status 1, no traceback.
     try:
         with _blas_limit(args.blas_threads, quiet=args.quiet):
             result = run_demo(args)
-    except (FileNotFoundError, ValueError) as exc:
+        if args.json:
+            _write_json(args.json, _clean(result))
+            print(f"wrote {args.json}")
+    except _Diverged as exc:
+        sys.stderr.write(f"cbn demo: {exc}; try a smaller --lr\n")
+        return 1
+    except OSError as exc:  # unreadable data, an unwritable output, ...
+        sys.stderr.write(f"cbn demo: {_os_error_message(exc)}\n")
+        return 1
+    except ValueError as exc:  # malformed data files, among others
         sys.stderr.write(f"cbn demo: {exc}\n")
         return 1
-    if args.json:
-        _write_json(args.json, _clean(result))
-        print(f"wrote {args.json}")
     return 0
 
 

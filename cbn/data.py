@@ -13,8 +13,10 @@
 import gzip
 import importlib.resources
 import io
+import math
 import numbers
 import os
+import zlib
 
 import numpy as np
 
@@ -106,6 +108,15 @@ def train_test_split(X, y, *, test_fraction=0.25, seed=0, stratify=True):
     return X[train], X[test], y[train], y[test]
 
 
+def _check_eps(eps):
+    """Validate ``standardize``'s ``eps``: a finite real number >= 0."""
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return float(eps)
+
+
 def standardize(train, *others, eps=1e-8):
     """Standardize features with the statistics of ``train`` only.
 
@@ -119,15 +130,29 @@ def standardize(train, *others, eps=1e-8):
     *others : ndarray of shape (M, D)
         Validation or test sets, transformed with the training statistics.
     eps : float, default 1e-8
+        Finite and >= 0.
 
     Returns
     -------
     tuple of ndarray
         The standardized ``train`` followed by each of ``others``; floating
-        inputs keep their dtype, integer inputs become float64.
+        inputs keep their dtype, integer (and boolean) inputs become float64.
+
+    Raises
+    ------
+    TypeError
+        A complex or non-numeric array (complex values would lose their
+        imaginary part), or an ``eps`` that is not a real number.
+    ValueError
+        Arrays that are not 2-D or differ in feature count, an empty
+        ``train``, or a negative or non-finite ``eps``.
     """
+    eps = _check_eps(eps)
     arrays = [np.asarray(a) for a in (train, *others)]
     for i, a in enumerate(arrays):
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"standardize expects real numeric arrays; argument {i} has dtype "
+                            f"{a.dtype}")
         if a.ndim != 2:
             raise ValueError(f"standardize expects 2-D (N, D) arrays; argument {i} has shape "
                              f"{a.shape}")
@@ -153,9 +178,10 @@ def _read_bytes(path):
         try:
             with gzip.open(path, "rb") as fh:
                 return fh.read()
-        except (EOFError, gzip.BadGzipFile, OSError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
+        # A bad header or checksum, a cut stream, a corrupt deflate block.
+        # Other OSErrors (no such file, permission, a directory) are not
+        # about the content and propagate as they are.
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise ValueError(f"{path}: not a valid gzip file ({exc})") from exc
     with open(path, "rb") as fh:
         return fh.read()
@@ -177,8 +203,12 @@ def load_idx(path):
     Raises
     ------
     ValueError
-        On a bad magic number, an unknown type byte, or a data size that does
-        not match the header (a truncated file or trailing bytes).
+        On a bad magic number, an unknown type byte, a data size that does
+        not match the header (a truncated file or trailing bytes), or, for
+        ``.gz``, a corrupt or truncated gzip stream; the message names the file.
+    OSError
+        The file cannot be read (``FileNotFoundError``, ``IsADirectoryError``,
+        ``PermissionError``...).
     """
     data = _read_bytes(path)
     if len(data) < 4:
@@ -195,7 +225,8 @@ def load_idx(path):
                          f"got {len(data)}")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[type_code]
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python ints: a product of 32-bit dimensions can overflow int64.
+    expected = header + math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "trailing bytes in"
         raise ValueError(f"{path}: {what} IDX file: header says shape {shape} of {dtype.name} "

@@ -8,6 +8,8 @@ norm uses its running statistics.  :func:`evaluate` and :func:`predict`
 always run in evaluation mode and restore the mode the model had.
 """
 
+import collections.abc
+import contextlib
 import dataclasses
 import numbers
 import sys
@@ -15,7 +17,8 @@ import time
 
 import numpy as np
 
-from .nn import SoftmaxCrossEntropy
+from .layer import BatchNorm
+from .nn import Linear, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
 
 __all__ = ["History", "StopTraining", "StepEvaluator", "fit", "evaluate", "predict"]
 
@@ -180,6 +183,157 @@ def _check_data(model, X, y, name="X"):
     return X, y
 
 
+def _flat_layers(model):
+    """The model's leaf layers in order: a Sequential (also nested) is expanded."""
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, (list, tuple)):
+        return [leaf for layer in layers for leaf in _flat_layers(layer)]
+    return [model]
+
+
+# Layers that pass their input width through unchanged.
+_WIDTH_KEEPING = (ReLU, Sigmoid, Tanh)
+
+
+def _edge_width(model, end):
+    """The model's input (``end="in"``) or output (``end="out"``) width, or None if unknowable.
+
+    Walks the layers from that end: a ``Linear`` declares both widths, a
+    ``BatchNorm`` over the feature axis its channel count, and the
+    activations keep the width.  Any other layer might change the width, so
+    past one the answer is None (and the checks that need it are skipped).
+    """
+    layers = _flat_layers(model)
+    if end == "out":
+        layers = layers[::-1]
+    for layer in layers:
+        if isinstance(layer, Linear):
+            return layer.in_features if end == "in" else layer.out_features
+        if isinstance(layer, BatchNorm):
+            return layer.num_features if layer.axis in (1, -1) else None
+        if not isinstance(layer, _WIDTH_KEEPING):
+            return None
+    return None
+
+
+def _check_width(X, width, name):
+    """Raise unless ``X`` has the ``width`` features the model takes (None: unknown)."""
+    if width is not None and X.shape[1] != width:
+        raise ValueError(f"{name} has {X.shape[1]} features but the model takes {width} "
+                         f"(shape {X.shape}, expected (N, {width}))")
+
+
+def _check_label_range(y, n_classes, name):
+    """Raise unless every label lies in ``[0, n_classes)`` (None: unknown, not checked)."""
+    if n_classes is None or len(y) == 0:
+        return
+    bad = np.flatnonzero((y < 0) | (y >= n_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name} must hold class labels in [0, {n_classes}) for the model's "
+                         f"{n_classes} outputs; {name}[{i}] = {int(y[i])} "
+                         f"({len(bad)} label(s) out of range)")
+
+
+def _check_finite(X, name):
+    """Raise if ``X`` (already in the model's dtype) holds NaN or Inf: no step could use it."""
+    if not np.isfinite(X).all():
+        row, col = (int(i[0]) for i in np.nonzero(~np.isfinite(X)))
+        raise ValueError(f"{name} contains NaN or Inf (in {X.dtype}), first at row {row}, "
+                         f"column {col}: {name}[{row}, {col}] = {X[row, col]}")
+
+
+def _check_model(model):
+    """Raise unless ``model`` has the layer methods that :func:`fit` calls."""
+    missing = [m for m in ("forward", "backward", "train", "eval")
+               if not callable(getattr(model, m, None))]
+    if missing:
+        raise TypeError(f"model ({type(model).__name__}) lacks the methods {missing}")
+
+
+def _check_batch_size(model, batch_size):
+    """Raise on ``batch_size=1`` when a batch norm layer would normalize with batch statistics."""
+    if batch_size > 1:
+        return
+    for layer in _flat_layers(model):
+        if isinstance(layer, BatchNorm) and (not layer.frozen or not layer.track_running_stats):
+            raise ValueError("batch_size must be >= 2 to train a model with batch norm "
+                             "(one value per channel cannot be normalized), got 1")
+
+
+def _check_loss(loss, validation):
+    """Return the loss object, the default one for None, after checking how fit calls it."""
+    if loss is None:
+        return SoftmaxCrossEntropy()
+    if not callable(loss):
+        raise TypeError(f"loss must be callable as loss(logits, y) -> (value, dlogits), "
+                        f"got {type(loss).__name__}")
+    if validation is not None and not callable(getattr(loss, "forward", None)):
+        raise TypeError(f"loss ({type(loss).__name__}) needs a forward(logits, y) method to "
+                        "evaluate the validation set")
+    return loss
+
+
+_HOOKS = ("on_step_end", "on_epoch_end", "on_train_end")
+
+
+def _check_callbacks(callbacks):
+    """Return ``callbacks`` as a list, each having a callable hook or being callable itself."""
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks,
+                                                             collections.abc.Iterable):
+        raise TypeError(f"callbacks must be a sequence of callbacks, got "
+                        f"{type(callbacks).__name__} (wrap a single callback in a list)")
+    callbacks = list(callbacks)  # a generator would be used up by the first hook
+    for i, cb in enumerate(callbacks):
+        hooks = [h for h in _HOOKS if getattr(cb, h, None) is not None]
+        for hook in hooks:
+            if not callable(getattr(cb, hook)):
+                raise TypeError(f"callbacks[{i}].{hook} is not callable")
+        if not hooks and not callable(cb):
+            raise TypeError(f"callbacks[{i}] ({type(cb).__name__}) has none of the hooks "
+                            f"{', '.join(_HOOKS)} and is not callable")
+    return callbacks
+
+
+def _checked_labelled_set(model, X, y, x_name, y_name, n_classes):
+    """``_check_data`` plus the model's input width, finiteness and the label range."""
+    X, y = _check_data(model, X, y, name=x_name)
+    _check_width(X, _edge_width(model, "in"), x_name)
+    _check_finite(X, x_name)
+    _check_label_range(y, n_classes, y_name)
+    return X, y
+
+
+def _check_validation(model, validation, n_classes):
+    """Return the checked ``(X_val, y_val)``, or None without validation."""
+    if validation is None:
+        return None
+    if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+        raise TypeError("validation must be a tuple (X_val, y_val)")
+    X_val, y_val = _checked_labelled_set(model, *validation, "X_val", "y_val", n_classes)
+    if len(X_val) == 0:
+        raise ValueError("X_val must hold at least one sample to evaluate")
+    return X_val, y_val
+
+
+def _shuffle_rng(seed):
+    """The generator of the epochs' permutations; a bad ``seed`` raises naming it."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"seed must be None or a non-negative int, got {seed!r} ({exc})") from None
+
+
+@contextlib.contextmanager
+def _mode_restored(model):
+    """Put ``model`` back in the mode it had on entry when the block ends, even by an error."""
+    was_training = getattr(model, "training", True)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _callback_hook(callbacks, hook, *args):
     """Call ``hook`` on every callback that has it; a plain callable is an epoch-end hook."""
     for cb in callbacks:
@@ -271,90 +425,108 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
     History
         Per-epoch training and validation loss and accuracy and wall time.
 
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument, found before the first step, so the model is left
+        untouched; the message names the argument.  Besides shapes and
+        dtypes this checks that ``X`` and ``X_val`` are finite and have the
+        model's input width, and, with the softmax loss, that the labels
+        lie in ``[0, n_outputs)``, whenever the model's layers declare
+        these widths (``Linear``, ``BatchNorm`` and the activations do).
+
     Notes
     -----
     The model is in training mode during the steps and in evaluation mode
-    during validation; at the end it is left in the mode it had on entry.
+    during validation; at the end it is left in the mode it had on entry,
+    also when an exception (e.g. a ``FloatingPointError`` from a diverging
+    run) ends training.
     """
-    X, y = _check_data(model, X, y)
-    epochs = _positive_int(epochs, "epochs")
-    batch_size = _positive_int(batch_size, "batch_size")
-    if not callable(getattr(optimizer, "step", None)):
-        raise TypeError("optimizer must have a step() method (see cbn.optim)")
-    if validation is not None:
-        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
-            raise TypeError("validation must be a tuple (X_val, y_val)")
-        X_val, y_val = _check_data(model, *validation, name="X_val")
-    if verbose not in (0, 1, 2, False, True):
-        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-    loss_fn = SoftmaxCrossEntropy() if loss is None else loss
+    # Every argument is checked before the first step: a bad one raises with
+    # the model untouched (parameters, running statistics and mode).
+    _check_model(model)
+    loss_fn = _check_loss(loss, validation)
+    # Labels are class indices of the logits when the loss is the softmax
+    # cross-entropy; a custom loss may read them otherwise.
+    n_classes = (_edge_width(model, "out") if isinstance(loss_fn, SoftmaxCrossEntropy)
+                 else None)
+    X, y = _checked_labelled_set(model, X, y, "X", "y", n_classes)
     n = len(X)
     if n < 2:
         raise ValueError(f"X must hold at least 2 samples to train, got {n}")
-    rng = np.random.default_rng(seed)
+    epochs = _positive_int(epochs, "epochs")
+    batch_size = _positive_int(batch_size, "batch_size")
+    _check_batch_size(model, batch_size)
+    if not callable(getattr(optimizer, "step", None)):
+        raise TypeError("optimizer must have a step() method (see cbn.optim)")
+    val_set = _check_validation(model, validation, n_classes)
+    callbacks = _check_callbacks(callbacks)
+    if verbose not in (0, 1, 2, False, True):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    rng = _shuffle_rng(seed)
     starts = list(range(0, n, batch_size))
     dropped = int(n - starts[-1] == 1 and len(starts) > 1)
     if dropped:
         starts.pop()  # a one-sample last batch: BN cannot train on it
     progress = _Progress(int(verbose), epochs, len(starts))
-    was_training = getattr(model, "training", True)
     history = History()
     step = 0
-    try:
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            order = rng.permutation(n) if shuffle else np.arange(n)
-            model.train()
-            work = loss_sum = 0.0
-            correct = seen = 0
-            history.dropped += dropped
-            stop = False
-            for i, start in enumerate(starts, 1):
-                idx = order[start:start + batch_size]
-                xb, yb = X[idx], y[idx]
-                ts = time.perf_counter()
-                logits = model.forward(xb)
-                value, dlogits = loss_fn(logits, yb)
-                model.backward(dlogits.astype(logits.dtype, copy=False))
-                optimizer.step()
-                work += time.perf_counter() - ts
-                step += 1
-                hits = int(np.count_nonzero(logits.argmax(axis=1) == yb))
-                loss_sum += value * len(yb)
-                correct += hits
-                seen += len(yb)
-                if record_steps:
-                    history.step_loss.append(float(value))
-                    history.step_acc.append(hits / len(yb))
-                progress.step(epoch, i, value)
-                try:
-                    _callback_hook(callbacks, "on_step_end", model, step,
-                                   {"loss": float(value), "acc": hits / len(yb), "epoch": epoch})
-                except StopTraining:
-                    stop = True
+    with _mode_restored(model):
+        try:
+            for epoch in range(1, epochs + 1):
+                t0 = time.perf_counter()
+                order = rng.permutation(n) if shuffle else np.arange(n)
+                model.train()
+                work = loss_sum = 0.0
+                correct = seen = 0
+                history.dropped += dropped
+                stop = False
+                for i, start in enumerate(starts, 1):
+                    idx = order[start:start + batch_size]
+                    xb, yb = X[idx], y[idx]
+                    ts = time.perf_counter()
+                    logits = model.forward(xb)
+                    value, dlogits = loss_fn(logits, yb)
+                    model.backward(dlogits.astype(logits.dtype, copy=False))
+                    optimizer.step()
+                    work += time.perf_counter() - ts
+                    step += 1
+                    hits = int(np.count_nonzero(logits.argmax(axis=1) == yb))
+                    loss_sum += value * len(yb)
+                    correct += hits
+                    seen += len(yb)
+                    if record_steps:
+                        history.step_loss.append(float(value))
+                        history.step_acc.append(hits / len(yb))
+                    progress.step(epoch, i, value)
+                    try:
+                        _callback_hook(callbacks, "on_step_end", model, step,
+                                       {"loss": float(value), "acc": hits / len(yb),
+                                        "epoch": epoch})
+                    except StopTraining:
+                        stop = True
+                        break
+                    finally:
+                        model.train()  # a callback may have evaluated
+                if val_set is not None:
+                    v_loss, v_acc = evaluate(model, *val_set, loss=loss_fn)
+                else:
+                    v_loss = v_acc = float("nan")
+                history.epoch.append(epoch)
+                history.steps.append(step)
+                history.train_loss.append(loss_sum / seen)
+                history.train_acc.append(correct / seen)
+                history.val_loss.append(v_loss)
+                history.val_acc.append(v_acc)
+                history.train_time.append(work)
+                history.time.append(time.perf_counter() - t0)
+                progress.epoch(history)
+                if stop:
                     break
-                finally:
-                    model.train()  # a callback may have evaluated
-            if validation is not None:
-                v_loss, v_acc = evaluate(model, X_val, y_val, loss=loss_fn)
-            else:
-                v_loss = v_acc = float("nan")
-            history.epoch.append(epoch)
-            history.steps.append(step)
-            history.train_loss.append(loss_sum / seen)
-            history.train_acc.append(correct / seen)
-            history.val_loss.append(v_loss)
-            history.val_acc.append(v_acc)
-            history.train_time.append(work)
-            history.time.append(time.perf_counter() - t0)
-            progress.epoch(history)
-            if stop:
-                break
-            _callback_hook(callbacks, "on_epoch_end", model, epoch, history)
-    except StopTraining:
-        pass
-    _callback_hook(callbacks, "on_train_end", model, history)
-    model.train(was_training)
+                _callback_hook(callbacks, "on_epoch_end", model, epoch, history)
+        except StopTraining:
+            pass
+        _callback_hook(callbacks, "on_train_end", model, history)
     return history
 
 
@@ -377,17 +549,34 @@ def predict(model, X, *, batch_size=1024):
     Returns
     -------
     ndarray of shape (N, n_outputs)
-        Take ``argmax(axis=1)`` for class predictions.
+        Take ``argmax(axis=1)`` for class predictions.  For ``N = 0`` an
+        empty ``(0, n_outputs)`` array, without calling the model (batch
+        norm rejects empty batches).
+
+    Raises
+    ------
+    ValueError
+        ``X`` has no rows and the model's layers do not declare its output
+        width, so the empty result cannot be shaped.
     """
     X, _ = _check_data(model, X, None)
     batch_size = _positive_int(batch_size, "batch_size")
-    was_training = getattr(model, "training", True)
-    model.eval()
-    try:
+    if len(X) == 0:
+        return _empty_logits(model, X.dtype)
+    with _mode_restored(model):
+        model.eval()
         outs = [model.forward(X[s]) for s in _batches(len(X), batch_size)]
-    finally:
-        model.train(was_training)
-    return np.concatenate(outs) if outs else np.empty((0, 0), X.dtype)
+    return np.concatenate(outs)
+
+
+def _empty_logits(model, dtype):
+    """The ``(0, n_outputs)`` result of predicting no rows."""
+    width = _edge_width(model, "out")
+    if width is None:
+        raise ValueError(f"X holds no rows and the output width of the model "
+                         f"({type(model).__name__}) is unknown, so predict cannot shape an "
+                         "empty result; pass at least one row")
+    return np.empty((0, width), dtype)
 
 
 def evaluate(model, X, y, *, loss=None, batch_size=1024):

@@ -156,3 +156,64 @@ def test_load_mnist_dir_mislabelled_and_mismatched(tmp_path):
         load_mnist_dir(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_mnist_dir(tmp_path / "nowhere")
+
+
+def test_standardize_rejects_complex_and_non_numeric_input():
+    rng = np.random.default_rng()
+    train = rng.standard_normal((10, 3))
+    with pytest.raises(TypeError, match="argument 0 has dtype complex128"):
+        standardize(train + 1j * rng.standard_normal((10, 3)))  # used to drop the imaginary part
+    with pytest.raises(TypeError, match="argument 1 has dtype complex64"):
+        standardize(train, train[:4].astype(np.complex64))
+    with pytest.raises(TypeError, match="argument 0 has dtype object"):
+        standardize(train.astype(object))
+    with pytest.raises(TypeError, match="dtype <U"):
+        standardize(train.astype(str))
+    assert standardize(train > 0)[0].dtype == np.float64  # booleans are numbers here
+
+
+@pytest.mark.parametrize("eps", [-1.0, -1e-12, float("nan"), float("inf")])
+def test_standardize_rejects_negative_or_non_finite_eps(eps):
+    train = np.random.default_rng().standard_normal((10, 3))
+    train[:, 1] = 4.0  # a constant column: a negative eps used to make it NaN
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        standardize(train, eps=eps)
+
+
+def test_standardize_eps_type_and_zero():
+    train = np.random.default_rng().standard_normal((10, 3))
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        standardize(train, eps="1e-8")
+    train[:, 2] = 1.5
+    out = standardize(train, eps=0)[0]
+    assert np.isfinite(out).all() and not out[:, 2].any()  # a constant column is centred
+
+
+def test_load_idx_corrupt_deflate_stream_names_the_file(tmp_path):
+    """A corrupt deflate block raises zlib.error inside gzip; load_idx reports a ValueError."""
+    rng = np.random.default_rng()
+    gz = gzip.compress(idx_bytes(rng.integers(0, 256, (5, 4, 4), dtype=np.uint8)))
+    # The first byte after the 10-byte gzip header starts the deflate stream:
+    # 0x07 is a final block of the reserved type 3, an "invalid block type".
+    path = tmp_path / "bad-images.gz"
+    path.write_bytes(gz[:10] + b"\x07" + gz[11:])
+    with pytest.raises(ValueError, match="bad-images.gz: not a valid gzip file"):
+        load_idx(path)
+
+
+def test_load_idx_os_errors_stay_os_errors(tmp_path):
+    """An unreadable path is not reported as a corrupt file."""
+    (tmp_path / "folder.gz").mkdir()
+    with pytest.raises(IsADirectoryError):
+        load_idx(tmp_path / "folder.gz")
+    with pytest.raises(FileNotFoundError):
+        load_idx(tmp_path / "missing.gz")
+
+
+def test_load_idx_header_size_does_not_overflow(tmp_path):
+    """Dimensions whose product exceeds int64 are a truncated file, not "trailing bytes"."""
+    path = tmp_path / "huge.idx"
+    path.write_bytes(bytes([0, 0, 8, 2]) + struct.pack(">II", 2**32 - 1, 2**32 - 1))
+    expected = 12 + (2**32 - 1) ** 2  # header + data bytes, beyond int64
+    with pytest.raises(ValueError, match=rf"truncated IDX file.*\({expected} bytes\)"):
+        load_idx(path)
