@@ -18,15 +18,24 @@ import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_CONFIG_DEPTH",
     "save_arrays",
     "load_arrays",
     "encode_config",
     "decode_config",
     "save_object",
     "load_object",
+    "check_config",
+    "check_state_shapes",
 ]
 
 FORMAT_VERSION = 1
+
+#: Deepest nesting of lists and dicts a configuration may have. cbn writes at
+#: most three levels (a Sequential's list of entries holding config dicts);
+#: the bound keeps a crafted file from exhausting the stack while it is parsed
+#: or reported.
+MAX_CONFIG_DEPTH = 8
 
 
 def save_arrays(path, kind, arrays):
@@ -114,8 +123,9 @@ def encode_config(config):
 def decode_config(arrays, path, expected_type):
     """Pop and parse the ``config`` entry written by :func:`encode_config`.
 
-    Raises ``ValueError`` naming ``path`` if it is missing, not valid JSON, or
-    not of ``expected_type`` (``dict`` or ``list``).
+    Raises ``ValueError`` naming ``path`` if it is missing, not valid JSON,
+    nested more than :data:`MAX_CONFIG_DEPTH` levels deep, or not of
+    ``expected_type`` (``dict`` or ``list``).
     """
     entry = arrays.pop("config", None)
     if entry is None or entry.shape != () or entry.dtype.kind != "U":
@@ -124,9 +134,133 @@ def decode_config(arrays, path, expected_type):
         config = json.loads(str(entry))
     except ValueError as exc:
         raise ValueError(f"{path}: its configuration is not valid JSON: {exc}") from None
+    except RecursionError:
+        # json's parser recurses once per level of nesting.
+        raise ValueError(
+            f"{path}: its configuration is nested more than {MAX_CONFIG_DEPTH} levels deep"
+        ) from None
+    if _nesting_depth(config) > MAX_CONFIG_DEPTH:
+        raise ValueError(
+            f"{path}: its configuration is nested more than {MAX_CONFIG_DEPTH} levels deep"
+        )
     if not isinstance(config, expected_type):
         raise ValueError(f"{path}: its configuration is not a {expected_type.__name__}")
     return config
+
+
+def _nesting_depth(value):
+    """Levels of lists and dicts in a parsed JSON value (0 for a scalar).
+
+    Walks one level at a time instead of recursing, so that no depth can
+    overflow the stack.
+    """
+    depth = 0
+    level = [value]
+    while True:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+
+
+def check_config(config, types, where, sizes=()):
+    """Check the keys and value types of a decoded configuration before it is used.
+
+    A file's configuration is untrusted: it is checked here, with a message
+    naming the file, rather than left to fail somewhere inside a constructor.
+
+    Parameters
+    ----------
+    config : dict
+        The parsed JSON object.
+    types : dict
+        Every allowed key, mapped to the Python type (or tuple of types) its
+        value may have. ``int`` does not admit ``bool`` (JSON ``true`` decodes
+        to one) unless ``bool`` is listed too; ``type(None)`` admits ``null``.
+    where : str
+        Start of the error messages: the file, and the part of it.
+    sizes : iterable of str
+        Keys that must be present and hold a positive integer: the sizes that
+        the stored arrays' shapes are then checked against.
+
+    Raises
+    ------
+    ValueError
+        An unknown or missing key, or a value of the wrong type; the message
+        names ``where`` and the key.
+    """
+    unknown = sorted(set(config) - set(types))
+    if unknown:
+        raise ValueError(f"{where}: unknown configuration keys {unknown}")
+    missing = [key for key in sizes if key not in config]
+    if missing:
+        raise ValueError(f"{where}: the configuration lacks the keys {missing}")
+    for key, value in config.items():
+        allowed = types[key] if isinstance(types[key], tuple) else (types[key],)
+        if not _is_instance(value, allowed):
+            expected = " or ".join(_json_name(t) for t in allowed)
+            raise ValueError(
+                f"{where}: configuration {key!r} must be {expected}, got {_json_name(type(value))}"
+            )
+    for key in sizes:
+        if not _is_instance(config[key], (int,)) or config[key] < 1:
+            raise ValueError(
+                f"{where}: configuration {key!r} must be a positive integer, got {config[key]!r}")
+
+
+_JSON_NAMES = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
+               str: "a string", list: "a list", dict: "an object"}
+
+
+def _json_name(kind):
+    """How an error message calls a Python type that JSON decodes to."""
+    return _JSON_NAMES.get(kind, kind.__name__)
+
+
+def _is_instance(value, allowed):
+    """``isinstance`` where a bool only counts as a ``bool``, not as an ``int``."""
+    if isinstance(value, bool):
+        return bool in allowed
+    return isinstance(value, allowed)
+
+
+def check_state_shapes(state, shapes, where):
+    """Check that ``state`` holds exactly the arrays ``shapes`` lists, each of that shape.
+
+    Meant to run before a configuration's sizes are allocated: once they
+    match the stored arrays, building the object takes no more memory than
+    the file's data.
+
+    Parameters
+    ----------
+    state : dict
+        Name -> array, as read from the file.
+    shapes : dict
+        Name -> expected shape (a tuple), as implied by the configuration.
+    where : str
+        Start of the error messages.
+
+    Raises
+    ------
+    ValueError
+        An array is missing, unexpected, or of another shape; the message names it.
+    """
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        problems = ([f"missing keys {missing}"] if missing else []) + (
+            [f"unexpected keys {unexpected}"] if unexpected else [])
+        raise ValueError(
+            f"{where}: the stored arrays do not match the configuration: {', '.join(problems)}"
+        )
+    for name, shape in shapes.items():
+        got = np.shape(state[name])
+        if got != tuple(shape):
+            raise ValueError(
+                f"{where}: array {name!r} has shape {got}, "
+                f"but the configuration implies {tuple(shape)}"
+            )
 
 
 def save_object(path, kind, config, state):

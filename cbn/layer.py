@@ -602,14 +602,20 @@ class BatchNorm:
 
         Any error in either is raised as ``ValueError`` naming ``where``.
         """
-        unknown = sorted(set(config) - set(_CONFIG_KEYS))
+        unknown = sorted(set(config) - set(CONFIG_TYPES))
         if unknown:
             raise ValueError(f"{where}: unknown BatchNorm configuration keys {unknown}")
+        # Sizes are checked against the stored arrays before anything is
+        # allocated: a crafted num_features must not ask for terabytes.
+        io.check_config(config, CONFIG_TYPES, where, sizes=("num_features",))
+        io.check_state_shapes(state, state_shapes(config), where)
         try:
             layer = cls(**config)
             layer.load_state_dict(state)
         except (TypeError, KeyError, ValueError) as exc:
             raise ValueError(f"{where}: invalid BatchNorm: {exc}") from None
+        except MemoryError:
+            raise ValueError(f"{where}: a BatchNorm of this size does not fit in memory") from None
         return layer
 
     def __repr__(self):
@@ -623,8 +629,24 @@ class BatchNorm:
 
 _FORMAT = "cbn.BatchNorm"
 _INT64_MAX = 2**63 - 1
-_CONFIG_KEYS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "axis",
-                "dtype", "activation", "n_threads")
+#: What a saved configuration may hold: key -> the JSON value types it may
+#: have (``int`` does not admit ``bool``; see :func:`cbn.io.check_config`).
+CONFIG_TYPES = {
+    "num_features": int, "eps": (int, float), "momentum": (int, float, type(None)),
+    "affine": bool, "track_running_stats": bool, "axis": int, "dtype": str,
+    "activation": (str, type(None)), "n_threads": (int, type(None)),
+}
+
+
+def state_shapes(config):
+    """Shapes of the arrays a ``BatchNorm`` of ``config`` stores (see :meth:`BatchNorm.state_dict`)."""
+    channels = (config["num_features"],)
+    shapes = {}
+    if config.get("affine", True):
+        shapes.update(gamma=channels, beta=channels)
+    if config.get("track_running_stats", True):
+        shapes.update(running_mean=channels, running_var=channels, num_batches_tracked=())
+    return shapes
 
 
 _BUSY = (

@@ -24,6 +24,7 @@ import numbers
 import numpy as np
 
 from . import io
+from . import layer as bn_layer
 from .layer import BatchNorm
 
 __all__ = [
@@ -259,8 +260,19 @@ def _load_into(params, state, owner):
     Keys, shapes, numeric dtypes and finiteness are validated before anything
     is written, so a failed load leaves the parameters unchanged.
     """
+    checked = _checked_params(params, state, owner)
+    for key, arr in params.items():
+        arr[...] = checked[key]
+
+
+def _checked_params(params, state, owner):
+    """Validate ``state`` against ``params`` without writing; return it cast to their dtypes."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"{owner}: state must be a dict, got {type(state).__name__}")
     if set(state) != set(params):
-        raise ValueError(f"{owner}: state keys {sorted(state)} != expected {sorted(params)}")
+        # key=str: a non-string key must not make the message itself fail to sort.
+        raise ValueError(
+            f"{owner}: state keys {sorted(state, key=str)} != expected {sorted(params)}")
     checked = {}
     for key, arr in params.items():
         src = np.asarray(state[key])
@@ -273,8 +285,7 @@ def _load_into(params, state, owner):
         if not np.all(np.isfinite(cast)):
             raise ValueError(f"{owner}: state[{key!r}] contains NaN or Inf")
         checked[key] = cast
-    for key, arr in params.items():
-        arr[...] = checked[key]
+    return checked
 
 
 class ReLU(Module):
@@ -411,22 +422,91 @@ class Sequential(Module):
                     out[f"{i}.{key}"] = value
         return out
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, strict=True):
         """Load a dict made by :meth:`state_dict` into the children.
 
-        All or nothing: if any child rejects its part, every child gets its
-        previous state back before the error propagates.
+        All or nothing: every cbn layer's part is checked before any is
+        written, so a failed load changes nothing (not even the forward caches
+        a following ``backward`` needs). Other layers, which offer no check
+        ahead, are loaded first and get their previous state back if one fails.
+
+        Parameters
+        ----------
+        state : mapping
+            ``"<index>.<name>"`` -> array, as :meth:`state_dict` writes it.
+        strict : bool, default True
+            As in PyTorch: every child that has a state must get one, and
+            every key must name a child that has a state. With False, children
+            the state does not mention keep theirs and such keys are ignored;
+            a child that is mentioned still gets its whole state.
+
+        Raises
+        ------
+        TypeError
+            ``state`` is not a mapping, a key is not a string, or a child
+            rejects a value's type.
+        ValueError
+            (strict) a key names no child with a state, or the state lacks
+            children's keys (named); or a child rejects its part.
+        KeyError
+            A ``BatchNorm`` child's part lacks or adds keys.
+        """
+        if not hasattr(state, "keys") or not hasattr(state, "items"):
+            raise TypeError("state must be a dict of '<index>.<name>' keys to arrays, "
+                            f"got {type(state).__name__}")
+        stateful = self._state_keys()
+        per_child = self._split_state(state, stateful, strict)
+        if strict:
+            missing = [f"{i}.{key}" for i, keys in stateful.items() if i not in per_child
+                       for key in keys]
+            if missing:
+                raise ValueError(f"state lacks the keys {missing}; pass strict=False to load "
+                                 "only part of the model")
+        checked = {i: part for i, part in per_child.items()
+                   if _check_child_state(self.layers[i], part)}
+        unchecked = {i: part for i, part in per_child.items() if i not in checked}
+        self._load_with_rollback(unchecked)
+        for index, child_state in checked.items():
+            self.layers[index].load_state_dict(child_state)
+
+    def _state_keys(self):
+        """``{index: state key names}`` of the children that have a state to load."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if (callable(getattr(layer, "load_state_dict", None))
+                    and callable(getattr(layer, "state_dict", None))):
+                keys = list(layer.state_dict())
+                if keys:
+                    out[i] = keys
+        return out
+
+    def _split_state(self, state, stateful, strict):
+        """Group ``state`` by child, ``{index: {name: value}}``, checking every key.
+
+        ``stateful`` is :meth:`_state_keys`; without ``strict``, keys for
+        children outside it are dropped instead of refused.
         """
         per_child = {}
         for key, value in state.items():
-            index, _, name = key.partition(".")
-            if not index.isdigit() or int(index) >= len(self.layers) or not name:
-                raise ValueError(f"state key {key!r} names no layer of this Sequential")
-            per_child.setdefault(int(index), {})[name] = value
-        for index in per_child:
-            layer = self.layers[index]
-            if not callable(getattr(layer, "load_state_dict", None)):
-                raise ValueError(f"layer {index} ({type(layer).__name__}) has no state to load")
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"state keys must be strings '<index>.<name>', got {_abbrev(key)}")
+            position = _split_key(key, len(self.layers))
+            if position is None or position[0] not in stateful:
+                if not strict:
+                    continue
+                if position is None:
+                    raise ValueError(
+                        f"state key {_abbrev(key)} names no layer of this Sequential")
+                layer = self.layers[position[0]]
+                raise ValueError(f"state key {_abbrev(key)}: layer {position[0]} "
+                                 f"({type(layer).__name__}) has no state to load")
+            index, name = position
+            per_child.setdefault(index, {})[name] = value
+        return per_child
+
+    def _load_with_rollback(self, per_child):
+        """Load layers that cannot be checked ahead; restore them all if one fails."""
         backup = {i: self.layers[i].state_dict() for i in per_child}
         try:
             for index, child_state in per_child.items():
@@ -465,24 +545,32 @@ class Sequential(Module):
             No such file.
         ValueError
             Truncated, corrupt or foreign file, a newer format version, an
-            unknown layer type, or an invalid configuration or state.
+            unknown layer type, or an invalid configuration or state. The
+            configuration's value types, and its sizes against the shapes of
+            the stored arrays, are checked before a layer is built, so a file
+            cannot make loading allocate more than the data it holds.
         """
         spec, arrays = io.load_object(path, _SEQUENTIAL_FORMAT, list)
-        per_child = [{} for _ in spec]
+        per_child = {}
         for key, value in arrays.items():
-            index, _, name = key.partition(".")
-            if not index.isdigit() or int(index) >= len(spec) or not name:
-                raise ValueError(f"{path}: entry {key!r} names no layer of the model")
-            per_child[int(index)][name] = value
+            position = _split_key(key, len(spec))
+            if position is None:
+                raise ValueError(f"{path}: entry {_abbrev(key)} names no layer of the model")
+            per_child.setdefault(position[0], {})[position[1]] = value
         layers = []
         for i, entry in enumerate(spec):
             where = f"{path}: layer {i}"
             if not isinstance(entry, dict) or set(entry) != {"type", "config"}:
-                raise ValueError(f"{where}: malformed entry {entry!r}")
+                raise ValueError(f"{where}: malformed entry {_abbrev(entry)}")
             kind, config = entry["type"], entry["config"]
-            if kind not in LAYER_TYPES or not isinstance(config, dict):
-                raise ValueError(f"{where}: unknown layer type {kind!r}")
-            layers.append(_build_layer(LAYER_TYPES[kind], config, per_child[i], where))
+            if not isinstance(kind, str):
+                raise ValueError(f"{where}: its type must be a string, got {_abbrev(kind)}")
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"{where}: unknown layer type {_abbrev(kind)}")
+            if not isinstance(config, dict):
+                raise ValueError(
+                    f"{where}: its config must be a JSON object, got {_abbrev(config)}")
+            layers.append(_build_layer(LAYER_TYPES[kind], config, per_child.get(i, {}), where))
         return cls(*layers)
 
     def __len__(self):
@@ -503,7 +591,26 @@ _SEQUENTIAL_FORMAT = "cbn.Sequential"
 
 
 def _build_layer(kind, config, state, where):
-    """Instantiate ``kind(**config)`` and load ``state``; errors become ValueError."""
+    """Instantiate ``kind(**config)`` and load ``state``; errors become ValueError.
+
+    The configuration's value types, and the array shapes its sizes imply, are
+    checked against the stored arrays first: a corrupt or crafted file cannot
+    make the constructor allocate more than the file holds.
+    """
+    types, sizes, state_shapes = _FILE_SPECS[kind]
+    io.check_config(config, types, where, sizes)
+    io.check_state_shapes(state, state_shapes(config), where)
+    try:
+        return _construct(kind, config, state, where)
+    except MemoryError:
+        # The stored shapes bound every size but that of a BatchNorm with
+        # neither affine parameters nor running statistics: it stores no array.
+        raise ValueError(
+            f"{where}: a {kind.__name__} of this size does not fit in memory") from None
+
+
+def _construct(kind, config, state, where):
+    """``kind(**config)`` with ``state`` loaded; a constructor's error becomes ValueError."""
     if kind is BatchNorm:
         return BatchNorm.from_config(config, state, where)
     try:
@@ -513,6 +620,46 @@ def _build_layer(kind, config, state, where):
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise ValueError(f"{where}: invalid {kind.__name__}: {exc}") from None
     return layer
+
+
+def _split_key(key, n_layers):
+    """``(index, name)`` of a ``"<index>.<name>"`` key, or None if it names no layer.
+
+    The index must be written as :meth:`Sequential.state_dict` writes it
+    (ASCII digits, no leading zero), so two keys can never name one array.
+    """
+    index, _, name = key.partition(".")
+    # The length test comes first: int() of a huge digit string is slow or refused.
+    if (not name or not index.isascii() or not index.isdigit()
+            or len(index) > len(str(n_layers))):
+        return None
+    position = int(index)
+    if str(position) != index or position >= n_layers:
+        return None
+    return position, name
+
+
+def _check_child_state(layer, state):
+    """Raise what ``layer.load_state_dict(state)`` would, without changing ``layer``.
+
+    Returns False, having checked nothing, for a layer that offers no way to
+    check ahead (not a cbn ``Linear`` or ``BatchNorm``).
+    """
+    if type(layer) is Linear:
+        _checked_params(layer.params, state, "Linear")
+    elif type(layer) is BatchNorm:
+        # BatchNorm validates only inside load_state_dict: run it on a scratch
+        # twin of the same configuration, whose checks are the same.
+        BatchNorm(**layer.config()).load_state_dict(state)
+    else:
+        return False
+    return True
+
+
+def _abbrev(value, limit=80):
+    """``repr(value)``, cut to ``limit`` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class SoftmaxCrossEntropy:
@@ -637,3 +784,25 @@ def mlp(sizes, *, batch_norm=True, activation="relu", rng=None, dtype=np.float32
 
 #: Layer classes that :meth:`Sequential.save` can write and :meth:`Sequential.load` rebuild.
 LAYER_TYPES = {cls.__name__: cls for cls in (Linear, ReLU, Sigmoid, Tanh, BatchNorm)}
+
+
+def _linear_state_shapes(config):
+    """Shapes of the arrays a ``Linear`` of ``config`` stores: ``W`` and, with a bias, ``b``."""
+    shapes = {"W": (config["in_features"], config["out_features"])}
+    if config.get("bias", True):
+        shapes["b"] = (config["out_features"],)
+    return shapes
+
+
+#: Per layer type, what :meth:`Sequential.load` checks before building one:
+#: the value types of its configuration keys, its size keys (present, positive
+#: integers), and the shapes of its stored arrays as a function of the
+#: configuration.
+_FILE_SPECS = {
+    Linear: ({"in_features": int, "out_features": int, "bias": bool, "init": str, "dtype": str},
+             ("in_features", "out_features"), _linear_state_shapes),
+    BatchNorm: (bn_layer.CONFIG_TYPES, ("num_features",), bn_layer.state_shapes),
+    ReLU: ({}, (), lambda config: {}),
+    Sigmoid: ({}, (), lambda config: {}),
+    Tanh: ({}, (), lambda config: {}),
+}
