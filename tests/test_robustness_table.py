@@ -13,6 +13,7 @@ import pytest
 import cbn
 from cbn import functional as F
 from cbn import reference as R
+from cbn.nn import mlp
 
 
 def snapshot(layer):
@@ -396,3 +397,132 @@ def test_empty_batch():
         with pytest.raises(ValueError, match="empty"):
             layer.forward(np.empty((0, 3), np.float32))
     assert_unchanged(layer, before)
+
+
+BAD_SETTINGS = [
+    # attribute, value, exception, message
+    ("eps", -1.0, ValueError, "eps must be a positive finite float"),
+    ("eps", True, TypeError, "eps must be a positive float"),
+    ("momentum", 5, ValueError, r"momentum must be in \[0, 1\] or None"),
+    ("activation", "tanh", ValueError, "activation must be None or 'relu'"),
+    ("n_threads", 0, ValueError, "n_threads must be"),
+    ("axis", 1.5, TypeError, "axis must be an int"),
+    ("num_features", 4, AttributeError, "num_features is fixed"),
+    ("dtype", np.float64, AttributeError, "dtype is fixed"),
+    ("affine", False, AttributeError, "affine is fixed"),
+    ("track_running_stats", False, AttributeError, "track_running_stats is fixed"),
+]
+
+
+@pytest.mark.parametrize(
+    "attribute, value, error, message", BAD_SETTINGS, ids=[f"{a}={getattr(v, '__name__', v)}" for a, v, *_ in BAD_SETTINGS]
+)
+def test_bad_setting_after_construction(attribute, value, error, message):
+    rng = np.random.default_rng(17)
+    layer = trained_layer(rng)
+    before = snapshot(layer)
+    config = layer.config()
+    with pytest.raises(error, match=message):
+        setattr(layer, attribute, value)
+    assert layer.config() == config  # the old value is kept
+    assert_unchanged(layer, before)
+    # The layer goes on working with its old settings.
+    x = data(rng, (8, 3))
+    y = layer.forward(x)
+    y_ref, _, _ = R.forward_train(x.astype(np.float64), layer.gamma, layer.beta, 1e-5)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
+def test_short_gradient_assigned():
+    rng = np.random.default_rng(18)
+    layer = trained_layer(rng)
+    grads = layer.grads
+    before = snapshot(layer)
+    for name in ("dgamma", "dbeta"):
+        # A short view used to be kept and then written past by backward.
+        short = np.zeros(8, np.float32)[:2]
+        with pytest.raises(ValueError, match=rf"{name} must have shape \(3,\), got \(2,\)"):
+            setattr(layer, name, short)
+    assert_unchanged(layer, before)
+    # A valid value is copied into the layer's own arrays, as for gamma and beta,
+    # so the dict an optimizer holds (layer.grads) stays live.
+    new = rng.standard_normal(3).astype(np.float32)
+    layer.dgamma = new
+    assert layer.dgamma is grads["gamma"] and layer.dgamma is not new
+    assert np.array_equal(layer.dgamma, new)
+    x = data(rng, (8, 3))
+    layer.forward(x)
+    layer.backward(rng.standard_normal(x.shape).astype(np.float32))
+    assert layer.dgamma is grads["gamma"] and layer.dbeta is grads["beta"]
+
+
+def test_parameter_gradients_that_overflow():
+    rng = np.random.default_rng(19)
+    layer = trained_layer(rng)
+    x = data(rng, (8, 3))
+    layer.forward(x)
+    before = snapshot(layer)
+    # Each value is finite in float32; their sum over the batch (~8e38) is not.
+    dy = np.float32(1e38) * rng.uniform(0.95, 1.0, x.shape).astype(np.float32)
+    with pytest.raises(FloatingPointError, match="dgamma or dbeta is not finite"):
+        layer.backward(dy)
+    assert_unchanged(layer, before)  # dgamma/dbeta not overwritten with inf
+    mean, var = F.batch_stats(x)
+    with pytest.raises(FloatingPointError, match="dgamma or dbeta"):
+        F.batch_norm_backward(dy, x, mean, var)
+    # In float64 the same sums are finite.
+    _, dgamma, dbeta = F.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64),
+                                             mean, var)
+    assert np.all(np.isfinite(dgamma)) and np.all(np.isfinite(dbeta))
+    # The cache survives: a smaller gradient goes through.
+    assert np.all(np.isfinite(layer.backward(dy / np.float32(1e38))))
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix is the input
+def test_masked_array_and_matrix_input():
+    rng = np.random.default_rng(20)
+    layer = trained_layer(rng)
+    before = snapshot(layer)
+    x = data(rng, (8, 3))
+    mx = np.ma.masked_array(x, mask=rng.random(x.shape) < 0.3)
+    for mode in (True, False):
+        layer.train(mode)
+        with pytest.raises(TypeError, match="x is a masked array"):
+            layer.forward(mx)
+    assert_unchanged(layer, before)
+    with pytest.raises(TypeError, match="masked array"):
+        F.batch_norm_train(mx)
+    layer.train().forward(x)
+    before = snapshot(layer)
+    with pytest.raises(TypeError, match="dy is a masked array"):
+        layer.backward(np.ma.masked_array(x))
+    assert_unchanged(layer, before)
+    # np.matrix is taken as the plain 2-D array it holds.
+    a, b = cbn.BatchNorm(3), cbn.BatchNorm(3)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y_m = a.forward(np.matrix(x))
+    assert type(y_m) is np.ndarray
+    assert y_m.tobytes() == b.forward(x).tobytes()
+    assert a.backward(np.matrix(dy)).tobytes() == b.backward(dy).tobytes()
+    assert a.running_var.tobytes() == b.running_var.tobytes()
+
+
+def test_truncated_or_foreign_npz(tmp_path):
+    rng = np.random.default_rng(21)
+    layer = trained_layer(rng)
+    good = tmp_path / "bn.npz"
+    layer.save(good)
+    raw = good.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.npz is not a readable cbn file"):
+        cbn.BatchNorm.load(tmp_path / "cut.npz")
+    np.savez(tmp_path / "plain.npz", a=np.arange(3.0))
+    with pytest.raises(ValueError, match=r"plain\.npz is not a cbn file"):
+        cbn.BatchNorm.load(tmp_path / "plain.npz")
+    mlp([3, 4, 2], rng=0).save(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match=r"model\.npz holds a 'cbn\.Sequential'"):
+        cbn.BatchNorm.load(tmp_path / "model.npz")
+    # The intact file loads the layer's state bit for bit.
+    loaded = cbn.BatchNorm.load(good).state_dict()
+    for k, v in layer.state_dict().items():
+        assert np.asarray(loaded[k]).tobytes() == np.asarray(v).tobytes(), k
