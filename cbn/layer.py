@@ -33,6 +33,15 @@ def _fixed(name, doc):
     return property(lambda self: getattr(self, attr), refuse, doc=doc)
 
 
+def _owned(name, doc):
+    """An array attribute whose assignment copies into the layer's own array
+    (``_assign``), so that optimizers holding ``params`` and ``grads`` keep
+    seeing the live values."""
+    attr = "_" + name
+    return property(lambda self: getattr(self, attr),
+                    lambda self, value: self._assign(attr, name, value), doc=doc)
+
+
 def _checked(name, check, doc):
     """An attribute whose new values pass ``check`` (which returns the value to keep)."""
     attr = "_" + name
@@ -193,36 +202,17 @@ class BatchNorm:
     # -- parameters and statistics: assignment copies into the owned arrays,
     # so that optimizers holding `params` and `grads` keep seeing the live values.
 
-    gamma = property(
-        lambda self: self._gamma,
-        lambda self, v: self._assign("_gamma", "gamma", v),
-        doc="Learned scale, shape (C,), or None when affine=False.",
+    gamma = _owned("gamma", "Learned scale, shape (C,), or None when affine=False.")
+    beta = _owned("beta", "Learned shift, shape (C,), or None when affine=False.")
+    running_mean = _owned(
+        "running_mean", "Running mean, shape (C,), or None when track_running_stats=False."
     )
-    beta = property(
-        lambda self: self._beta,
-        lambda self, v: self._assign("_beta", "beta", v),
-        doc="Learned shift, shape (C,), or None when affine=False.",
+    running_var = _owned(
+        "running_var",
+        "Running (unbiased) variance, shape (C,), or None when track_running_stats=False.",
     )
-    running_mean = property(
-        lambda self: self._running_mean,
-        lambda self, v: self._assign("_running_mean", "running_mean", v),
-        doc="Running mean, shape (C,), or None when track_running_stats=False.",
-    )
-    running_var = property(
-        lambda self: self._running_var,
-        lambda self, v: self._assign("_running_var", "running_var", v),
-        doc="Running (unbiased) variance, shape (C,), or None when track_running_stats=False.",
-    )
-    dgamma = property(
-        lambda self: self._dgamma,
-        lambda self, v: self._assign("_dgamma", "dgamma", v),
-        doc="Gradient of gamma from the last backward, shape (C,), or None when affine=False.",
-    )
-    dbeta = property(
-        lambda self: self._dbeta,
-        lambda self, v: self._assign("_dbeta", "dbeta", v),
-        doc="Gradient of beta from the last backward, shape (C,), or None when affine=False.",
-    )
+    dgamma = _owned("dgamma", "Gradient of gamma from the last backward, shape (C,), or None.")
+    dbeta = _owned("dbeta", "Gradient of beta from the last backward, shape (C,), or None.")
 
     def _assign(self, attr, name, value):
         target = getattr(self, attr)

@@ -15,6 +15,7 @@ import pytest
 import cbn
 from cbn import io
 from cbn.nn import Sequential, mlp
+from test_io import _rewrite as rewrite  # one helper for both files (pythonpath: tests)
 
 
 def saved_model(tmp_path, **kwargs):
@@ -25,18 +26,6 @@ def saved_model(tmp_path, **kwargs):
     path = tmp_path / "model.npz"
     model.save(path)
     return path, model
-
-
-def rewrite(path, **changes):
-    """Rewrite a saved file with some entries replaced (None removes one)."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    for key, value in changes.items():
-        if value is None:
-            arrays.pop(key, None)
-        else:
-            arrays[key] = value
-    np.savez(path, **arrays)
 
 
 def with_spec(path, edit):
