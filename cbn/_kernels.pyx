@@ -831,6 +831,7 @@ cdef enum:
     ODD_QUARTER_BYTES = 4096    # inner == 1: elementwise passes over rows shorter than
                                 # this take their four rows an odd number apart
     ELEMENTS_PER_BLOCK = 16384  # inner > 1: target values per reduction block
+    RUN_SHIFT_ITEMS = 2048      # inner > 1: values summed around one shift (_stats_runs)
     BACK_CHUNK_BYTES = 1048576  # second passes over the data go backwards in
                                 # chunks of this many bytes (see _chunk_items)
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
@@ -931,6 +932,27 @@ cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 # batch_stats
 # ---------------------------------------------------------------------------
 
+cdef inline double _median3(double a, double b, double c) noexcept nogil:
+    """The middle one of three values (a shift for shifted sums, see _stats_runs)."""
+    if a > b:
+        a, b = b, a
+    if b > c:
+        b = c
+    return a if a > b else b
+
+
+cdef inline double _shifted_m2(double s1, double s2, double n) noexcept nogil:
+    """Sum of squared deviations from the mean, from sums shifted by a value of the set.
+
+    s1 * (s1 / n) cannot overflow while s2 is finite (it is at most s2), where
+    s1 * s1 / n did for spreads of 1e154 and more, and the clamp then hid the
+    -inf as a variance of 0. Rounding below 0 is clamped; NaN and -inf pass,
+    for the caller to raise.
+    """
+    cdef double d = s2 - s1 * (s1 / n)
+    return 0.0 if (d < 0.0 and isfinite(d)) else d
+
+
 cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
                       Py_ssize_t c0, Py_ssize_t c1,
                       double* mean_out, double* m2_out) noexcept nogil:
@@ -947,10 +969,14 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
     cdef double s2[CHANNELS_PER_BLOCK]
     cdef Py_ssize_t width = c1 - c0, r, j, q = rows // 4, rows_done
     cdef const floating* row = x + c0
+    cdef const floating* mid = x + (rows // 2) * channels + c0
+    cdef const floating* last = x + (rows - 1) * channels + c0
     cdef double d, d0, d1, d2, d3
     cdef int narrow = 0
     for j in range(width):
-        shift[j] = row[j]
+        # The middle of three rows' values: an outlier in the first row no
+        # longer sets the shift (see _stats_runs).
+        shift[j] = _median3(row[j], mid[j], last[j])
         s1[j] = 0.0
         s2[j] = 0.0
     if width == channels:
@@ -984,38 +1010,65 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
             s2[j] += d * d
     for j in range(width):
         mean_out[c0 + j] = shift[j] + s1[j] / rows
-        d = s2[j] - s1[j] * s1[j] / rows
-        m2_out[c0 + j] = 0.0 if d < 0.0 else d  # keeps NaN: it must reach the caller
+        m2_out[c0 + j] = _shifted_m2(s1[j], s2[j], rows)
 
 
 cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
                       Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
                       double* mean_out, double* m2_out) noexcept nogil:
-    """Shifted sums of the runs (n, c, :), n in [n0, n1), c in [c0, c1) (inner > 1).
+    """Mean and M2 of the runs (n, c, :), n in [n0, n1), c in [c0, c1) (inner > 1).
 
-    The runs are visited in memory order, one stream through the block.
+    The runs are visited in memory order, one stream through the block. Each
+    piece of at most RUN_SHIFT_ITEMS values is summed shifted by an estimate of
+    the mean (the channel's mean so far, or for its first piece the middle of
+    its first, middle and last values) and merged into the channel's mean and
+    M2 (Chan et al.). Shifted sums lose about (shift - mean)^2 / variance, up to
+    the piece's length, times the rounding error: with the block's first value
+    as the one shift of a whole block (up to 16384 values, or a whole run when
+    longer) that was up to 1e-10 relative on float64 data whose first value was
+    an outlier (images of 1000 + N(0, 1) with a zero corner: 7e-11).
     """
-    cdef double shift[CHANNELS_PER_BLOCK]
-    cdef double s1[CHANNELS_PER_BLOCK]
-    cdef double s2[CHANNELS_PER_BLOCK]
-    cdef Py_ssize_t inner = g.inner, n, c
+    cdef double count[CHANNELS_PER_BLOCK]
+    cdef double mean[CHANNELS_PER_BLOCK]
+    cdef double m2[CHANNELS_PER_BLOCK]
+    cdef Py_ssize_t inner = g.inner, n, c, i0, len_
     cdef const floating* run
-    cdef double d, count = <double>((n1 - n0) * inner)
-    for c in range(c0, c1):
-        shift[c - c0] = x[(n0 * g.channels + c) * inner]
-        s1[c - c0] = 0.0
-        s2[c - c0] = 0.0
+    cdef double s1, s2, shift, n_b, total, delta
+    for c in range(c1 - c0):
+        count[c] = 0.0
+        mean[c] = 0.0
+        m2[c] = 0.0
     for n in range(n0, n1):
         for c in range(c0, c1):
             run = x + (n * g.channels + c) * inner
-            if floating is float:
-                cbn_run_sums_f(run, inner, shift[c - c0], &s1[c - c0], &s2[c - c0])
-            else:
-                cbn_run_sums_d(run, inner, shift[c - c0], &s1[c - c0], &s2[c - c0])
+            i0 = 0
+            while i0 < inner:
+                len_ = _min(RUN_SHIFT_ITEMS, inner - i0)
+                # The channel's mean so far, else the middle of three values of
+                # the piece: an outlier first value no longer sets the shift.
+                shift = mean[c - c0] if count[c - c0] > 0.0 else \
+                    _median3(run[i0], run[i0 + len_ // 2], run[i0 + len_ - 1])
+                s1 = 0.0
+                s2 = 0.0
+                if floating is float:
+                    cbn_run_sums_f(run + i0, len_, shift, &s1, &s2)
+                else:
+                    cbn_run_sums_d(run + i0, len_, shift, &s1, &s2)
+                n_b = <double>len_
+                if count[c - c0] == 0.0:  # the first piece: nothing to merge with
+                    mean[c - c0] = shift + s1 / n_b
+                    m2[c - c0] = _shifted_m2(s1, s2, n_b)
+                else:
+                    total = count[c - c0] + n_b
+                    delta = (shift + s1 / n_b) - mean[c - c0]
+                    mean[c - c0] += delta * (n_b / total)
+                    m2[c - c0] += (_shifted_m2(s1, s2, n_b)
+                                   + delta * delta * (count[c - c0] * (n_b / total)))
+                count[c - c0] += n_b
+                i0 += len_
     for c in range(c0, c1):
-        mean_out[c] = shift[c - c0] + s1[c - c0] / count
-        d = s2[c - c0] - s1[c - c0] * s1[c - c0] / count
-        m2_out[c] = 0.0 if d < 0.0 else d  # keeps NaN: it must reach the caller
+        mean_out[c] = mean[c - c0]
+        m2_out[c] = m2[c - c0]
 
 
 cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t task,
@@ -1341,6 +1394,15 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
             else:
                 bad += _normalize_runs(x, y, g, coef, r0, r1, relu, nt)
     return STATUS_NONFINITE_OUTPUT if bad else STATUS_OK
+
+
+cdef inline bint _any_zero(Py_ssize_t C, const double* v) noexcept nogil:
+    """Whether some v[c] is exactly 0."""
+    cdef Py_ssize_t c
+    for c in range(C):
+        if v[c] == 0.0:
+            return True
+    return False
 
 
 cdef bint _uncentre(const Geometry* g, const double* mean, const floating* gamma,
@@ -1827,6 +1889,7 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     written) and of ``forward_eval`` (mean and var are read); returns a status."""
     cdef Py_ssize_t C = g.channels
     cdef int status = STATUS_OK
+    cdef bint two
     cdef double* invstd = <double*>malloc(C * sizeof(double))
     cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
     if invstd == NULL or coef == NULL:
@@ -1840,9 +1903,12 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     else:
         status = _given_coefficients(g, mean, var, eps, gamma, beta, invstd, coef)
     if status == STATUS_OK:
+        # A constant channel (var 0) keeps the centred form, in which x - mean is
+        # exactly 0 and y exactly beta; x*a + c rounds a and c separately.
+        two = False if training and _any_zero(C, var) else _uncentre(g, mean, gamma, beta,
+                                                                      coef, relu)
         # After the statistics pass, normalize goes backwards (see _chunk_items).
-        status = _normalize(x, y, g, coef, relu, _uncentre(g, mean, gamma, beta, coef, relu),
-                            stream, n_threads, training)
+        status = _normalize(x, y, g, coef, relu, two, stream, n_threads, training)
     free(invstd)
     free(coef)
     return status

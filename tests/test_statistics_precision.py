@@ -1,0 +1,75 @@
+"""Batch statistics where the shifted sums used to fail silently.
+
+Each block's sums are taken around a shift; the shift used to be the block's
+first value, which (1) let s1*s1 overflow for spreads of 1e152 and more, the
+result being clamped to a variance of 0, and (2) cost precision in proportion to
+(first value - mean)^2 / variance, up to the block's length, when the first
+value was an outlier. The reference here is long double.
+"""
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import functional as F
+
+
+def reference_var(x, axes):
+    xl = x.astype(np.longdouble)
+    mean = xl.mean(axes)
+    return mean, ((xl - xl.mean(axes, keepdims=True)) ** 2).mean(axes)
+
+
+@pytest.mark.parametrize("shape", [(100, 1), (37, 5), (3, 2, 40), (2, 1, 20000)])
+def test_huge_spread_in_float64_is_not_clamped_to_zero(shape):
+    rng = np.random.default_rng()
+    x = np.zeros(shape)
+    # Values whose deviations' sum squared overflows (it did for about 1e152 x
+    # 100 values), while the sum of squares, n * var, stays below 1e306.
+    big = min(1e152, np.sqrt(1e306 / x.size * shape[1]))
+    x[0] = rng.uniform(1.0, 2.0, shape[1:]) * big
+    x[1:] += rng.standard_normal(x[1:].shape)
+    axes = (0,) + tuple(range(2, x.ndim))
+    y, mean, var = F.batch_norm_train(x)
+    _, want = reference_var(x, axes)
+    np.testing.assert_allclose(var, want.astype(np.float64), rtol=1e-12)
+    assert np.isfinite(y).all()
+    layer = cbn.BatchNorm(shape[1], dtype=np.float64)
+    layer(x)
+    assert np.all(layer.running_var > 1e300)
+
+
+@pytest.mark.parametrize("layout", ["runs", "long_run", "rows"])
+def test_an_outlier_first_value_costs_no_precision(layout):
+    rng = np.random.default_rng()
+    if layout == "runs":  # images of 1000 + N(0, 1) with a zero corner pixel
+        x = 1000 + rng.standard_normal((2, 3, 64, 64))
+        x[:, :, 0, 0] = 0.0
+    elif layout == "long_run":  # one run of 200000 values: once a single block
+        x = 1e-3 * rng.standard_normal((1, 2, 200000))
+        x[0, :, 0] = 1000.0
+    else:
+        x = 1000 + rng.standard_normal((int(rng.integers(200, 3000)), int(rng.integers(1, 50))))
+        x[0] = 0.0
+    axes = (0,) + tuple(range(2, x.ndim))
+    y, mean, var = F.batch_norm_train(x)
+    want_mean, want_var = reference_var(x, axes)
+    np.testing.assert_allclose(var, want_var.astype(np.float64), rtol=2e-14)
+    np.testing.assert_allclose(mean, want_mean.astype(np.float64), rtol=1e-15, atol=1e-15)
+    xl = x.astype(np.longdouble)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    ref = (xl - want_mean.reshape(shape)) / np.sqrt(want_var.reshape(shape) + 1e-5)
+    assert float(np.abs(y - ref).max()) < 1e-12 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("value", [0.01, -3e-3, 7.0, 1e4])
+def test_constant_channel_gives_exactly_beta(dtype, value):
+    rng = np.random.default_rng()
+    C = 4
+    x = (rng.standard_normal((64, C)) * 0.1).astype(dtype)
+    x[:, 2] = dtype(value)
+    beta = rng.standard_normal(C).astype(dtype)
+    gamma = rng.uniform(0.5, 2, C).astype(dtype)
+    y = F.batch_norm_train(x, gamma, beta)[0]
+    assert np.all(y[:, 2] == beta[2])
