@@ -831,7 +831,7 @@ cdef enum:
     ODD_QUARTER_BYTES = 4096    # inner == 1: elementwise passes over rows shorter than
                                 # this take their four rows an odd number apart
     ELEMENTS_PER_BLOCK = 16384  # inner > 1: target values per reduction block
-    RUN_SHIFT_ITEMS = 2048      # inner > 1: values summed around one shift (_stats_runs)
+    RUN_SHIFT_ITEMS = 8192      # inner > 1: values summed around one shift (_stats_runs)
     BACK_CHUNK_BYTES = 1048576  # second passes over the data go backwards in
                                 # chunks of this many bytes (see _chunk_items)
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
@@ -933,12 +933,16 @@ cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 # ---------------------------------------------------------------------------
 
 cdef inline double _median3(double a, double b, double c) noexcept nogil:
-    """The middle one of three values (a shift for shifted sums, see _stats_runs)."""
-    if a > b:
-        a, b = b, a
-    if b > c:
-        b = c
-    return a if a > b else b
+    """The middle one of three values (a shift for shifted sums, see _stats_runs).
+
+    Written as min/max selections, which compile without branches: on random
+    data a branch per comparison mispredicted often enough to cost 5% of the
+    statistics pass over runs of 784 values.
+    """
+    cdef double lo = a if a < b else b
+    cdef double hi = b if a < b else a
+    hi = hi if hi < c else c
+    return hi if lo < hi else lo
 
 
 cdef inline double _shifted_m2(double s1, double s2, double n) noexcept nogil:
@@ -969,14 +973,13 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
     cdef double s2[CHANNELS_PER_BLOCK]
     cdef Py_ssize_t width = c1 - c0, r, j, q = rows // 4, rows_done
     cdef const floating* row = x + c0
-    cdef const floating* mid = x + (rows // 2) * channels + c0
-    cdef const floating* last = x + (rows - 1) * channels + c0
     cdef double d, d0, d1, d2, d3
     cdef int narrow = 0
     for j in range(width):
-        # The middle of three rows' values: an outlier in the first row no
-        # longer sets the shift (see _stats_runs).
-        shift[j] = _median3(row[j], mid[j], last[j])
+        # The first row's values: a block has at most ROWS_PER_BLOCK rows, so
+        # a first row far from the mean costs at most that factor of rounding
+        # (see _stats_runs); the middle of three rows cost 1-6% in cache.
+        shift[j] = row[j]
         s1[j] = 0.0
         s2[j] = 0.0
     if width == channels:
@@ -1013,62 +1016,101 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
         m2_out[c0 + j] = _shifted_m2(s1[j], s2[j], rows)
 
 
+cdef struct Moments:
+    double count                # values merged so far
+    double mean
+    double m2                   # sum of squared deviations from mean
+    double shift                # the open piece's shift
+    double s1, s2               # the open piece's shifted sums
+    double n                    # and its count
+
+
+cdef inline void _close_piece(Moments* a) noexcept nogil:
+    """Merge the open piece into a's mean and M2 (Chan et al.); the next piece
+    is shifted by the mean so far."""
+    cdef double piece_mean, delta, total
+    if a.n == 0.0:
+        return
+    piece_mean = a.shift + a.s1 / a.n
+    if a.count == 0.0:  # nothing to merge with (and delta^2 * 0 could be inf * 0)
+        a.mean = piece_mean
+        a.m2 = _shifted_m2(a.s1, a.s2, a.n)
+    else:
+        total = a.count + a.n
+        delta = piece_mean - a.mean
+        a.mean += delta * (a.n / total)
+        a.m2 += _shifted_m2(a.s1, a.s2, a.n) + delta * delta * (a.count * (a.n / total))
+    a.count += a.n
+    a.shift = a.mean
+    a.s1 = 0.0
+    a.s2 = 0.0
+    a.n = 0.0
+
+
 cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
                       Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
                       double* mean_out, double* m2_out) noexcept nogil:
     """Mean and M2 of the runs (n, c, :), n in [n0, n1), c in [c0, c1) (inner > 1).
 
     The runs are visited in memory order, one stream through the block. Each
-    piece of at most RUN_SHIFT_ITEMS values is summed shifted by an estimate of
-    the mean (the channel's mean so far, or for its first piece the middle of
-    its first, middle and last values) and merged into the channel's mean and
-    M2 (Chan et al.). Shifted sums lose about (shift - mean)^2 / variance, up to
-    the piece's length, times the rounding error: with the block's first value
-    as the one shift of a whole block (up to 16384 values, or a whole run when
-    longer) that was up to 1e-10 relative on float64 data whose first value was
-    an outlier (images of 1000 + N(0, 1) with a zero corner: 7e-11).
+    channel's values are summed in pieces, each shifted by an estimate of the
+    mean (for the first piece the middle of the first run's first three
+    values, then the channel's mean so far) and merged into the channel's mean
+    and M2 (Chan et al.): runs longer than RUN_SHIFT_ITEMS in slices of that
+    many values, shorter runs all of the block's in one piece. Shifted sums lose about
+    (shift - mean)^2 / variance, up to the piece's length, times the rounding
+    error: with the block's first value as the one shift of a whole block (up
+    to 16384 values, or a whole run when longer) that was up to 1e-10 relative
+    on float64 data whose first value was an outlier (images of 1000 + N(0, 1)
+    with a zero corner: 7e-11; now 4e-14).
     """
-    cdef double count[CHANNELS_PER_BLOCK]
-    cdef double mean[CHANNELS_PER_BLOCK]
-    cdef double m2[CHANNELS_PER_BLOCK]
+    cdef Moments acc[CHANNELS_PER_BLOCK]
     cdef Py_ssize_t inner = g.inner, n, c, i0, len_
     cdef const floating* run
-    cdef double s1, s2, shift, n_b, total, delta
-    for c in range(c1 - c0):
-        count[c] = 0.0
-        mean[c] = 0.0
-        m2[c] = 0.0
+    cdef Moments* a
+    for c in range(c0, c1):
+        run = x + (n0 * g.channels + c) * inner
+        a = &acc[c - c0]
+        a.count = 0.0
+        a.mean = 0.0
+        a.m2 = 0.0
+        # From the first cache line: values further in are not fetched yet, and
+        # waiting for them cost 10-15% of the pass on NCHW data from memory.
+        a.shift = _median3(run[0], run[1], run[2]) if inner >= 3 else run[0]
+        a.s1 = 0.0
+        a.s2 = 0.0
+        a.n = 0.0
     for n in range(n0, n1):
         for c in range(c0, c1):
             run = x + (n * g.channels + c) * inner
+            a = &acc[c - c0]
+            if inner <= RUN_SHIFT_ITEMS:
+                # Short runs: the block (at most ELEMENTS_PER_BLOCK values per
+                # channel) is one piece, counted at the end. A merge per run
+                # cost 3-5% of the pass over runs of 784-1024 values.
+                if floating is float:
+                    cbn_run_sums_f(run, inner, a.shift, &a.s1, &a.s2)
+                else:
+                    cbn_run_sums_d(run, inner, a.shift, &a.s1, &a.s2)
+                continue
             i0 = 0
             while i0 < inner:
                 len_ = _min(RUN_SHIFT_ITEMS, inner - i0)
-                # The channel's mean so far, else the middle of three values of
-                # the piece: an outlier first value no longer sets the shift.
-                shift = mean[c - c0] if count[c - c0] > 0.0 else \
-                    _median3(run[i0], run[i0 + len_ // 2], run[i0 + len_ - 1])
-                s1 = 0.0
-                s2 = 0.0
                 if floating is float:
-                    cbn_run_sums_f(run + i0, len_, shift, &s1, &s2)
+                    cbn_run_sums_f(run + i0, len_, a.shift, &a.s1, &a.s2)
                 else:
-                    cbn_run_sums_d(run + i0, len_, shift, &s1, &s2)
-                n_b = <double>len_
-                if count[c - c0] == 0.0:  # the first piece: nothing to merge with
-                    mean[c - c0] = shift + s1 / n_b
-                    m2[c - c0] = _shifted_m2(s1, s2, n_b)
-                else:
-                    total = count[c - c0] + n_b
-                    delta = (shift + s1 / n_b) - mean[c - c0]
-                    mean[c - c0] += delta * (n_b / total)
-                    m2[c - c0] += (_shifted_m2(s1, s2, n_b)
-                                   + delta * delta * (count[c - c0] * (n_b / total)))
-                count[c - c0] += n_b
+                    cbn_run_sums_d(run + i0, len_, a.shift, &a.s1, &a.s2)
+                a.n += <double>len_
+                if a.n >= RUN_SHIFT_ITEMS:
+                    _close_piece(a)
                 i0 += len_
     for c in range(c0, c1):
-        mean_out[c] = mean[c - c0]
-        m2_out[c] = m2[c - c0]
+        a = &acc[c - c0]
+        if inner <= RUN_SHIFT_ITEMS:
+            a.n = <double>((n1 - n0) * inner)
+        _close_piece(a)
+        mean_out[c] = a.mean
+        m2_out[c] = a.m2
 
 
 cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t task,
