@@ -1447,9 +1447,15 @@ cdef inline bint _any_zero(Py_ssize_t C, const double* v) noexcept nogil:
     return False
 
 
-cdef bint _uncentre(const Geometry* g, const double* mean, const floating* gamma,
-                    const floating* beta, floating* coef, bint relu) noexcept nogil:
+cdef bint _uncentre(const Geometry* g, const double* mean, const double* batch_var,
+                    const floating* gamma, const floating* beta, floating* coef,
+                    bint relu) noexcept nogil:
     """Rewrite coef rows m, a, b as a, c (see cbn_uncentre) where that applies.
+
+    batch_var: the batch's variance in training (NULL otherwise). A constant
+    channel (variance 0) keeps the centred form, in which x - mean is exactly
+    0 and y exactly beta; x*a + c rounds a and c separately (a float32 channel
+    of 0.01 came out 4e-9 off beta).
 
     Rows only: the runs of inner > 1 read one coefficient per run, so they gain
     nothing. Never with ReLU: its mask must be the CBN_Z that backward recomputes.
@@ -1459,7 +1465,7 @@ cdef bint _uncentre(const Geometry* g, const double* mean, const floating* gamma
     training forward, one and two threads) on rows of 2-4 KiB, which used to
     keep the centred form.
     """
-    if g.inner != 1 or relu:
+    if g.inner != 1 or relu or (batch_var != NULL and _any_zero(g.channels, batch_var)):
         return False
     if floating is float:
         return cbn_uncentre_f(g.channels, mean, gamma, beta, coef)
@@ -1945,10 +1951,7 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     else:
         status = _given_coefficients(g, mean, var, eps, gamma, beta, invstd, coef)
     if status == STATUS_OK:
-        # A constant channel (var 0) keeps the centred form, in which x - mean is
-        # exactly 0 and y exactly beta; x*a + c rounds a and c separately.
-        two = False if training and _any_zero(C, var) else _uncentre(g, mean, gamma, beta,
-                                                                      coef, relu)
+        two = _uncentre(g, mean, var if training else NULL, gamma, beta, coef, relu)
         # After the statistics pass, normalize goes backwards (see _chunk_items).
         status = _normalize(x, y, g, coef, relu, two, stream, n_threads, training)
     free(invstd)
@@ -2209,16 +2212,18 @@ cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
     return arr
 
 
-def empty_near(like, near, Py_ssize_t channels, Py_ssize_t inner, other=None):
+def empty_near(like, x3, other=None):
     """A new C-contiguous array shaped and typed like the float32/float64 array
-    ``like``, for the result of a pass over the array ``near`` (of geometry
-    ``channels``, ``inner``), its data placed in the page apart from ``near``'s
-    and ``other``'s (see _fresh)."""
+    ``like``, for the result of a pass over the batch whose (outer, C, inner)
+    view is ``x3``, its data placed in the page apart from x3's and ``other``'s
+    (see _fresh)."""
     cdef cnp.ndarray src = <cnp.ndarray?>like
-    cdef cnp.ndarray x = <cnp.ndarray?>near
+    cdef cnp.ndarray x = <cnp.ndarray?>x3
+    if cnp.PyArray_NDIM(x) != 3:
+        raise ValueError(f"x3 must be the (outer, C, inner) view of a batch, got {x3.ndim} dimensions")
     cdef Geometry g
-    g.channels = channels
-    g.inner = inner
+    g.channels = cnp.PyArray_DIMS(x)[1]
+    g.inner = cnp.PyArray_DIMS(x)[2]
     cdef const char* far = NULL
     if other is not None:
         far = <const char*>cnp.PyArray_DATA(<cnp.ndarray?>other)

@@ -670,9 +670,15 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
         ``momentum``, or ``1 / num_batches_tracked`` for a cumulative average.
     """
     _check_running_pair(running_mean, running_var)
-    C = running_mean.shape[0]
-    mean = _batch_moment(mean, "mean", C)
-    var = _batch_moment(var, "var", C)
+    if mean is None or var is None:
+        raise TypeError("mean and var must be the batch statistics, got None")
+    mean, var = _stats_vectors(mean, var, running_mean.shape[0])
+    bad = ~(np.isfinite(mean) & np.isfinite(var))
+    if bad.any():
+        raise FloatingPointError(
+            f"mean or var is not finite in channel {_channel_list(bad)}; "
+            "the running statistics were left unchanged"
+        )
     if np.any(var < 0):
         raise ValueError(
             f"var must not be negative, got {float(var.min())!r} in channel {_channel_list(var < 0)}"
@@ -716,20 +722,6 @@ def _check_running_pair(running_mean, running_var):
         )
 
 
-def _batch_moment(v, name, channels):
-    """A batch mean or variance as a float64 (C,) array, checked to be finite."""
-    v = _as_float_array(v, name)
-    if v.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
-    v = np.ascontiguousarray(v, dtype=np.float64)
-    if not np.isfinite(v).all():
-        raise FloatingPointError(
-            f"{name} is not finite in channel {_channel_list(~np.isfinite(v))}; "
-            "the running statistics were left unchanged"
-        )
-    return v
-
-
 def _real_number(value, name):
     """``value`` as a float, refusing bools and non-numbers by name."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -745,7 +737,7 @@ def _result(out, x_c, x3, name="out", sources=()):
     if out is None:
         # Placed apart from the inputs within its page (see _kernels._fresh).
         other = next((src for src in sources if src is not x_c), None)
-        y = _kernels.empty_near(x_c, x_c, x3.shape[1], x3.shape[2], other)
+        y = _kernels.empty_near(x_c, x3, other)
     else:
         _check_out(out, x_c, name)
         for src in sources:

@@ -21,6 +21,39 @@ from .functional import (
 __all__ = ["BatchNorm"]
 
 
+def _check_flag(value, name):
+    """A constructor switch: True or False (``affine="no"`` would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_axis(axis):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    return int(axis)
+
+
+def _check_activation_name(activation):
+    check_activation(activation)
+    return activation
+
+
+def _check_threads(n_threads):
+    resolve_threads(n_threads, 0)
+    return n_threads
+
+
+def _check_momentum(momentum):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    return float(momentum)
+
+
 def _fixed(name, doc):
     """A read-only attribute: changing it would invalidate the layer's arrays."""
     attr = "_" + name
@@ -187,16 +220,14 @@ class BatchNorm:
     )
     eps = _checked("eps", check_eps, "Added to the variance before the square root (> 0).")
     momentum = _checked(
-        "momentum", lambda v: _check_momentum(v),
+        "momentum", _check_momentum,
         "Weight of a new batch in the running statistics ([0, 1]), or None for a "
         "cumulative average.",
     )
-    axis = _checked("axis", lambda v: _check_axis(v), "The channel axis of the input.")
-    activation = _checked(
-        "activation", lambda v: _check_activation_name(v), "None, or 'relu' (fused)."
-    )
+    axis = _checked("axis", _check_axis, "The channel axis of the input.")
+    activation = _checked("activation", _check_activation_name, "None, or 'relu' (fused).")
     n_threads = _checked(
-        "n_threads", lambda v: _check_threads(v), "Kernel threads: an int >= 1, -1 or None."
+        "n_threads", _check_threads, "Kernel threads: an int >= 1, -1 or None."
     )
 
     # -- parameters and statistics: assignment copies into the owned arrays,
@@ -218,13 +249,7 @@ class BatchNorm:
         target = getattr(self, attr)
         if target is None:
             raise AttributeError(f"{name} is None for this layer and cannot be assigned")
-        value = _checked_vector(value, name, self.num_features, self.dtype)
-        if name == "running_var" and np.any(value < 0):
-            raise ValueError(
-                f"running_var must be non-negative, got {float(value.min())!r} "
-                f"(channel {F._channel_list(value < 0)})"
-            )
-        target[...] = value
+        target[...] = _checked_vector(value, name, self.num_features, self.dtype)
 
     @property
     def params(self):
@@ -344,7 +369,7 @@ class BatchNorm:
         gamma, beta = (self._gamma, self._beta) if self.affine else (self._ones, self._zeros)
         relu = self.activation == "relu"
         threads = resolve_threads(self.n_threads, x3.size)
-        y = _kernels.empty_near(x_c, x_c, x3.shape[1], x3.shape[2])
+        y = _kernels.empty_near(x_c, x3)
         y3 = y.reshape(x3.shape)
         C = self.num_features
         if self.uses_batch_stats:
@@ -463,7 +488,7 @@ class BatchNorm:
         if dy.shape != x_c.shape:
             raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
         dy_c, dy3 = channel_view(dy, self.axis, "dy", self.dtype, self.num_features)
-        dx = _kernels.empty_near(dy_c, x_c, x3.shape[1], x3.shape[2], dy_c)
+        dx = _kernels.empty_near(dy_c, x3, dy_c)
         status = _kernels.backward(
             dy3, x3, mean, var, gamma, beta, self.eps, dx.reshape(x3.shape), dgamma, dbeta,
             batch_stats, self.affine, self.activation == "relu",
@@ -514,6 +539,27 @@ class BatchNorm:
         ValueError
             A value has the wrong shape, is not finite, or is out of range.
         """
+        values, tracked = self.check_state_dict(state)
+        for k, v in values.items():
+            getattr(self, "_" + k)[...] = v
+        if self.track_running_stats:
+            self.num_batches_tracked = tracked
+        self._cache = None
+
+    def check_state_dict(self, state):
+        """Validate ``state`` as :meth:`load_state_dict` would, changing nothing.
+
+        Returns
+        -------
+        values : dict
+            The per-channel arrays, cast to the layer's dtype.
+        num_batches_tracked : int or None
+
+        Raises
+        ------
+        TypeError, KeyError, ValueError
+            As :meth:`load_state_dict`.
+        """
         if not hasattr(state, "keys"):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         state = dict(state)
@@ -538,15 +584,10 @@ class BatchNorm:
             for k in expected
             if k != "num_batches_tracked"
         }
-        if "running_var" in values and np.any(values["running_var"] < 0):
-            raise ValueError("running_var must be non-negative")
+        tracked = None
         if self.track_running_stats:
             tracked = _checked_count(state["num_batches_tracked"])
-        for k, v in values.items():
-            getattr(self, "_" + k)[...] = v
-        if self.track_running_stats:
-            self.num_batches_tracked = tracked
-        self._cache = None
+        return values, tracked
 
     def config(self):
         """The constructor arguments, as a dict that ``BatchNorm(**config)`` accepts."""
@@ -645,39 +686,6 @@ _BUSY = (
 )
 
 
-def _check_flag(value, name):
-    """A constructor switch: True or False (``affine="no"`` would read as True)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _check_axis(axis):
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-    return int(axis)
-
-
-def _check_activation_name(activation):
-    check_activation(activation)
-    return activation
-
-
-def _check_threads(n_threads):
-    resolve_threads(n_threads, 0)
-    return n_threads
-
-
-def _check_momentum(momentum):
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-    return float(momentum)
-
-
 def _to_numpy(value):
     """An ndarray from an array, a list or a CPU tensor (PyTorch state dicts)."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
@@ -700,6 +708,11 @@ def _checked_vector(value, name, channels, dtype):
     if not np.all(np.isfinite(cast)):
         raise ValueError(
             f"{name} contains NaN or Inf (as {dtype}) in channel {_nonfinite_channels(cast)}"
+        )
+    if name == "running_var" and np.any(cast < 0):
+        raise ValueError(
+            f"running_var must be non-negative, got {float(cast.min())!r} "
+            f"(channel {F._channel_list(cast < 0)})"
         )
     return cast
 

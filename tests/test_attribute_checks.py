@@ -241,7 +241,7 @@ def running(rng, C, dtype=np.float64):
     ("short_mean", ValueError, "mean must have shape"),
     ("long_batch_var", ValueError, "var must have shape"),
     ("negative_var", ValueError, "var must not be negative"),
-    ("nan_mean", FloatingPointError, "mean is not finite"),
+    ("nan_mean", FloatingPointError, "mean or var is not finite"),
     ("mixed_dtypes", TypeError, "running_var has dtype"),
     ("list_running", TypeError, "running_mean must be a numpy.ndarray"),
     ("int_running", TypeError, "running_mean must be a float32 or float64"),
@@ -363,3 +363,24 @@ def test_ema_update_kernel_refuses_unequal_lengths(rng):
     with pytest.raises(ValueError, match="same length"):
         _kernels.ema_update(rm, rv, rng.standard_normal(6), rng.uniform(0.1, 2, 6), 5.0, 0.1)
     assert guard.tobytes() == before.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_check_state_dict_validates_without_loading(rng, dtype):
+    C = int(rng.integers(2, 7))
+    layer = trained(rng, C, dtype)
+    other = trained(rng, C, dtype)
+    state = {k: np.asarray(v, np.float64) if k != "num_batches_tracked" else v
+             for k, v in other.state_dict().items()}
+    before = snapshot(layer)
+    values, tracked = layer.check_state_dict(state)
+    assert_same(layer, before)
+    assert tracked == other.num_batches_tracked
+    for k, v in values.items():
+        assert v.dtype == dtype and np.array_equal(v, getattr(other, k))
+    state["running_var"] = state["running_var"].copy()
+    state["running_var"][C // 2] = -1e-3
+    for check in (layer.check_state_dict, layer.load_state_dict):
+        with pytest.raises(ValueError, match="running_var must be non-negative"):
+            check(state)
+    assert_same(layer, before)

@@ -95,7 +95,10 @@ def test_small_outputs_are_plain_allocations():
 
 def test_empty_near_refuses_non_arrays():
     x = np.zeros((4, 3))
+    x3 = x.reshape(4, 3, 1)
     with pytest.raises(TypeError):
-        _kernels.empty_near([1.0], x, 3, 1)
+        _kernels.empty_near([1.0], x3)
     with pytest.raises(TypeError):
-        _kernels.empty_near(x, "x", 3, 1)
+        _kernels.empty_near(x, "x")
+    with pytest.raises(ValueError, match="outer, C, inner"):
+        _kernels.empty_near(x, x)
