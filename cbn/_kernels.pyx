@@ -2164,6 +2164,37 @@ cdef void* _vector(object v, int typenum, Py_ssize_t C):
     return cnp.PyArray_DATA(arr)
 
 
+cdef object _as_double(object v, Py_ssize_t C):
+    """``v`` widened to a new float64 array if it is a plain (C,) float32 array,
+    else ``v`` itself (for _params to take or decline). Widening is exact."""
+    cdef const float* src = <const float*>_vector(v, cnp.NPY_FLOAT, C)
+    if src == NULL:
+        return v
+    cdef cnp.npy_intp n = C
+    cdef cnp.ndarray wide = cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
+    cdef double* dst = <double*>cnp.PyArray_DATA(wide)
+    cdef Py_ssize_t i
+    for i in range(C):
+        dst[i] = src[i]
+    return wide
+
+
+cdef object _filled(object v, int typenum, Py_ssize_t C, double value):
+    """A new (C,) array of ``typenum`` holding ``value`` if ``v`` is None, else ``v``."""
+    if v is not None:
+        return v
+    cdef cnp.npy_intp n = C
+    cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, &n, typenum, 0)
+    cdef Py_ssize_t i
+    if typenum == cnp.NPY_FLOAT:
+        for i in range(C):
+            (<float*>cnp.PyArray_DATA(arr))[i] = <float>value
+    else:
+        for i in range(C):
+            (<double*>cnp.PyArray_DATA(arr))[i] = value
+    return arr
+
+
 cdef inline bint _apart(const char* a, const char* b, Py_ssize_t nbytes) noexcept:
     """Whether two buffers of ``nbytes`` are the same memory or do not overlap.
 
@@ -2301,22 +2332,36 @@ cdef struct Params:
     int threads
 
 
-cdef bint _params(const Batch* xb, object mean, object var, object gamma, object beta,
-                  object n_threads, Py_ssize_t parallel_min, bint stats, Params* p):
-    """Whether the per-channel arguments (the statistics only if ``stats``) and
-    ``n_threads`` are what the kernels take as they are; fills ``p`` if so."""
+cdef object _params(const Batch* xb, object mean, object var, object gamma, object beta,
+                    object n_threads, Py_ssize_t parallel_min, bint stats, Params* p):
+    """Fill ``p`` from the per-channel arguments (the statistics only if
+    ``stats``) and ``n_threads`` if the kernels can take them; else None.
+
+    Returns the arrays ``p`` points into, to be kept until the kernel has run.
+    Two common forms are converted here, as the checked path would: absent
+    gamma and beta become ones and zeros (``affine=False``), and float32
+    statistics (kept in a float32 model's dtype, as PyTorch keeps them) are
+    widened to float64. Through the checked path either cost 6-10 µs per
+    call, two to eight times the whole call on a (64, 100) batch.
+    """
     cdef Py_ssize_t C = xb.g.channels
     p.mean = NULL
     p.var = NULL
     if stats:
+        mean = _as_double(mean, C)
+        var = _as_double(var, C)
         p.mean = <const double*>_vector(mean, cnp.NPY_DOUBLE, C)
         p.var = <const double*>_vector(var, cnp.NPY_DOUBLE, C)
         if p.mean == NULL or p.var == NULL:
-            return False
+            return None
+    gamma = _filled(gamma, xb.typenum, C, 1.0)
+    beta = _filled(beta, xb.typenum, C, 0.0)
     p.gamma = _vector(gamma, xb.typenum, C)
     p.beta = _vector(beta, xb.typenum, C)
     p.threads = _threads(n_threads, xb.g.outer * C * xb.g.inner, parallel_min)
-    return p.gamma != NULL and p.beta != NULL and p.threads != 0
+    if p.gamma == NULL or p.beta == NULL or p.threads == 0:
+        return None
+    return (mean, var, gamma, beta)
 
 
 def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
@@ -2331,8 +2376,10 @@ def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
     cdef double e
     cdef int relu = _options(eps, activation, &e), status
     cdef char* y_data
-    if relu < 0 or not _batch(x, axis, &xb) \
-            or not _params(&xb, mean, var, gamma, beta, n_threads, parallel_min, True, &p):
+    if relu < 0 or not _batch(x, axis, &xb):
+        return None
+    keep = _params(&xb, mean, var, gamma, beta, n_threads, parallel_min, True, &p)
+    if keep is None:
         return None
     y = _output(out, x, &xb, &y_data)
     if y is None or not _apart(y_data, xb.data, xb.nbytes):
@@ -2364,8 +2411,10 @@ def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
     cdef int relu = _options(eps, activation, &e), status
     cdef char* y_data
     cdef cnp.npy_intp C
-    if relu < 0 or not _batch(x, axis, &xb) or xb.g.outer * xb.g.inner < 2 \
-            or not _params(&xb, None, None, gamma, beta, n_threads, parallel_min, False, &p):
+    if relu < 0 or not _batch(x, axis, &xb) or xb.g.outer * xb.g.inner < 2:
+        return None
+    keep = _params(&xb, None, None, gamma, beta, n_threads, parallel_min, False, &p)
+    if keep is None:
         return None
     y = _output(out, x, &xb, &y_data)
     if y is None or not _apart(y_data, xb.data, xb.nbytes):
@@ -2408,8 +2457,10 @@ def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation
             or not _like(dy, x, &xb, axis, &db):
         return None
     cdef bint train = training
-    if train and xb.g.outer * xb.g.inner < 2 \
-            or not _params(&xb, mean, var, gamma, beta, n_threads, parallel_min, True, &p):
+    if train and xb.g.outer * xb.g.inner < 2:
+        return None
+    keep = _params(&xb, mean, var, gamma, beta, n_threads, parallel_min, True, &p)
+    if keep is None:
         return None
     dx = _output(out, x, &xb, &dx_data, db.data)
     if dx is None or not (_apart(dx_data, xb.data, xb.nbytes)

@@ -342,7 +342,7 @@ def _raise_for_status(status, what, params=(), eps=None, dtype=None):
                 )
         raise ValueError("var must be non-negative")
     for name, value in params:
-        if not np.all(np.isfinite(value)):
+        if value is not None and not np.all(np.isfinite(value)):  # None: gamma/beta absent
             raise FloatingPointError(
                 f"{name} contains NaN or Inf (channel {_nonfinite_channels(value)}), "
                 f"so the {what} would not be finite"

@@ -123,27 +123,35 @@ def test_out_buffers_go_direct(dtype, direct_only):
     assert np.array_equal(dyi, dx)
 
 
+def _direct_variants(x, gamma, mean):
+    """Common forms of valid arguments that the direct calls convert themselves."""
+    return {
+        "gamma None": dict(gamma=None),
+        "mean float32": dict(mean=mean.astype(np.float32)),
+    }
+
+
 def _variants(x, gamma, mean):
-    """Valid arguments that the direct calls leave to the checked path."""
+    """Valid arguments that the direct calls leave to the checked path, then
+    those they convert themselves."""
     return {
         "x Fortran-ordered": dict(x=np.asfortranarray(x)),
         "x a strided view": dict(x=np.repeat(x, 2, axis=-1)[..., ::2]),
         "gamma a list": dict(gamma=gamma.tolist()),
         "gamma of the other dtype": dict(
             gamma=gamma.astype(np.float64 if gamma.dtype == np.float32 else np.float32)),
-        "gamma None": dict(gamma=None),
-        "mean float32": dict(mean=mean.astype(np.float32)),
         "mean a list": dict(mean=mean.tolist()),
         "eps a numpy float": dict(eps=np.float64(1e-5)),
         "eps an int": dict(eps=1),
         "axis a numpy int": dict(axis=np.int64(1)),
         "n_threads a numpy int": dict(n_threads=np.int64(2)),
+        **_direct_variants(x, gamma, mean),
     }
 
 
 @pytest.mark.parametrize("variant", list(_variants(np.ones((2, 3)), np.ones(3), np.ones(3))))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_arguments_that_need_converting_take_the_checked_path(dtype, variant, checked_calls):
+def test_arguments_that_need_converting_give_the_same_results(dtype, variant, checked_calls):
     rng = np.random.default_rng(seed_of("variant", dtype.__name__, variant))
     x, gamma, beta = make_batch(rng, (6, 5, 3), 1, dtype)
     dy = rng.normal(size=x.shape).astype(dtype)
@@ -169,7 +177,9 @@ def test_arguments_that_need_converting_take_the_checked_path(dtype, variant, ch
     assert checked_calls == []
     got = run(args)
     expected = ["_checked_backward", "_checked_eval", "_checked_train"]
-    if variant.startswith("mean"):  # training takes no statistics
+    if variant in _direct_variants(x, gamma, mean):
+        expected = []
+    elif variant.startswith("mean"):  # training takes no statistics
         expected.remove("_checked_train")
     assert sorted(checked_calls) == expected
     for g, w in zip(got, want):
@@ -271,6 +281,34 @@ def test_kernel_failures_on_the_direct_path_raise_named_errors(dtype, monkeypatc
     assert np.all(out == 7)  # nothing written
     with pytest.raises(ValueError, match="var must be non-negative"):
         F.batch_norm_backward(dy, x, mean, neg, gamma, beta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_failures_without_gamma_or_with_float32_stats_raise_named_errors(
+        dtype, direct_only):
+    rng = np.random.default_rng(seed_of("fail-converted", dtype.__name__))
+    x, _, _ = make_batch(rng, (6, 4, 3), 1, dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    mean = rng.normal(size=4).astype(np.float32)
+    var = rng.uniform(0.5, 2, size=4).astype(np.float32)
+    xn = x.copy()
+    xn[2, 3, 1] = np.inf
+    with pytest.raises(FloatingPointError, match="x contains NaN or Inf"):
+        F.batch_norm_eval(xn, mean, var)
+    with pytest.raises(FloatingPointError, match="dy or x contains NaN or Inf"):
+        F.batch_norm_backward(dy, xn, mean, var, training=False)
+    bad_mean = mean.copy()
+    bad_mean[1] = np.nan
+    with pytest.raises(FloatingPointError, match=r"mean contains NaN or Inf \(channel 1\)"):
+        F.batch_norm_eval(x, bad_mean, var)
+    with pytest.raises(FloatingPointError, match=r"mean contains NaN or Inf \(channel 1\)"):
+        F.batch_norm_backward(dy, x, bad_mean, var, training=False)
+    neg = var.copy()
+    neg[2] = -0.25
+    out = np.full_like(x, 7)
+    with pytest.raises(ValueError, match=r"var must be non-negative, got -0.25 \(channel 2\)"):
+        F.batch_norm_eval(x, mean, neg, out=out)
+    assert np.all(out == 7)  # nothing written
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
