@@ -837,6 +837,10 @@ cdef enum:
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
                                 # no further thread is started
     THREADS_MAX = 1048576       # the largest n_threads accepted (kernels take a C int)
+    SPREAD_SUMS_BYTES = 200     # inner > 1: the reductions take runs of up to this
+    SPREAD_MAP_BYTES = 100      # and the elementwise passes up to this many bytes
+    SPREAD_ROW_BYTES = 65536    # as rows of the (outer, C*inner) view, if such a
+                                # row is at most this long (see _spreads)
     NEAR_MIN_BYTES = 65536      # outputs of this size and more start at a chosen
                                 # offset into their page (see _fresh)
     PAGE_BYTES = 4096
@@ -926,6 +930,46 @@ cdef inline Geometry _geometry(Py_ssize_t outer, Py_ssize_t channels,
 
 cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
+
+
+cdef inline bint _spreads(const Geometry* g, size_t item_bytes, size_t run_bytes) noexcept nogil:
+    """Whether a pass takes the runs of g, if of at most ``run_bytes``
+    (SPREAD_SUMS_BYTES or SPREAD_MAP_BYTES), as the rows of the (outer, C*inner) view.
+
+    Short runs (feature maps of 2x2 to 7x7) make short loops, one per run,
+    each with its own reduction or coefficient loads. As rows, with each
+    channel's coefficients repeated inner times (_spread), they go through the
+    row kernels instead; the statistics and backward sums are then per column,
+    merged per channel. Against the runs, in one process, one thread, both
+    dtypes (runs of 4-49 values):
+    from memory, training forward 1.1-11x, evaluation 1.0-4x, backward
+    1.05-8x; in cache, 1.4-11x, 1.0-7x and 1.1-9x. The reductions gain on
+    runs of up to 200 bytes (7x7 float32 training forward 1.6x, 8x8 float32
+    0.8x), the elementwise passes up to about 100 (5x5 float32 evaluation
+    1.06-1.4x; 4x4 float64 0.91x, 7x7 float32 0.74-0.83x). Two threads gain
+    as much. Costs a copy of the coefficient rows, C*inner values each.
+    """
+    return g.inner > 1 and <size_t>g.inner * item_bytes <= run_bytes \
+        and <size_t>(g.channels * g.inner) * item_bytes <= SPREAD_ROW_BYTES
+
+
+cdef inline Geometry _spread_geometry(const Geometry* g) noexcept nogil:
+    """The geometry of the (outer, C*inner) view of g's batch."""
+    return _geometry(g.outer, g.channels * g.inner, 1)
+
+
+cdef floating* _spread(const floating* coef, Py_ssize_t n_rows, Py_ssize_t C,
+                       Py_ssize_t inner) noexcept nogil:
+    """Coefficient rows for the (outer, C*inner) view: each channel's value
+    repeated inner times. NULL if no memory."""
+    cdef Py_ssize_t wide = C * inner, r, c, i
+    cdef floating* out = <floating*>malloc(n_rows * wide * sizeof(floating))
+    if out != NULL:
+        for r in range(n_rows):
+            for c in range(C):
+                for i in range(inner):
+                    out[r * wide + c * inner + i] = coef[r * C + c]
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -1160,9 +1204,41 @@ cdef void _merge_stats(const Geometry* g, const double* part_mean, const double*
         var_out[c] = m2 / n_a
 
 
+cdef int _spread_stats(const floating* x, const Geometry* g, double* mean_out,
+                       double* var_out, int n_threads) noexcept nogil:
+    """_batch_stats through the columns of the (outer, C*inner) view (see
+    _spreads), merged per channel in column order (Chan et al.)."""
+    cdef Geometry rows = _spread_geometry(g)
+    cdef Py_ssize_t W = rows.channels, c, i, j
+    cdef double n = <double>g.outer, n_a, total, mean, m2, delta
+    cdef double* col = <double*>malloc(2 * W * sizeof(double))
+    cdef int status
+    if col == NULL:
+        return STATUS_NO_MEMORY
+    status = _batch_stats(x, &rows, col, col + W, n_threads)
+    if status == STATUS_OK:
+        for c in range(g.channels):
+            j = c * g.inner
+            mean = col[j]
+            m2 = col[W + j] * n
+            n_a = n
+            for i in range(1, g.inner):
+                total = n_a + n
+                delta = col[j + i] - mean
+                mean += delta * (n / total)
+                m2 += col[W + j + i] * n + delta * delta * (n_a * (n / total))
+                n_a = total
+            mean_out[c] = mean
+            var_out[c] = m2 / n_a
+    free(col)
+    return status
+
+
 cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
                       double* var_out, int n_threads) noexcept nogil:
     """Per-channel mean and biased variance; returns a status code."""
+    if _spreads(g, sizeof(floating), SPREAD_SUMS_BYTES):
+        return _spread_stats(x, g, mean_out, var_out, n_threads)
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t
     cdef double* part = <double*>malloc(2 * g.n_outer_blocks * g.channels * sizeof(double))
     if part == NULL:
@@ -1411,6 +1487,15 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
     cdef const floating* ext = coef
     cdef floating* widened = NULL
     cdef int bad = 0
+    cdef Geometry rows
+    if _spreads(g, sizeof(floating), SPREAD_MAP_BYTES):
+        rows = _spread_geometry(g)
+        widened = _spread(coef, 2 if two else 3, C, g.inner)
+        if widened == NULL:
+            return STATUS_NO_MEMORY
+        bad = _normalize(x, y, &rows, widened, relu, two, nt, n_threads, back)
+        free(widened)
+        return bad
     if g.inner == 1:
         # Short rows are processed k at a time as one row of k*C values.
         k = _row_fold(C * sizeof(floating), nt, g.outer)
@@ -1475,7 +1560,8 @@ cdef bint _uncentre(const Geometry* g, const double* mean, const double* batch_v
     training forward, one and two threads) on rows of 2-4 KiB, which used to
     keep the centred form.
     """
-    if g.inner != 1 or relu or (batch_var != NULL and _any_zero(g.channels, batch_var)):
+    if (g.inner != 1 and not _spreads(g, sizeof(floating), SPREAD_MAP_BYTES)) or relu \
+            or (batch_var != NULL and _any_zero(g.channels, batch_var)):
         return False
     if floating is float:
         return cbn_uncentre_f(g.channels, mean, gamma, beta, coef)
@@ -1575,11 +1661,44 @@ cdef inline void _reduce_task(const floating* dy, const floating* x, const Geome
         _reduce_runs(dy, x, g, n0, n1, c0, c1, mean, coef, relu, part_g, part_gd)
 
 
+cdef int _spread_reduce(const floating* dy, const floating* x, const Geometry* g,
+                        const double* mean, const floating* coef, bint relu,
+                        double* sum_g_out, double* sum_gd_out, int n_threads) noexcept nogil:
+    """_backward_reduce through the columns of the (outer, C*inner) view (see
+    _spreads), summed per channel in column order."""
+    cdef Geometry rows = _spread_geometry(g)
+    cdef Py_ssize_t W = rows.channels, inner = g.inner, c, i
+    cdef double* col = <double*>malloc(3 * W * sizeof(double))  # mean, then the sums
+    cdef floating* wide = _spread(coef, 3, g.channels, inner)
+    cdef double s1, s2
+    cdef int status = STATUS_NO_MEMORY
+    if col != NULL and wide != NULL:
+        for c in range(g.channels):
+            for i in range(inner):
+                col[c * inner + i] = mean[c]
+        status = _backward_reduce(dy, x, &rows, col, wide, relu, col + W, col + 2 * W,
+                                  n_threads)
+    if status == STATUS_OK:
+        for c in range(g.channels):
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(inner):
+                s1 += col[W + c * inner + i]
+                s2 += col[2 * W + c * inner + i]
+            sum_g_out[c] = s1
+            sum_gd_out[c] = s2
+    free(col)
+    free(wide)
+    return status
+
+
 cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry* g,
                           const double* mean, const floating* coef, bint relu,
                           double* sum_g_out, double* sum_gd_out,
                           int n_threads) noexcept nogil:
     """Per-channel sum(g) and sum(g*(x-mean)); coef rows m, a, b give the ReLU mask."""
+    if _spreads(g, sizeof(floating), SPREAD_SUMS_BYTES):
+        return _spread_reduce(dy, x, g, mean, coef, relu, sum_g_out, sum_gd_out, n_threads)
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t, c, blk
     cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C
     cdef double* part = <double*>malloc(2 * size * sizeof(double))
@@ -1752,6 +1871,15 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     cdef floating* widened = NULL
     cdef const floating* ext = coef
     cdef int bad = 0
+    cdef Geometry rows
+    if _spreads(g, sizeof(floating), SPREAD_MAP_BYTES):
+        rows = _spread_geometry(g)
+        widened = _spread(coef, 7 if fused else 6, C, g.inner)
+        if widened == NULL:
+            return STATUS_NO_MEMORY
+        bad = _backward_apply(dy, x, dx, &rows, widened, relu, use_x, fused, nt, n_threads)
+        free(widened)
+        return bad
     n_work = _workers(n_runs * g.inner, n_threads)
     if g.inner == 1:
         # Rows of every length stream dx when asked. Rows under 4 KiB used not
@@ -1832,8 +1960,8 @@ def normalize(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
     """``y = (x - m) * a + b`` per channel (then ReLU if asked).
 
     ``stream`` writes y with non-temporal stores, which bypass the cache: for
-    outputs too large to stay cached. Returns 0, or 2 if some pre-activation
-    value is NaN or infinite.
+    outputs too large to stay cached. Returns 0; 2 if some pre-activation
+    value is NaN or infinite; 3 if out of memory (short runs, see _spreads).
     """
     cdef Geometry g = _geometry_of(x.shape)
     cdef int status
@@ -1850,7 +1978,10 @@ def backward_reduce(const floating[:, :, ::1] dy,   # IN  (outer, C, inner)
                     double[::1] sum_g_out,          # OUT (C,)
                     double[::1] sum_gd_out,         # OUT (C,)
                     bint relu=False, int n_threads=1):
-    """``sum(g)`` and ``sum(g * (x - mean))`` per channel, g = dy (masked by ReLU)."""
+    """``sum(g)`` and ``sum(g * (x - mean))`` per channel, g = dy (masked by ReLU).
+
+    Returns 0, or 3 if out of memory.
+    """
     cdef Geometry g = _geometry_of(x.shape)
     cdef int status
     with nogil:
@@ -1864,7 +1995,8 @@ def backward_apply(const floating[:, :, ::1] dy,    # IN  (outer, C, inner)
                    const floating[:, ::1] coef,     # IN  (6, C): m, a, b, s, kx, k0
                    floating[:, :, ::1] dx_out,      # OUT (outer, C, inner), may be dy
                    bint relu=False, int n_threads=1, bint stream=False):
-    """``dx = a*(g + k0 + kx*(x - m)*s)`` per channel; returns 0, or 2 if non-finite.
+    """``dx = a*(g + k0 + kx*(x - m)*s)`` per channel; returns 0, 2 if non-finite,
+    or 3 if out of memory.
 
     ``stream``: write dx with non-temporal stores, as in ``normalize``.
     """
@@ -1998,7 +2130,8 @@ cdef int _backward(const floating* dy, const floating* x, const Geometry* g,
         if flags & 1:
             status = STATUS_NONFINITE_OUTPUT
         # Rows read the slopes unless unusable; runs take scalars: nothing to save.
-        fused = g.inner == 1 and not (flags & 2)
+        fused = (g.inner == 1 or _spreads(g, sizeof(floating), SPREAD_MAP_BYTES)) \
+            and not (flags & 2)
     if status == STATUS_OK:
         # With fixed statistics and no ReLU, dx = a*dy does not read x.
         status = _backward_apply(dy, x, dx, g, coef, relu, training or relu, fused, stream,

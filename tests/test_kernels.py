@@ -50,6 +50,12 @@ GEOMETRIES = [
     (9003, 64, 1),  # second passes in several 1 MiB chunks, short rows folded, tail rows
     (37, 5, 1601),  # runs in several 1 MiB chunks (float32 2, float64 3)
     (1032, 256, 1),  # rows of 1-2 KiB taken an odd number apart (_quarter), tail rows
+    # Short runs taken as the rows of the (outer, C*inner) view (_spreads):
+    (64, 512, 2),  # 1024 columns, one block
+    (300, 7, 3),  # two row blocks of columns, merged, then merged per channel
+    (1030, 40, 4),  # row blocks, four rows an odd number apart, tail rows
+    (9, 2100, 4),  # float32: 8400 columns in five blocks; float64 rows too long: runs
+    (5, 3, 25),  # float32: reductions as rows, the elementwise passes as runs
 ]
 
 
@@ -540,7 +546,7 @@ def run_everything(x, dy, gamma, beta, relu, n_threads):
 @pytest.mark.parametrize(
     "geometry",
     [(520, 263, 1), (3, 300, 1), (40, 3, 1000), (3, 2, 9001), (7, 11, 31), (2, 3, 5),
-     (9003, 64, 1), (37, 5, 1601)],
+     (9003, 64, 1), (37, 5, 1601), (64, 512, 2), (300, 7, 3), (9, 2100, 4)],
     ids=geometry_id,
 )
 def test_results_are_bit_identical_for_any_thread_count(geometry, dtype, relu):
@@ -564,7 +570,8 @@ def test_results_are_bit_identical_for_any_thread_count(geometry, dtype, relu):
 @pytest.mark.parametrize(
     "dtype, offset", [(np.float32, 1e4), (np.float64, 1e8)], ids=["float32-1e4", "float64-1e8"]
 )
-@pytest.mark.parametrize("geometry", [(4000, 3, 1), (600, 3, 1), (20, 3, 900)], ids=geometry_id)
+@pytest.mark.parametrize("geometry", [(4000, 3, 1), (600, 3, 1), (20, 3, 900), (600, 3, 4)],
+                         ids=geometry_id)
 def test_statistics_stay_accurate_with_a_large_offset(geometry, dtype, offset, seed):
     """|mean| >> std: a naive E[x^2] - E[x]^2 would lose every digit of the variance."""
     rng = np.random.default_rng(seed)
@@ -722,6 +729,37 @@ def test_a_nonfinite_value_is_caught_wherever_it_lands(dtype, shape):
         dyb = dy.copy()
         dyb[r, c, 0] = bad
         assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, (r, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_nonfinite_value_in_a_short_run_is_caught_wherever_it_lands(dtype):
+    """The same for runs of four values, which the passes take as the rows of the
+    (outer, C*inner) view: every (n, c, i) position, each in turn."""
+    rng = np.random.default_rng(seed_of("nonfinite-short-runs", np.dtype(dtype).name))
+    shape = outer, C, inner = (7, 9, 4)
+    x = rng.uniform(0.5, 2.0, shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mean, var = np.zeros(C), np.ones(C)
+    coef3 = forward_coef(mean, var, rng.uniform(0.5, 2.0, C).astype(dtype),
+                         rng.uniform(0.5, 1.0, C).astype(dtype), dtype)
+    coef6 = backward_coef(coef3, mean, var, rng.standard_normal(C), rng.standard_normal(C),
+                          outer * inner, True, dtype)
+    y = np.empty_like(x)
+    assert K.normalize(x, y, coef3, False, 1) == K.OK
+    assert K.backward_apply(dy, x, coef6, y, True, 1) == K.OK
+    gamma = np.ones(C, dtype)
+    for k, pos in enumerate(np.ndindex(shape)):
+        bad = (np.nan, np.inf, -np.inf)[k % 3]
+        relu = bool(k % 2)
+        xb = x.copy()
+        xb[pos] = bad
+        assert K.normalize(xb, y, coef3, relu, 1) == K.NONFINITE_OUTPUT, ("normalize", pos)
+        m, v = np.empty(C), np.empty(C)
+        assert K.forward_train(xb, y, gamma, gamma, EPS, m, v, relu, 1) \
+            == K.NONFINITE_STATS, ("statistics", pos)
+        dyb = dy.copy()
+        dyb[pos] = bad
+        assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, pos
 
 
 # Arrays whose second passes (training forward's normalize, backward's apply) run in
