@@ -938,7 +938,7 @@ cdef inline bint _spreads(const Geometry* g, size_t item_bytes, size_t run_bytes
 
     Short runs (feature maps of 2x2 to 7x7) make short loops, one per run,
     each with its own reduction or coefficient loads. As rows, with each
-    channel's coefficients repeated inner times (_spread), they go through the
+    channel's coefficients repeated inner times (_repeat), they go through the
     row kernels instead; the statistics and backward sums are then per column,
     merged per channel. Against the runs, in one process, one thread, both
     dtypes (runs of 4-49 values):
@@ -958,17 +958,20 @@ cdef inline Geometry _spread_geometry(const Geometry* g) noexcept nogil:
     return _geometry(g.outer, g.channels * g.inner, 1)
 
 
-cdef floating* _spread(const floating* coef, Py_ssize_t n_rows, Py_ssize_t C,
-                       Py_ssize_t inner) noexcept nogil:
-    """Coefficient rows for the (outer, C*inner) view: each channel's value
-    repeated inner times. NULL if no memory."""
-    cdef Py_ssize_t wide = C * inner, r, c, i
+cdef floating* _repeat(const floating* coef, Py_ssize_t n_rows, Py_ssize_t C,
+                       Py_ssize_t k, Py_ssize_t each) noexcept nogil:
+    """Coefficient rows of k*C*each values: each of a row's C values repeated
+    ``each`` times in place (short runs as rows, see _spreads), and the whole
+    row k times over (rows folded k at a time, see _fold). NULL if no memory."""
+    cdef Py_ssize_t wide = k * C * each, r, i, c, t, o = 0
     cdef floating* out = <floating*>malloc(n_rows * wide * sizeof(floating))
     if out != NULL:
         for r in range(n_rows):
-            for c in range(C):
-                for i in range(inner):
-                    out[r * wide + c * inner + i] = coef[r * C + c]
+            for i in range(k):
+                for c in range(C):
+                    for t in range(each):
+                        out[o] = coef[r * C + c]
+                        o += 1
     return out
 
 
@@ -1355,19 +1358,6 @@ cdef int _normalize_runs(const floating* x, floating* y, const Geometry* g,
     return bad
 
 
-cdef floating* _widen(const floating* coef, Py_ssize_t n_rows, Py_ssize_t C,
-                      Py_ssize_t k) noexcept nogil:
-    """Coefficient rows repeated k times (for rows folded k at a time); NULL if no memory."""
-    cdef Py_ssize_t wide = k * C, r, i, j
-    cdef floating* out = <floating*>malloc(n_rows * wide * sizeof(floating))
-    if out != NULL:
-        for r in range(n_rows):
-            for i in range(k):
-                for j in range(C):
-                    out[r * wide + i * C + j] = coef[r * C + j]
-    return out
-
-
 cdef inline Py_ssize_t _fold(Py_ssize_t row_bytes, Py_ssize_t target,
                             Py_ssize_t rows) noexcept nogil:
     """Rows (k) that a pass treats as one virtual row of about `target` bytes,
@@ -1490,7 +1480,7 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
     cdef Geometry rows
     if _spreads(g, sizeof(floating), SPREAD_MAP_BYTES):
         rows = _spread_geometry(g)
-        widened = _spread(coef, 2 if two else 3, C, g.inner)
+        widened = _repeat(coef, 2 if two else 3, C, 1, g.inner)
         if widened == NULL:
             return STATUS_NO_MEMORY
         bad = _normalize(x, y, &rows, widened, relu, two, nt, n_threads, back)
@@ -1500,7 +1490,7 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
         # Short rows are processed k at a time as one row of k*C values.
         k = _row_fold(C * sizeof(floating), nt, g.outer)
         if k > 1:
-            widened = _widen(coef, 2 if two else 3, C, k)  # rows the pass reads
+            widened = _repeat(coef, 2 if two else 3, C, k, 1)  # rows the pass reads
             if widened == NULL:
                 k = 1
             else:
@@ -1669,7 +1659,7 @@ cdef int _spread_reduce(const floating* dy, const floating* x, const Geometry* g
     cdef Geometry rows = _spread_geometry(g)
     cdef Py_ssize_t W = rows.channels, inner = g.inner, c, i
     cdef double* col = <double*>malloc(3 * W * sizeof(double))  # mean, then the sums
-    cdef floating* wide = _spread(coef, 3, g.channels, inner)
+    cdef floating* wide = _repeat(coef, 3, g.channels, 1, inner)
     cdef double s1, s2
     cdef int status = STATUS_NO_MEMORY
     if col != NULL and wide != NULL:
@@ -1874,7 +1864,7 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     cdef Geometry rows
     if _spreads(g, sizeof(floating), SPREAD_MAP_BYTES):
         rows = _spread_geometry(g)
-        widened = _spread(coef, 7 if fused else 6, C, g.inner)
+        widened = _repeat(coef, 7 if fused else 6, C, 1, g.inner)
         if widened == NULL:
             return STATUS_NO_MEMORY
         bad = _backward_apply(dy, x, dx, &rows, widened, relu, use_x, fused, nt, n_threads)
@@ -1890,7 +1880,7 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
         # Short rows are processed k at a time as one row of k*C values.
         k = _fold(C * sizeof(floating), APPLY_FOLD_BYTES, g.outer)
         if k > 1:
-            widened = _widen(coef, 7 if fused else 6, C, k)
+            widened = _repeat(coef, 7 if fused else 6, C, k, 1)
             if widened == NULL:
                 k = 1
             else:

@@ -731,6 +731,17 @@ def test_a_nonfinite_value_is_caught_wherever_it_lands(dtype, shape):
         assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, (r, c)
 
 
+def random_coefficients(rng, C, count, dtype):
+    """Forward (3, C) and training backward (6, C) coefficient rows for mean 0,
+    variance 1 and random gamma, beta and sums."""
+    mean, var = np.zeros(C), np.ones(C)
+    coef3 = forward_coef(mean, var, rng.uniform(0.5, 2.0, C).astype(dtype),
+                         rng.uniform(0.5, 1.0, C).astype(dtype), dtype)
+    coef6 = backward_coef(coef3, mean, var, rng.standard_normal(C), rng.standard_normal(C),
+                          count, True, dtype)
+    return coef3, coef6
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_nonfinite_value_in_a_short_run_is_caught_wherever_it_lands(dtype):
     """The same for runs of four values, which the passes take as the rows of the
@@ -739,11 +750,7 @@ def test_a_nonfinite_value_in_a_short_run_is_caught_wherever_it_lands(dtype):
     shape = outer, C, inner = (7, 9, 4)
     x = rng.uniform(0.5, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    mean, var = np.zeros(C), np.ones(C)
-    coef3 = forward_coef(mean, var, rng.uniform(0.5, 2.0, C).astype(dtype),
-                         rng.uniform(0.5, 1.0, C).astype(dtype), dtype)
-    coef6 = backward_coef(coef3, mean, var, rng.standard_normal(C), rng.standard_normal(C),
-                          outer * inner, True, dtype)
+    coef3, coef6 = random_coefficients(rng, C, outer * inner, dtype)
     y = np.empty_like(x)
     assert K.normalize(x, y, coef3, False, 1) == K.OK
     assert K.backward_apply(dy, x, coef6, y, True, 1) == K.OK
@@ -778,11 +785,7 @@ def test_backward_apply_checks_every_chunk(dtype, shape):
     outer, C, inner = shape
     x = rng.uniform(0.5, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    mean, var = np.zeros(C), np.ones(C)
-    coef3 = forward_coef(mean, var, rng.uniform(0.5, 2.0, C).astype(dtype),
-                         rng.uniform(0.5, 1.0, C).astype(dtype), dtype)
-    coef6 = backward_coef(coef3, mean, var, rng.standard_normal(C), rng.standard_normal(C),
-                          outer * inner, True, dtype)
+    coef3, coef6 = random_coefficients(rng, C, outer * inner, dtype)
     dx = np.empty_like(x)
     flat = dy.reshape(-1)
     chunk = (1 << 20) // dtype().itemsize  # values per chunk, about
