@@ -839,7 +839,7 @@ cdef enum:
     THREADS_MAX = 1048576       # the largest n_threads accepted (kernels take a C int)
     SPREAD_SUMS_BYTES = 200     # inner > 1: the reductions take runs of up to this
     SPREAD_MAP_BYTES = 100      # and the elementwise passes up to this many bytes
-    SPREAD_ROW_BYTES = 65536    # as rows of the (outer, C*inner) view, if such a
+    SPREAD_ROW_BYTES = 1048576  # as rows of the (outer, C*inner) view, if such a
                                 # row is at most this long (see _spreads)
     NEAR_MIN_BYTES = 65536      # outputs of this size and more start at a chosen
                                 # offset into their page (see _fresh)
@@ -947,7 +947,10 @@ cdef inline bint _spreads(const Geometry* g, size_t item_bytes, size_t run_bytes
     runs of up to 200 bytes (7x7 float32 training forward 1.6x, 8x8 float32
     0.8x), the elementwise passes up to about 100 (5x5 float32 evaluation
     1.06-1.4x; 4x4 float64 0.91x, 7x7 float32 0.74-0.83x). Two threads gain
-    as much. Costs a copy of the coefficient rows, C*inner values each.
+    as much. Costs a copy of the coefficient rows, C*inner values each, which
+    long rows still repay: rows of 128 KiB-1 MiB (16x8192x2x2 to 4x32768x2x2)
+    1.2-10x, where the runs made training forward 0.43-0.5x PyTorch. Should
+    the copy find no memory, the pass takes the runs.
     """
     return g.inner > 1 and <size_t>g.inner * item_bytes <= run_bytes \
         and <size_t>(g.channels * g.inner) * item_bytes <= SPREAD_ROW_BYTES
@@ -1240,8 +1243,12 @@ cdef int _spread_stats(const floating* x, const Geometry* g, double* mean_out,
 cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
                       double* var_out, int n_threads) noexcept nogil:
     """Per-channel mean and biased variance; returns a status code."""
+    cdef int status
     if _spreads(g, sizeof(floating), SPREAD_SUMS_BYTES):
-        return _spread_stats(x, g, mean_out, var_out, n_threads)
+        status = _spread_stats(x, g, mean_out, var_out, n_threads)
+        if status != STATUS_NO_MEMORY:
+            return status
+        # No memory for the column statistics: the runs below need less.
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t
     cdef double* part = <double*>malloc(2 * g.n_outer_blocks * g.channels * sizeof(double))
     if part == NULL:
@@ -1342,17 +1349,24 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
 
 cdef int _normalize_runs(const floating* x, floating* y, const Geometry* g,
                          const floating* coef, Py_ssize_t u0, Py_ssize_t u1,
-                         bint relu, bint nt) noexcept nogil:
+                         bint relu, bint two, bint nt) noexcept nogil:
     """inner > 1: the runs (n, c, :) numbered u0 .. u1-1 in memory order.
 
+    two: coef holds rows a, c of cbn_uncentre (taken as m = 0, a, b = c; x - 0
+    is x, so the same bits as the row kernels' x*a + c). Only short runs get
+    them (see _uncentre), and come here only if their rows found no memory.
     Returns 1 if any z is non-finite.
     """
     cdef Py_ssize_t C = g.channels, inner = g.inner, u, c
     cdef int bad = 0
     for u in range(u0, u1):
         c = u % C
-        bad |= _affine_run(x + u * inner, y + u * inner, inner,
-                           coef[c], coef[C + c], coef[2 * C + c], relu, nt)
+        if two:
+            bad |= _affine_run(x + u * inner, y + u * inner, inner,
+                               0, coef[c], coef[C + c], relu, nt)
+        else:
+            bad |= _affine_run(x + u * inner, y + u * inner, inner,
+                               coef[c], coef[C + c], coef[2 * C + c], relu, nt)
     if nt:
         cbn_store_fence()
     return bad
@@ -1448,13 +1462,13 @@ cdef int _normalize_rows_back(const floating* x, floating* y, Py_ssize_t r0, Py_
 
 cdef int _normalize_runs_back(const floating* x, floating* y, const Geometry* g,
                               const floating* coef, Py_ssize_t u0, Py_ssize_t u1,
-                              bint relu, bint nt) noexcept nogil:
+                              bint relu, bint two, bint nt) noexcept nogil:
     """_normalize_runs over runs [u0, u1) in chunks, the last chunk first."""
     cdef Py_ssize_t step = _chunk_items(g.inner * sizeof(floating)), hi = u1, lo
     cdef int bad = 0
     while hi > u0:
         lo = hi - step if hi - step > u0 else u0
-        bad |= _normalize_runs(x, y, g, coef, lo, hi, relu, nt)
+        bad |= _normalize_runs(x, y, g, coef, lo, hi, relu, two, nt)
         hi = lo
     return bad
 
@@ -1479,13 +1493,13 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
     cdef int bad = 0
     cdef Geometry rows
     if _spreads(g, sizeof(floating), SPREAD_MAP_BYTES):
-        rows = _spread_geometry(g)
         widened = _repeat(coef, 2 if two else 3, C, 1, g.inner)
-        if widened == NULL:
-            return STATUS_NO_MEMORY
-        bad = _normalize(x, y, &rows, widened, relu, two, nt, n_threads, back)
-        free(widened)
-        return bad
+        if widened != NULL:
+            rows = _spread_geometry(g)
+            bad = _normalize(x, y, &rows, widened, relu, two, nt, n_threads, back)
+            free(widened)
+            return bad
+        # No memory for the repeated coefficients: the runs below need none.
     if g.inner == 1:
         # Short rows are processed k at a time as one row of k*C values.
         k = _row_fold(C * sizeof(floating), nt, g.outer)
@@ -1517,9 +1531,9 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
             r0 = _share(g.outer * C, w, n_work)
             r1 = _share(g.outer * C, w + 1, n_work)
             if back:
-                bad += _normalize_runs_back(x, y, g, coef, r0, r1, relu, nt)
+                bad += _normalize_runs_back(x, y, g, coef, r0, r1, relu, two, nt)
             else:
-                bad += _normalize_runs(x, y, g, coef, r0, r1, relu, nt)
+                bad += _normalize_runs(x, y, g, coef, r0, r1, relu, two, nt)
     return STATUS_NONFINITE_OUTPUT if bad else STATUS_OK
 
 
@@ -1687,8 +1701,12 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
                           double* sum_g_out, double* sum_gd_out,
                           int n_threads) noexcept nogil:
     """Per-channel sum(g) and sum(g*(x-mean)); coef rows m, a, b give the ReLU mask."""
+    cdef int status
     if _spreads(g, sizeof(floating), SPREAD_SUMS_BYTES):
-        return _spread_reduce(dy, x, g, mean, coef, relu, sum_g_out, sum_gd_out, n_threads)
+        status = _spread_reduce(dy, x, g, mean, coef, relu, sum_g_out, sum_gd_out, n_threads)
+        if status != STATUS_NO_MEMORY:
+            return status
+        # No memory for the column sums: the runs below need less.
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t, c, blk
     cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C
     cdef double* part = <double*>malloc(2 * size * sizeof(double))
@@ -1863,13 +1881,14 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     cdef int bad = 0
     cdef Geometry rows
     if _spreads(g, sizeof(floating), SPREAD_MAP_BYTES):
-        rows = _spread_geometry(g)
         widened = _repeat(coef, 7 if fused else 6, C, 1, g.inner)
-        if widened == NULL:
-            return STATUS_NO_MEMORY
-        bad = _backward_apply(dy, x, dx, &rows, widened, relu, use_x, fused, nt, n_threads)
-        free(widened)
-        return bad
+        if widened != NULL:
+            rows = _spread_geometry(g)
+            bad = _backward_apply(dy, x, dx, &rows, widened, relu, use_x, fused, nt,
+                                  n_threads)
+            free(widened)
+            return bad
+        # No memory for the repeated coefficients: the runs below need none.
     n_work = _workers(n_runs * g.inner, n_threads)
     if g.inner == 1:
         # Rows of every length stream dx when asked. Rows under 4 KiB used not
@@ -1950,8 +1969,8 @@ def normalize(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
     """``y = (x - m) * a + b`` per channel (then ReLU if asked).
 
     ``stream`` writes y with non-temporal stores, which bypass the cache: for
-    outputs too large to stay cached. Returns 0; 2 if some pre-activation
-    value is NaN or infinite; 3 if out of memory (short runs, see _spreads).
+    outputs too large to stay cached. Returns 0, or 2 if some pre-activation
+    value is NaN or infinite.
     """
     cdef Geometry g = _geometry_of(x.shape)
     cdef int status
@@ -1985,8 +2004,7 @@ def backward_apply(const floating[:, :, ::1] dy,    # IN  (outer, C, inner)
                    const floating[:, ::1] coef,     # IN  (6, C): m, a, b, s, kx, k0
                    floating[:, :, ::1] dx_out,      # OUT (outer, C, inner), may be dy
                    bint relu=False, int n_threads=1, bint stream=False):
-    """``dx = a*(g + k0 + kx*(x - m)*s)`` per channel; returns 0, 2 if non-finite,
-    or 3 if out of memory.
+    """``dx = a*(g + k0 + kx*(x - m)*s)`` per channel; returns 0, or 2 if non-finite.
 
     ``stream``: write dx with non-temporal stores, as in ``normalize``.
     """

@@ -54,7 +54,8 @@ GEOMETRIES = [
     (64, 512, 2),  # 1024 columns, one block
     (300, 7, 3),  # two row blocks of columns, merged, then merged per channel
     (1030, 40, 4),  # row blocks, four rows an odd number apart, tail rows
-    (9, 2100, 4),  # float32: 8400 columns in five blocks; float64 rows too long: runs
+    (9, 2100, 4),  # 8400 columns in five blocks
+    (3, 70000, 2),  # float32 rows of 547 KiB; float64 rows over SPREAD_ROW_BYTES: runs
     (5, 3, 25),  # float32: reductions as rows, the elementwise passes as runs
 ]
 
