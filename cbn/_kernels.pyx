@@ -2460,9 +2460,13 @@ cdef int _threads(object n_threads, Py_ssize_t size, Py_ssize_t parallel_min):
 
 
 cdef int _options(object eps, object activation, double* eps_out) except -2:
-    """``relu`` (0 or 1) for plain ``eps`` and ``activation``, else -1 to decline."""
+    """``relu`` (0 or 1) for plain ``eps`` and ``activation``, else -1 to decline.
+
+    eps may be a float subclass (numpy.float64, as a config or an np.finfo
+    computation gives it): its value is read directly, not through __float__.
+    """
     cdef double e
-    if type(eps) is not float:
+    if not isinstance(eps, float):
         return -1
     e = eps
     if not (isfinite(e) and e > 0):

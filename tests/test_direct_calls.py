@@ -128,6 +128,7 @@ def _direct_variants(x, gamma, mean):
     return {
         "gamma None": dict(gamma=None),
         "mean float32": dict(mean=mean.astype(np.float32)),
+        "eps a numpy float64": dict(eps=np.float64(1e-5)),
     }
 
 
@@ -141,7 +142,7 @@ def _variants(x, gamma, mean):
         "gamma of the other dtype": dict(
             gamma=gamma.astype(np.float64 if gamma.dtype == np.float32 else np.float32)),
         "mean a list": dict(mean=mean.tolist()),
-        "eps a numpy float": dict(eps=np.float64(1e-5)),
+        "eps a numpy float32": dict(eps=np.float32(1e-5)),
         "eps an int": dict(eps=1),
         "axis a numpy int": dict(axis=np.int64(1)),
         "n_threads a numpy int": dict(n_threads=np.int64(2)),
