@@ -230,16 +230,20 @@ def test_normalize_matches_reference(geometry, dtype, relu):
 # mean rounded to the dtype), so y must be accurate to a few units of the
 # output's own scale |gamma|*|x_hat| + |beta| plus |mean*a|: not to |x|*a, a
 # scale loose enough to hide the form's choice.
-@pytest.mark.parametrize("geometry", [(300, 1030, 1), (37, 5, 1), (64, 24, 1), (40, 300, 1)],
-                         ids=geometry_id)
+@pytest.mark.parametrize(
+    "geometry",
+    # rows; then short runs, which normalize as the rows of the (outer, C*inner) view
+    [(300, 1030, 1), (37, 5, 1), (64, 24, 1), (40, 300, 1), (300, 20, 4), (64, 24, 9)],
+    ids=geometry_id,
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sigmas", [0.0, 3.0, 1e3])
 def test_row_forward_is_accurate_at_the_output_scale(geometry, dtype, sigmas):
     rng = np.random.default_rng(seed_of(geometry, sigmas, "uncentred"))
-    outer, C, _ = geometry
-    std = rng.uniform(0.5, 2.0, C)
-    loc = sigmas * std * rng.choice([-1.0, 1.0], C)
-    x = (loc + std * rng.standard_normal((outer, C))).astype(dtype)[:, :, None]
+    outer, C, inner = geometry
+    std = rng.uniform(0.5, 2.0, C)[:, None]
+    loc = sigmas * std * rng.choice([-1.0, 1.0], (C, 1))
+    x = (loc + std * rng.standard_normal(geometry)).astype(dtype)
     gamma = (rng.choice([-1.0, 1.0], C) * rng.uniform(0.5, 2.0, C)).astype(dtype)
     beta = (0.5 * rng.standard_normal(C)).astype(dtype)
     x64, g64, b64 = x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64)
