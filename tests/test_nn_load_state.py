@@ -51,21 +51,23 @@ def test_empty_state_names_every_missing_key():
     assert_same_state(model, before)
 
 
-def test_state_of_layer_0_only_is_refused():
+def layer_0_state():
+    """A trained model, its snapshot, and a donor's state of layer 0 only (new weights)."""
     (model, donor), _, rng = trained_pair()
     donor[0].W[...] = rng.standard_normal(donor[0].W.shape)
-    before = snapshot(model)
     part = {k: v for k, v in donor.state_dict().items() if k.startswith("0.")}
+    return model, donor, snapshot(model), part
+
+
+def test_state_of_layer_0_only_is_refused():
+    model, _, before, part = layer_0_state()
     with pytest.raises(ValueError, match=r"lacks the keys \['1.gamma'.*'6.b'\]"):
         model.load_state_dict(part)
     assert_same_state(model, before)
 
 
 def test_strict_false_loads_only_what_is_given():
-    (model, donor), _, rng = trained_pair()
-    donor[0].W[...] = rng.standard_normal(donor[0].W.shape)
-    before = snapshot(model)
-    part = {k: v for k, v in donor.state_dict().items() if k.startswith("0.")}
+    model, donor, before, part = layer_0_state()
     model.load_state_dict({**part, "9.W": np.zeros(2), "2.x": 1}, strict=False)
     assert np.array_equal(model[0].W, donor[0].W)
     after = model.state_dict()

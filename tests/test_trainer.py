@@ -70,8 +70,8 @@ def test_one_sample_last_batch_is_dropped():
 class Spy:
     """A model that records the batches it sees and the mode it sees them in."""
 
-    def __init__(self, n_classes=3):
-        self.lin = Linear(4, n_classes, rng=0)
+    def __init__(self, n_classes=3, n_features=4, rng=0):
+        self.lin = Linear(n_features, n_classes, rng=rng)
         self.training = True
         self.batches, self.modes = [], []
 

@@ -7,6 +7,7 @@ from cbn.layer import BatchNorm
 from cbn.nn import Linear, mlp
 from cbn.optim import SGD
 from cbn.trainer import StepEvaluator, fit, predict
+from test_trainer import Spy
 
 
 def blobs(rng, n=40, d=6, k=3):
@@ -177,27 +178,8 @@ def test_width_checks_are_skipped_for_models_of_unknown_layers(setup):
     """A model whose layers declare no widths trains as before (the checks need the width)."""
     _, _, X, y, rng = setup
 
-    class Wrapper:
-        def __init__(self):
-            self.inner, self.training = Linear(6, 3, rng=rng), True
-
-        params = property(lambda self: self.inner.params)
-        grads = property(lambda self: self.inner.grads)
-
-        def forward(self, x):
-            return self.inner.forward(x)
-
-        def backward(self, dy):
-            return self.inner.backward(dy)
-
-        def train(self, mode=True):
-            self.training = mode
-            return self
-
-        def eval(self):
-            return self.train(False)
-
-    model = Wrapper()
+    # A model of no cbn layer class: the trainer cannot read its widths.
+    model = Spy(n_features=6, rng=rng)
     h = fit(model, X, y, epochs=1, batch_size=8, optimizer=SGD(model.params, model.grads),
             verbose=0)
     assert h.n_steps == 5
