@@ -2094,13 +2094,15 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes) noe
     group of channels at a time, about GROUP_BYTES of x (every image's runs of
     those channels), the second read finds the group in cache instead of
     memory. Against the whole statistics pass first, both ways in one process
-    on cold float64 data: 32x64x56x56 1.02-1.14x and 8x256x28x28 1.02-1.11x
-    (one and two threads). Each image's part of a group is a stretch of
+    on cold float64 data, one and two threads: 32x64x56x56 1.07-1.14x,
+    16x32x112x112 1.17-1.20x. Each image's part of a group is a stretch of
     consecutive runs; under GROUP_MIN_STRETCH bytes (64x16x32x32: 32 KiB) the
     hardware prefetcher restarts too often and it lost (0.68-0.89x), as did
     float32 (0.78-1.03x: its statistics are bound by the conversion to
-    float64, not by memory). Results are the same bits: each channel's block
-    statistics and their merge are those of _batch_stats.
+    float64, not by memory). Only for batches too large to stay cached (whose
+    output streams): on 12 MiB batches already in cache, as a network's layer
+    before leaves them, the groups ran 0.94-0.95x. Results are the same bits:
+    each channel's block statistics and their merge are those of _batch_stats.
     """
     cdef Py_ssize_t per_channel = g.outer * g.inner * <Py_ssize_t>item_bytes, cg
     if item_bytes != sizeof(double) or g.inner == 1 or g.channels < 2 \
@@ -2111,6 +2113,14 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes) noe
             or cg * g.inner * <Py_ssize_t>item_bytes < GROUP_MIN_STRETCH:
         return 0
     return cg
+
+
+def group_channels(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                   Py_ssize_t item_bytes):
+    """Channels per group that ``forward_train`` takes on this geometry when it
+    streams y, not in place (0: the statistics pass first); for the tests."""
+    cdef Geometry g = _geometry(outer, channels, inner)
+    return _group_channels(&g, <size_t>item_bytes)
 
 
 cdef int _train_group(const floating* x, floating* y, const Geometry* g, Py_ssize_t c0,
@@ -2176,10 +2186,11 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     cdef Py_ssize_t C = g.channels
     cdef int status = STATUS_OK
     cdef bint two
-    # In place (y is x), a later group's non-finite statistics would find the
-    # earlier groups' x already overwritten: in place takes the two passes.
+    # Groups only for outputs that stream (too large to stay cached; see
+    # _group_channels). In place (y is x), a later group's non-finite statistics
+    # would find the earlier groups' x already overwritten: it takes two passes.
     cdef Py_ssize_t cg = _group_channels(g, sizeof(floating)) \
-        if training and <const void*>x != <const void*>y else 0
+        if training and stream and <const void*>x != <const void*>y else 0
     cdef double* invstd = <double*>malloc(C * sizeof(double))
     cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
     if invstd == NULL or coef == NULL:
@@ -2267,7 +2278,8 @@ def forward_train(const floating[:, :, ::1] x,     # IN  (outer, C, inner)
     """Batch statistics, then normalize with them: the training forward pass.
 
     ``stream`` writes y with non-temporal stores (see ``normalize``).
-    Returns 0; 1 if the batch statistics are non-finite (y is not written);
+    Returns 0; 1 if the batch statistics are non-finite (y is not written; by
+    channel groups, see _group_channels, the groups with finite ones are);
     2 if the coefficients or the output are non-finite; 3 if out of memory.
     """
     cdef Geometry g = _geometry_of(x.shape)

@@ -804,3 +804,84 @@ def test_backward_apply_checks_every_chunk(dtype, shape):
             status = K.backward_apply(dyb, x, coef6, dx, bool(k % 2), 1, stream)
             assert status == K.NONFINITE_OUTPUT, (p, stream)
         assert K.backward_apply(dy, x, coef6, dx, False, 1, stream) == K.OK
+
+
+# ---------------------------------------------------------------------------
+# Training forward by channel groups (float64, streamed output, not in place)
+# ---------------------------------------------------------------------------
+
+# (geometry, channels per group): uneven last groups; two reduction blocks per
+# channel, merged; runs longer than RUN_SHIFT_ITEMS, summed in slices.
+GROUPED = [((2, 24, 8192), 16), ((3, 20, 10000), 8), ((5, 7, 20000), 2)]
+
+
+def test_channel_groups_are_taken_only_where_they_pay():
+    for geometry, cg in GROUPED:
+        assert K.group_channels(*geometry, 8) == cg, geometry
+        assert K.group_channels(*geometry, 4) == 0, geometry  # float32: never
+    assert K.group_channels(64, 16, 1024, 8) == 0  # an image's part of a group: 32 KiB
+    assert K.group_channels(4, 300, 1, 8) == 0  # rows (inner == 1)
+    assert K.group_channels(4096, 64, 12, 8) == 0  # short runs, taken as rows
+    assert K.group_channels(2, 16, 8192, 8) == 0  # one group would hold every channel
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("geometry", [g for g, _ in GROUPED], ids=geometry_id)
+def test_grouped_training_forward_equals_the_two_passes(geometry, relu):
+    """Same bits as the statistics pass then normalization, for any thread count."""
+    rng = np.random.default_rng(seed_of(geometry, relu, "groups"))
+    x, gamma, beta = make_batch(rng, geometry, np.float64)
+    x64 = x.copy()
+    C = geometry[1]
+    if relu:
+        want_mean, want_var = ref.batch_stats(x64, axis=1)
+        beta = kink_free_beta(x64, want_mean, want_var, gamma, rng)[0]
+    y0, m0, v0 = np.full_like(x, np.nan), np.empty(C), np.empty(C)
+    assert K.forward_train(x, y0, gamma, beta, EPS, m0, v0, relu, 1, False) == K.OK
+    want_y = ref.forward_train(x64, gamma, beta, EPS, axis=1, relu=relu)[0]
+    assert_close(y0, want_y, np.float64, np.abs(want_y).max() + 1.0, what="y")
+    for n in THREADS:
+        y, m, v = np.full_like(x, np.nan), np.empty(C), np.empty(C)
+        assert K.forward_train(x, y, gamma, beta, EPS, m, v, relu, n, True) == K.OK
+        assert np.array_equal(m, m0) and np.array_equal(v, v0), f"statistics, {n} threads"
+        assert np.array_equal(y, y0), f"y, {n} threads"
+    assert np.array_equal(x, x64)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("geometry", [g for g, _ in GROUPED], ids=geometry_id)
+def test_grouped_training_forward_reports_nonfinite_statistics(geometry, where):
+    """A NaN in one group is status 1 whatever the other groups find, with that
+    channel's statistics NaN and the others' as without it; in place, x is kept."""
+    rng = np.random.default_rng(seed_of(geometry, where, "groups-nan"))
+    x, gamma, beta = make_batch(rng, geometry, np.float64)
+    outer, C, inner = geometry
+    c = 0 if where == "first" else C - 1
+    clean_m, clean_v = np.empty(C), np.empty(C)
+    K.batch_stats(x, clean_m, clean_v, 1)
+    x[int(rng.integers(outer)), c, int(rng.integers(inner))] = np.nan
+    gamma[C - 1 - c] = 1e308  # another group's output overflows: status 2 there
+    for n in THREADS:
+        y, m, v = np.empty_like(x), np.empty(C), np.empty(C)
+        assert K.forward_train(x, y, gamma, beta, EPS, m, v, False, n, True) \
+            == K.NONFINITE_STATS
+        assert np.isnan(m[c]) and np.isnan(v[c])
+        others = np.arange(C) != c
+        assert np.array_equal(m[others], clean_m[others])
+        assert np.array_equal(v[others], clean_v[others])
+        xi = x.copy()
+        assert K.forward_train(xi, xi, gamma, beta, EPS, m, v, False, n, True) \
+            == K.NONFINITE_STATS
+        assert np.array_equal(xi, x, equal_nan=True), "in place, x was overwritten"
+
+
+def test_grouped_training_forward_reports_a_nonfinite_output():
+    geometry = GROUPED[0][0]
+    rng = np.random.default_rng(seed_of(geometry, "groups-inf"))
+    x, gamma, beta = make_batch(rng, geometry, np.float64)
+    gamma[-1] = 1e308  # |x - mean| * invstd * gamma overflows in the last group
+    m, v = np.empty(geometry[1]), np.empty(geometry[1])
+    for stream in (False, True):
+        y = np.empty_like(x)
+        assert K.forward_train(x, y, gamma, beta, EPS, m, v, False, 2, stream) \
+            == K.NONFINITE_OUTPUT
