@@ -833,13 +833,18 @@ def test_grouped_training_forward_equals_the_two_passes(geometry, relu):
     x, gamma, beta = make_batch(rng, geometry, np.float64)
     x64 = x.copy()
     C = geometry[1]
+    want_mean, want_var = ref.batch_stats(x64, axis=1)
     if relu:
-        want_mean, want_var = ref.batch_stats(x64, axis=1)
         beta = kink_free_beta(x64, want_mean, want_var, gamma, rng)[0]
     y0, m0, v0 = np.full_like(x, np.nan), np.empty(C), np.empty(C)
     assert K.forward_train(x, y0, gamma, beta, EPS, m0, v0, relu, 1, False) == K.OK
+    # The reference tolerance of test_composites_match_reference.
     want_y = ref.forward_train(x64, gamma, beta, EPS, axis=1, relu=relu)[0]
-    assert_close(y0, want_y, np.float64, np.abs(want_y).max() + 1.0, what="y")
+    y_scale = np.abs(x64).max() * np.abs(gamma / np.sqrt(want_var + EPS)).max() \
+        + np.abs(beta).max()
+    cond = 64 * np.finfo(np.float64).eps * stats_scale(x64)[1] / (want_var + EPS)
+    assert_close(y0, want_y, np.float64, y_scale, what="y",
+                 extra=cond[None, :, None] * np.abs(want_y - beta[None, :, None]))
     for n in THREADS:
         y, m, v = np.full_like(x, np.nan), np.empty(C), np.empty(C)
         assert K.forward_train(x, y, gamma, beta, EPS, m, v, relu, n, True) == K.OK
