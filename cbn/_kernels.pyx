@@ -518,14 +518,16 @@ cdef extern from *:
     }
     #include <float.h>
     #define CBN_COEFS(S, T, TMIN, TMAX)                                               \\
-    /* coef rows m, a, b: m = mean, a = gamma*invstd, b = beta, in T.            */ \\
-    static int cbn_forward_coefs_##S(Py_ssize_t C, const double* mean,              \\
-            const double* invstd, const T* gamma, const T* beta, T* coef) {          \\
+    /* coef rows m, a, b, `stride` apart: m = mean, a = gamma*invstd, b = beta, */ \\
+    /* in T, for C channels.                                                     */ \\
+    static int cbn_forward_coefs_##S(Py_ssize_t C, Py_ssize_t stride,               \\
+            const double* mean, const double* invstd, const T* gamma, const T* beta,  \\
+            T* coef) {                                                               \\
         T chk = 0;                                                                   \\
         _Pragma("omp simd reduction(+:chk)")                                         \\
         for (Py_ssize_t c = 0; c < C; c++) {                                         \\
             T m = (T)mean[c], a = (T)(gamma[c] * invstd[c]), b = beta[c];            \\
-            coef[c] = m; coef[C + c] = a; coef[2 * C + c] = b;                       \\
+            coef[c] = m; coef[stride + c] = a; coef[2 * stride + c] = b;             \\
             chk += (m - m) + (a - a) + (b - b);                                      \\
         }                                                                            \\
         return chk != 0;                                                             \\
@@ -724,10 +726,12 @@ cdef extern from *:
                                const double* b, int relu, double* s1, double* s2) noexcept nogil
     void cbn_store_fence() noexcept nogil
     int cbn_invstd(Py_ssize_t C, const double* var, double eps, double* invstd) noexcept nogil
-    int cbn_forward_coefs_f(Py_ssize_t C, const double* mean, const double* invstd,
-                            const float* gamma, const float* beta, float* coef) noexcept nogil
-    int cbn_forward_coefs_d(Py_ssize_t C, const double* mean, const double* invstd,
-                            const double* gamma, const double* beta, double* coef) noexcept nogil
+    int cbn_forward_coefs_f(Py_ssize_t C, Py_ssize_t stride, const double* mean,
+                            const double* invstd, const float* gamma, const float* beta,
+                            float* coef) noexcept nogil
+    int cbn_forward_coefs_d(Py_ssize_t C, Py_ssize_t stride, const double* mean,
+                            const double* invstd, const double* gamma, const double* beta,
+                            double* coef) noexcept nogil
     int cbn_backward_coefs_f(Py_ssize_t C, double count, const double* mean,
                              const double* invstd, const double* sum_g, const double* sum_gd,
                              int training, float* coef) noexcept nogil
@@ -1580,14 +1584,18 @@ cdef bint _uncentre(const Geometry* g, const double* mean, const double* batch_v
         return cbn_uncentre_d(g.channels, mean, gamma, beta, coef)
 
 
-cdef int _forward_coefficients(const Geometry* g, const double* mean, const double* invstd,
+cdef int _forward_coefficients(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1,
+                               const double* mean, const double* invstd,
                                const floating* gamma, const floating* beta,
                                floating* coef) noexcept nogil:
-    """coef rows m, a, b with a = gamma*invstd; returns 1 if any is non-finite."""
+    """Channels [c0, c1) of coef rows m, a, b (C values each) with a = gamma*invstd;
+    returns 1 if any is non-finite."""
     if floating is float:
-        return cbn_forward_coefs_f(g.channels, mean, invstd, gamma, beta, coef)
+        return cbn_forward_coefs_f(c1 - c0, g.channels, mean + c0, invstd + c0, gamma + c0,
+                                   beta + c0, coef + c0)
     else:
-        return cbn_forward_coefs_d(g.channels, mean, invstd, gamma, beta, coef)
+        return cbn_forward_coefs_d(c1 - c0, g.channels, mean + c0, invstd + c0, gamma + c0,
+                                   beta + c0, coef + c0)
 
 
 # ---------------------------------------------------------------------------
@@ -2074,7 +2082,7 @@ cdef int _given_coefficients(const Geometry* g, const double* mean, const double
     cdef int bad = _invstd(g.channels, var, eps, invstd)
     if bad == 2:
         return STATUS_NEGATIVE_VAR
-    if bad or _forward_coefficients(g, mean, invstd, gamma, beta, coef):
+    if bad or _forward_coefficients(g, 0, g.channels, mean, invstd, gamma, beta, coef):
         return STATUS_NONFINITE_OUTPUT
     return STATUS_OK
 
@@ -2094,8 +2102,8 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes) noe
     group of channels at a time, about GROUP_BYTES of x (every image's runs of
     those channels), the second read finds the group in cache instead of
     memory. Against the whole statistics pass first, both ways in one process
-    on cold float64 data, one and two threads: 32x64x56x56 1.07-1.14x,
-    16x32x112x112 1.17-1.20x. Each image's part of a group is a stretch of
+    on cold float64 data, one and two threads: 32x64x56x56 1.07-1.16x,
+    16x32x112x112 1.05-1.20x. Each image's part of a group is a stretch of
     consecutive runs; under GROUP_MIN_STRETCH bytes (64x16x32x32: 32 KiB) the
     hardware prefetcher restarts too often and it lost (0.68-0.89x), as did
     float32 (0.78-1.03x: its statistics are bound by the conversion to
@@ -2125,11 +2133,13 @@ def group_channels(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
 
 cdef int _train_group(const floating* x, floating* y, const Geometry* g, Py_ssize_t c0,
                       Py_ssize_t c1, double* part, double* mean, double* var,
-                      double* invstd, const floating* gamma, const floating* beta,
-                      double eps, bint relu, bint nt) noexcept nogil:
+                      double* invstd, floating* coef, const floating* gamma,
+                      const floating* beta, double eps, bint relu, bint nt) noexcept nogil:
     """_forward in training for channels [c0, c1) alone: their statistics (as
-    _batch_stats computes them), then their normalization. Returns a status."""
-    cdef Py_ssize_t C = g.channels, inner = g.inner, ob, n0, n1, c, n, u
+    _batch_stats computes them), then their normalization, image by image.
+    Writes only those channels' entries of part, mean, var, invstd and coef.
+    Returns a status."""
+    cdef Py_ssize_t C = g.channels, ob, n0, n1, n
     cdef double* part_m2 = part + g.n_outer_blocks * C
     cdef int bad = 0
     for ob in range(g.n_outer_blocks):
@@ -2137,43 +2147,37 @@ cdef int _train_group(const floating* x, floating* y, const Geometry* g, Py_ssiz
         n1 = _min(n0 + g.outer_per_block, g.outer)
         _stats_runs(x, g, n0, n1, c0, c1, part + ob * C, part_m2 + ob * C)
     _merge_stats(g, c0, c1, part, part_m2, mean, var)
-    if cbn_invstd(c1 - c0, var + c0, eps, invstd + c0) or not _all_finite(c1 - c0, mean + c0):
+    if _invstd(c1 - c0, var + c0, eps, invstd + c0) or not _all_finite(c1 - c0, mean + c0):
         return STATUS_NONFINITE_STATS
+    if _forward_coefficients(g, c0, c1, mean, invstd, gamma, beta, coef):
+        return STATUS_NONFINITE_OUTPUT
     for n in range(g.outer):
-        for c in range(c0, c1):
-            u = (n * C + c) * inner
-            # rounded as cbn_forward_coefs rounds them
-            bad |= _affine_run(x + u, y + u, inner, <floating>mean[c],
-                               <floating>(gamma[c] * invstd[c]), beta[c], relu, nt)
-    if nt:
-        cbn_store_fence()
+        bad |= _normalize_runs(x, y, g, coef, n * C + c0, n * C + c1, relu, False, nt)
     return STATUS_NONFINITE_OUTPUT if bad else STATUS_OK
 
 
 cdef int _train_grouped(const floating* x, floating* y, const Geometry* g, Py_ssize_t cg,
-                        double* mean, double* var, const floating* gamma,
-                        const floating* beta, double eps, bint relu, int n_threads,
-                        bint nt) noexcept nogil:
+                        double* mean, double* var, double* invstd, floating* coef,
+                        const floating* gamma, const floating* beta, double eps, bint relu,
+                        int n_threads, bint nt) noexcept nogil:
     """The training forward group by group of cg channels (see _group_channels),
     the groups shared among the threads. Returns a status: non-finite
     statistics in any group before a non-finite output in another."""
     cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k
     cdef int status = STATUS_OK
     cdef double* part = <double*>malloc(2 * g.n_outer_blocks * C * sizeof(double))
-    cdef double* invstd = <double*>malloc(C * sizeof(double))
     cdef int* group_status = <int*>malloc(n_groups * sizeof(int))
-    if part == NULL or invstd == NULL or group_status == NULL:
+    if part == NULL or group_status == NULL:
         status = STATUS_NO_MEMORY
     else:
         for k in prange(n_groups, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
             group_status[k] = _train_group(x, y, g, k * cg, _min(k * cg + cg, C), part, mean,
-                                           var, invstd, gamma, beta, eps, relu, nt)
+                                           var, invstd, coef, gamma, beta, eps, relu, nt)
         for k in range(n_groups):  # non-finite statistics are the cause to report
             if group_status[k] == STATUS_NONFINITE_STATS or status == STATUS_OK:
                 status = group_status[k]
     free(part)
-    free(invstd)
     free(group_status)
     return status
 
@@ -2195,21 +2199,19 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
     if invstd == NULL or coef == NULL:
         status = STATUS_NO_MEMORY
-    elif training and cg:
-        status = _train_grouped(x, y, g, cg, mean, var, gamma, beta, eps, relu, n_threads,
-                                stream)
-        free(invstd)
-        free(coef)
-        return status
+    elif cg:  # statistics and normalization together
+        status = _train_grouped(x, y, g, cg, mean, var, invstd, coef, gamma, beta, eps, relu,
+                                n_threads, stream)
     elif training:
         status = _batch_stats(x, g, mean, var, n_threads)
         if status == STATUS_OK and (_invstd(C, var, eps, invstd) or not _all_finite(C, mean)):
             status = STATUS_NONFINITE_STATS
-        if status == STATUS_OK and _forward_coefficients(g, mean, invstd, gamma, beta, coef):
+        if status == STATUS_OK and _forward_coefficients(g, 0, C, mean, invstd, gamma, beta,
+                                                         coef):
             status = STATUS_NONFINITE_OUTPUT
     else:
         status = _given_coefficients(g, mean, var, eps, gamma, beta, invstd, coef)
-    if status == STATUS_OK:
+    if status == STATUS_OK and not cg:
         two = _uncentre(g, mean, var if training else NULL, gamma, beta, coef, relu)
         # After the statistics pass, normalize goes backwards (see _chunk_items).
         status = _normalize(x, y, g, coef, relu, two, stream, n_threads, training)

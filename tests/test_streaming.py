@@ -6,10 +6,13 @@ every result with the cached-store path, bit for bit, on layouts that put the
 output at every alignment a 64-byte line can have.
 """
 
+import math
+
 import numpy as np
 import pytest
 
 from cbn import BatchNorm
+from cbn import _kernels as K
 from cbn import functional as F
 from cbn import reference as R
 
@@ -169,3 +172,60 @@ def test_threshold_from_environment(monkeypatch):
 def test_streams_rule():
     assert F.streams(F.STREAM_MIN_BYTES)
     assert not F.streams(F.STREAM_MIN_BYTES - 1)
+
+
+# float64 NCHW batches whose streamed training forward goes by channel groups
+# (_kernels.group_channels > 0; groups of 16 and 8 channels, uneven last ones).
+GROUPED_SHAPES = [(2, 24, 64, 128), (3, 20, 100, 100)]
+
+
+def _groups(shape):
+    return K.group_channels(shape[0], shape[1], math.prod(shape[2:]), 8)
+
+
+@pytest.mark.parametrize("shape", GROUPED_SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_grouped_layer_steps_give_the_same_numbers(monkeypatch, shape, relu):
+    """Training steps of the layer by channel groups: the bits of the two passes."""
+    assert _groups(shape) > 0
+    rng = np.random.default_rng()
+    xs = [rng.standard_normal(shape) * rng.uniform(0.5, 2) + rng.uniform(-3, 3)
+          for _ in range(2)]
+    dy = rng.standard_normal(shape)
+
+    def run():
+        layer = BatchNorm(shape[1], dtype=np.float64, activation="relu" if relu else None,
+                          n_threads=2)
+        out = []
+        for x in xs:
+            out.append(layer(x))
+            out.append(layer.backward(dy))
+        return out + [layer.running_mean.copy(), layer.running_var.copy()]
+
+    plain, streamed = _both(run, monkeypatch)
+    for a, b in zip(plain, streamed):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", GROUPED_SHAPES)
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_grouped_nan_names_the_channel_and_keeps_the_state(stream_always, shape, which):
+    """A NaN in one group: FloatingPointError naming its channel; the layer's
+    running statistics, gamma and beta, and x itself, stay as they were."""
+    assert _groups(shape) > 0
+    rng = np.random.default_rng()
+    C = shape[1]
+    layer = BatchNorm(C, dtype=np.float64)
+    layer(rng.standard_normal(shape) + 1)
+    state = {k: np.copy(v) for k, v in layer.state_dict().items()}
+    x = rng.standard_normal(shape)
+    c = 0 if which == "first" else C - 1
+    x[rng.integers(shape[0]), c, rng.integers(shape[2]), rng.integers(shape[3])] = np.nan
+    x_before = x.copy()
+    with pytest.raises(FloatingPointError, match=f"channel {c}"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, state[k], err_msg=k)
+    np.testing.assert_array_equal(x, x_before)
+    with pytest.raises(FloatingPointError, match=f"channel {c}"):
+        F.batch_norm_train(x, out=np.empty_like(x))
