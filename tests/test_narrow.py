@@ -23,11 +23,16 @@ def _clear_kink(dy, x, mean, var, gamma, beta, dtype):
     """dy with 0 where the pre-activation is within rounding of 0.
 
     There the ReLU mask is undecidable: the kernel decides it in the data's
-    dtype, the oracle in float64, and either answer is right.
+    dtype, the oracle in float64, and either answer is right. The kernel's z
+    rounds x, the mean and the slope a = gamma/sqrt(var + eps) to the dtype, so
+    its error grows with (|x| + |mean|) * |a|: a channel of tiny variance has a
+    large slope (float32, two rows: z off by 1e-4, the mask flipped, dx 123).
     """
     z = R.forward_eval(x.astype(np.float64), mean, var, gamma.astype(np.float64),
                        beta.astype(np.float64), 1e-5, 1)
-    tol = 64 * np.finfo(dtype).eps * (np.abs(z) + np.abs(beta) + 1)
+    slope = np.abs(gamma.astype(np.float64)) / np.sqrt(var + 1e-5)
+    tol = 64 * np.finfo(dtype).eps * (np.abs(z) + np.abs(beta) + 1
+                                      + (np.abs(x) + np.abs(mean)) * slope)
     return np.where(np.abs(z) <= tol, 0, dy).astype(dtype)
 
 
@@ -185,3 +190,18 @@ def test_wide_rows_match_oracle(c, n, dtype, relu):
     np.testing.assert_array_equal(ye, y)
     for training in (True, False):
         _check_backward(dy, x, mean, var, gamma, beta, relu, training)
+
+
+def test_backward_check_allows_for_a_large_slope_at_the_kink():
+    """Two float32 values one ulp apart: variance ~1e-14, slope ~600, and the
+    kernel's z off by ~1e-4 from the mean rounded to float32. _clear_kink must
+    leave such pre-activations out (with 64 ulps of |z| + |beta| + 1 alone, 29 of
+    these 61 betas flipped the mask and failed)."""
+    x1 = np.float32(5.9582105)
+    x = np.array([[x1, 1.0], [np.nextafter(x1, np.float32(10)), 2.0]], np.float32)
+    gamma = np.array([2.0, 1.0], np.float32)
+    mean, var = F.batch_stats(x)
+    xhat0 = (float(x[0, 0]) - mean[0]) / np.sqrt(var[0] + 1e-5)
+    for t in np.linspace(-3e-4, 3e-4, 61):
+        beta = np.array([-gamma[0] * xhat0 + t, 0.1], np.float32)
+        _check_backward(np.ones((2, 2), np.float32), x, mean, var, gamma, beta, True, True)
