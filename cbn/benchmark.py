@@ -1167,7 +1167,7 @@ def format_report(result, markdown=False):
             text += f", torch BatchNorm1d {s['torch_us']:.1f} us (x{s['speedup_torch']:.2f})"
         lines.append(text)
     lines.append("")
-    lines.append("targets of issue 4:")
+    lines.append("targets (speed goals; see benchmarks/README.md):")
     for t in result.get("targets", []):
         mark = {"pass": "PASS", "fail": "FAIL"}.get(t["status"], "n/a ")
         lines.append(f"{'- ' if markdown else '  '}{'**' + mark + '**' if markdown else mark}  "
@@ -1314,13 +1314,25 @@ def _thread_list(text):
     return values
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only for options whose default is a value: the
+    others say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        if isinstance(action.default, list):
+            return f"{action.help} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def build_parser(prog="cbn bench"):
     """The argument parser of ``cbn bench`` and ``benchmarks/bench.py``."""
     p = argparse.ArgumentParser(
         prog=prog,
         description="Benchmark cbn's batch norm against copy bandwidth, the NumPy reference "
                     "and PyTorch's CPU kernel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: shapes {', '.join(QUICK_SHAPES)}, short timings, "
                         "no large copy")
@@ -1341,7 +1353,8 @@ def build_parser(prog="cbn bench"):
                    help="seconds of timed calls per measurement (default 0.2, --quick 0.02)")
     p.add_argument("--min-repeats", type=int, default=None,
                    help="fewest timed calls per measurement (default 5, --quick 3)")
-    p.add_argument("--max-repeats", type=int, default=2000)
+    p.add_argument("--max-repeats", type=int, default=2000,
+                   help="most timed calls per measurement")
     p.add_argument("--rounds", type=int, default=5,
                    help="alternating rounds per case: every implementation is timed in "
                         "each round, so drift in the machine's speed hits all alike")

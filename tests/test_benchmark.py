@@ -110,7 +110,7 @@ def test_main_writes_table_and_json(tmp_path, capsys):
     for column in ("shape", "layout", "dtype", "thr", "op", "cbn ms", "GB/s", "frac copy",
                    "x numpy", "x torch"):
         assert column in out
-    assert "targets of issue 4" in out and "machine:" in out
+    assert "targets (speed goals" in out and "machine:" in out
 
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["schema"] == "cbn-bench/1"
