@@ -35,8 +35,11 @@ RUNS = (("bn", "with batch norm", True), ("plain", "without batch norm", False))
 
 def _hidden(text):
     """Parse ``--hidden 100,100`` into a list of ints."""
+    parts = text.split(",")
+    if len(parts) > 1 and not all(s.strip() for s in parts):  # "3,,4": a lost width
+        raise argparse.ArgumentTypeError(f"--hidden has an empty width in {text!r}")
     try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
+        sizes = [int(s) for s in parts if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--hidden must be comma-separated ints, got {text!r}")
     if not sizes or min(sizes) < 1:
@@ -68,6 +71,17 @@ def _positive(kind):
                 f"expected a positive, finite {kind.__name__}, got {text!r}")
         return value
     return parse
+
+
+def _nonnegative_int(text):
+    """An argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
 
 
 def _accuracy(text):
@@ -111,7 +125,7 @@ def build_parser():
                    help="hidden activation (sigmoid as in Ioffe & Szegedy's Figure 1)")
     d.add_argument("--hidden", type=_hidden, default=_hidden(DEFAULTS["hidden"]),
                    metavar="W1,W2,...", help="hidden layer widths")
-    d.add_argument("--seed", type=int, default=0,
+    d.add_argument("--seed", type=_nonnegative_int, default=0,
                    help="seed of the initial weights and of the mini-batch order")
     d.add_argument("--target", type=_accuracy, default=DEFAULTS["target"],
                    help="test accuracy in (0, 1] whose first crossing is reported, in steps")
@@ -120,7 +134,7 @@ def build_parser():
     d.add_argument("--eval-every", type=_positive(int), default=None,
                    help="evaluate the test set every N steps; default: 4 times per epoch")
     d.add_argument("--threads", type=_positive(int), default=1, help="BatchNorm n_threads")
-    d.add_argument("--blas-threads", type=int, default=1,
+    d.add_argument("--blas-threads", type=_nonnegative_int, default=1,
                    help="limit NumPy's BLAS to N threads with threadpoolctl, if installed "
                         "(the small matrix products here run fastest on one); 0: no limit")
     d.add_argument("--lr-sweep", type=_floats, default=None, metavar="LR1,LR2,...",
@@ -538,6 +552,10 @@ def main(argv=None):
         return 1
     except ValueError as exc:  # malformed data files, among others
         sys.stderr.write(f"cbn demo: {exc}\n")
+        return 1
+    except MemoryError as exc:  # --hidden 100000000, say
+        sys.stderr.write(f"cbn demo: out of memory ({exc}); try smaller --hidden widths "
+                         "or --batch-size\n")
         return 1
     return 0
 

@@ -45,9 +45,11 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     static int cbn_max_threads(void) { return omp_get_max_threads(); }
+    static int cbn_num_procs(void) { return omp_get_num_procs(); }
     static int cbn_has_openmp(void) { return 1; }
     #else
     static int cbn_max_threads(void) { return 1; }
+    static int cbn_num_procs(void) { return 1; }
     static int cbn_has_openmp(void) { return 0; }
     #endif
     #ifdef CBN_DEBUG_BUILD
@@ -62,6 +64,7 @@ cdef extern from *:
     #endif
     """
     int cbn_max_threads() noexcept nogil
+    int cbn_num_procs() noexcept nogil
     int cbn_has_openmp() noexcept nogil
     int cbn_debug_build() noexcept nogil
     int cbn_sanitized() noexcept nogil
@@ -841,6 +844,7 @@ cdef enum:
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
                                 # no further thread is started
     THREADS_MAX = 1048576       # the largest n_threads accepted (kernels take a C int)
+    TEAM_MIN_CAP = 8            # a pass starts at most max(this, processors) threads
     SPREAD_SUMS_BYTES = 200     # inner > 1: the reductions take runs of up to this
     SPREAD_MAP_BYTES = 100      # and the elementwise passes up to this many bytes
     SPREAD_ROW_BYTES = 1048576  # as rows of the (outer, C*inner) view, if such a
@@ -938,6 +942,27 @@ cdef inline Geometry _geometry(Py_ssize_t outer, Py_ssize_t channels,
 
 cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
+
+
+cdef int _team_cap = TEAM_MIN_CAP if cbn_num_procs() < TEAM_MIN_CAP else cbn_num_procs()
+
+
+cdef inline int _team(int n_threads, Py_ssize_t tasks) noexcept nogil:
+    """Threads a parallel loop over `tasks` pieces of work starts for `n_threads`.
+
+    No more than the tasks, and no more than the processors OpenMP sees (or
+    TEAM_MIN_CAP where there are fewer, so that a count of 2-8 still runs as
+    asked on small machines): these passes are bound by memory, which
+    threads beyond the cores do not add. Uncapped, n_threads=100000 (an
+    accepted value) made libgomp fail to create its threads, which exits the
+    process or crashes it. Results do not depend on the count.
+    """
+    cdef Py_ssize_t n = n_threads
+    if n > tasks:
+        n = tasks
+    if n > _team_cap:
+        n = _team_cap
+    return <int>n if n > 1 else 1
 
 
 cdef inline bint _spreads(const Geometry* g, size_t item_bytes, size_t run_bytes) noexcept nogil:
@@ -1260,11 +1285,11 @@ cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
             return status
         # No memory for the column statistics: the runs below need less.
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t
+    cdef int team = _team(n_threads, n_tasks)
     cdef double* part = <double*>malloc(2 * g.n_outer_blocks * g.channels * sizeof(double))
     if part == NULL:
         return STATUS_NO_MEMORY
-    for t in prange(n_tasks, schedule='static', num_threads=n_threads,
-                    use_threads_if=n_threads > 1 and n_tasks > 1):
+    for t in prange(n_tasks, schedule='static', num_threads=team, use_threads_if=team > 1):
         _stats_task(x, g, t, part, part + g.n_outer_blocks * g.channels)
     _merge_stats(g, 0, g.channels, part, part + g.n_outer_blocks * g.channels, mean_out,
                  var_out)
@@ -1315,10 +1340,7 @@ cdef inline int _affine_run(const floating* x, floating* y, Py_ssize_t n, floati
 
 cdef inline Py_ssize_t _workers(Py_ssize_t size, int n_threads) noexcept nogil:
     """Threads worth starting for an elementwise pass over `size` values (>= 1)."""
-    cdef Py_ssize_t n = size // ELEMENTS_PER_TASK
-    if n > n_threads:
-        n = n_threads
-    return n if n > 1 else 1
+    return _team(n_threads, size // ELEMENTS_PER_TASK)
 
 
 cdef inline Py_ssize_t _share(Py_ssize_t total, Py_ssize_t w, Py_ssize_t n_work) noexcept nogil:
@@ -1726,10 +1748,10 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
     cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C
     cdef double* part = <double*>malloc(2 * size * sizeof(double))
     cdef double s1, s2
+    cdef int team = _team(n_threads, n_tasks)
     if part == NULL:
         return STATUS_NO_MEMORY
-    for t in prange(n_tasks, schedule='static', num_threads=n_threads,
-                    use_threads_if=n_threads > 1 and n_tasks > 1):
+    for t in prange(n_tasks, schedule='static', num_threads=team, use_threads_if=team > 1):
         _reduce_task(dy, x, g, t, mean, coef, relu, part, part + size)
     for c in range(C):
         s1 = 0.0
@@ -2164,14 +2186,14 @@ cdef int _train_grouped(const floating* x, floating* y, const Geometry* g, Py_ss
     the groups shared among the threads. Returns a status: non-finite
     statistics in any group before a non-finite output in another."""
     cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k
-    cdef int status = STATUS_OK
+    cdef int status = STATUS_OK, team = _team(n_threads, n_groups)
     cdef double* part = <double*>malloc(2 * g.n_outer_blocks * C * sizeof(double))
     cdef int* group_status = <int*>malloc(n_groups * sizeof(int))
     if part == NULL or group_status == NULL:
         status = STATUS_NO_MEMORY
     else:
-        for k in prange(n_groups, schedule='static', num_threads=n_threads,
-                        use_threads_if=n_threads > 1):
+        for k in prange(n_groups, schedule='static', num_threads=team,
+                        use_threads_if=team > 1):
             group_status[k] = _train_group(x, y, g, k * cg, _min(k * cg + cg, C), part, mean,
                                            var, invstd, coef, gamma, beta, eps, relu, nt)
         for k in range(n_groups):  # non-finite statistics are the cause to report

@@ -672,6 +672,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
     _check_running_pair(running_mean, running_var)
     if mean is None or var is None:
         raise TypeError("mean and var must be the batch statistics, got None")
+    _check_apart(running_mean, running_var, mean, var)
     mean, var = _stats_vectors(mean, var, running_mean.shape[0])
     bad = ~(np.isfinite(mean) & np.isfinite(var))
     if bad.any():
@@ -694,6 +695,19 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
             f"the running statistics would not be finite in {running_mean.dtype} "
             "(the batch variance overflows it); they were left unchanged"
         )
+
+
+def _check_apart(running_mean, running_var, mean, var):
+    """The arrays update_running_stats writes must not overlap each other or its
+    inputs: one array for both statistics took both updates, silently."""
+    named = (("running_mean", running_mean), ("running_var", running_var), ("mean", mean),
+             ("var", var))
+    for i, (a_name, a) in enumerate(named[:2]):
+        for b_name, b in named[i + 1:]:
+            if isinstance(b, np.ndarray) and np.may_share_memory(a, b):
+                raise ValueError(
+                    f"{a_name} and {b_name} overlap in memory; "
+                    f"{a_name} is updated in place and needs an array of its own")
 
 
 def _check_running_pair(running_mean, running_var):

@@ -9,6 +9,7 @@ file intact. Reading validates the tag and version and reports a truncated,
 corrupt or foreign file as ``ValueError`` naming the path.
 """
 
+import errno
 import json
 import os
 import tempfile
@@ -51,6 +52,8 @@ def save_arrays(path, kind, arrays):
         Names to arrays or scalars; no object arrays (nothing is pickled).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):  # before the temporary file goes into its parent
+        raise IsADirectoryError(errno.EISDIR, "cannot save over a directory", path)
     folder = os.path.dirname(os.path.abspath(path))
     payload = {"__format__": np.array(kind), "__version__": np.array(FORMAT_VERSION)}
     for name, value in arrays.items():

@@ -1,6 +1,7 @@
 """The batch-norm layer: parameters, running statistics, forward and backward."""
 
 import numbers
+import operator
 import threading
 
 import numpy as np
@@ -41,7 +42,9 @@ def _check_activation_name(activation):
 
 def _check_threads(n_threads):
     resolve_threads(n_threads, 0)
-    return n_threads
+    # A NumPy integer is stored as an int: config() goes to JSON, and the
+    # kernels' direct path takes plain ints.
+    return None if n_threads is None else operator.index(n_threads)
 
 
 def _check_momentum(momentum):
@@ -193,19 +196,16 @@ class BatchNorm:
         self.n_threads = n_threads
 
         C, dt = self.num_features, self.dtype
-        # affine=False normalizes with these constants; they are never exposed.
-        self._ones = np.ones(C, dt)
-        self._zeros = np.zeros(C, dt)
-        self._scratch_grads = (np.empty(C, dt), np.empty(C, dt))
+        self._unit = None  # affine=False: see _unit_params
         self._gamma = np.ones(C, dt) if self.affine else None
         self._beta = np.zeros(C, dt) if self.affine else None
         self._dgamma = np.zeros(C, dt) if self.affine else None
         self._dbeta = np.zeros(C, dt) if self.affine else None
         self._running_mean = np.zeros(C, dt) if self.track_running_stats else None
         self._running_var = np.ones(C, dt) if self.track_running_stats else None
-        self.num_batches_tracked = 0 if self.track_running_stats else None
-        self.training = True
-        self.frozen = False
+        self._num_batches_tracked = 0 if self.track_running_stats else None
+        self._training = True
+        self._frozen = False
         self._cache = None
         self._busy = threading.Lock()
 
@@ -267,9 +267,51 @@ class BatchNorm:
 
     # -- modes
 
+    @property
+    def training(self):
+        """Training mode: normalize with batch statistics and update the running ones."""
+        return self._training
+
+    @training.setter
+    def training(self, mode):
+        self._training = _check_flag(mode, "training")
+
+    @property
+    def frozen(self):
+        """Whether :meth:`freeze` fixed the running statistics (see there)."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value):
+        value = _check_flag(value, "frozen")
+        if value and not self.track_running_stats:
+            raise ValueError("freezing needs running statistics (track_running_stats=True)")
+        self._frozen = value
+
+    @property
+    def num_batches_tracked(self):
+        """Training batches folded into the running statistics (None without them)."""
+        return self._num_batches_tracked
+
+    @num_batches_tracked.setter
+    def num_batches_tracked(self, value):
+        # momentum=None weighs the next batch by 1 / (this + 1): a negative or
+        # fractional count would corrupt the running statistics.
+        if not self.track_running_stats:
+            if value is not None:
+                raise ValueError(
+                    "num_batches_tracked is None for a layer without running statistics")
+            return
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"num_batches_tracked must be a non-negative int, got {value!r}")
+        self._num_batches_tracked = _checked_count(value)
+
     def train(self, mode=True):
-        """Set training mode (``mode=False`` is :meth:`eval`); returns self."""
-        self.training = bool(mode)
+        """Set training mode (``mode=False`` is :meth:`eval`); returns self.
+
+        ``mode`` must be True or False (as in PyTorch: a string such as "no"
+        would otherwise read as True)."""
+        self.training = mode
         return self
 
     def eval(self):
@@ -285,18 +327,18 @@ class BatchNorm:
         """
         if not self.track_running_stats:
             raise ValueError("freeze() needs running statistics (track_running_stats=True)")
-        self.frozen = True
+        self._frozen = True
         return self
 
     def unfreeze(self):
         """Undo :meth:`freeze`; returns self."""
-        self.frozen = False
+        self._frozen = False
         return self
 
     @property
     def uses_batch_stats(self):
         """Whether the next forward normalizes with the batch's own statistics."""
-        return (self.training and not self.frozen) or not self.track_running_stats
+        return (self._training and not self._frozen) or not self.track_running_stats
 
     # -- computation
 
@@ -334,8 +376,24 @@ class BatchNorm:
         finally:
             self._busy.release()
 
+    def _unit_params(self):
+        """affine=False: ones and zeros for gamma and beta, and scratch arrays for
+        their gradients, which the kernels take; never exposed.
+
+        Made when first needed, after a batch of num_features channels has
+        passed validation, not in the constructor: a layer loaded from a file
+        that stores no array of its size (affine=False,
+        track_running_stats=False) must not allocate for a num_features that
+        no data has backed yet.
+        """
+        if self._unit is None:
+            C, dt = self.num_features, self.dtype
+            self._unit = (np.ones(C, dt), np.zeros(C, dt), np.empty(C, dt), np.empty(C, dt))
+        return self._unit
+
     def _forward(self, x):
-        gamma, beta = (self._gamma, self._beta) if self.affine else (self._ones, self._zeros)
+        # affine=False: the direct calls take absent gamma and beta as 1 and 0.
+        gamma, beta = (self._gamma, self._beta) if self.affine else (None, None)
         batch_stats = self.uses_batch_stats
         # A batch the kernels take as it is runs without further Python;
         # anything else (or a kernel failure) goes through the checked path,
@@ -345,10 +403,12 @@ class BatchNorm:
                 x, gamma, beta, self._axis, self._eps, self._activation, None, self._n_threads,
                 F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
             )
-            if type(result) is not tuple:
+            # Without gamma, the call knows no channel count: checked on the result.
+            if type(result) is not tuple or (gamma is None
+                                             and result[1].shape[0] != self.num_features):
                 return self._checked_forward(x)
             y, mean, var = result
-            if self.training and self.track_running_stats:
+            if self._training and self.track_running_stats:
                 count = y.size // self.num_features
                 self._update_running_stats(mean, var, count)
         else:
@@ -360,13 +420,15 @@ class BatchNorm:
             )
             if type(y) is not np.ndarray:
                 return self._checked_forward(x)
-        self._cache = (x, mean, var, batch_stats)
+        # What backward differentiates: the settings this forward ran with,
+        # whatever is assigned to the layer before backward is called.
+        self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation)
         return y
 
     def _checked_forward(self, x):
         x_c, x3 = channel_view(x, self.axis, "x", self.dtype, self.num_features)
         count = x3.shape[0] * x3.shape[2]
-        gamma, beta = (self._gamma, self._beta) if self.affine else (self._ones, self._zeros)
+        gamma, beta = (self._gamma, self._beta) if self.affine else self._unit_params()[:2]
         relu = self.activation == "relu"
         threads = resolve_threads(self.n_threads, x3.size)
         y = _kernels.empty_near(x_c, x3)
@@ -391,7 +453,7 @@ class BatchNorm:
                 )
             _raise_for_status(status, "output", (("gamma", gamma), ("beta", beta)),
                               self.eps, self.dtype)
-            if self.training and self.track_running_stats:
+            if self._training and self.track_running_stats:
                 self._update_running_stats(mean, var, count)
         else:
             mean = self._running_mean.astype(np.float64)
@@ -411,21 +473,29 @@ class BatchNorm:
                 self.eps,
                 self.dtype,
             )
-        self._cache = (x_c, mean, var, self.uses_batch_stats)
+        self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
+                       self._activation)
         return y
 
     def _update_running_stats(self, mean, var, count):
-        n = self.num_batches_tracked + 1
+        n = self._num_batches_tracked + 1
         factor = self.momentum if self.momentum is not None else 1.0 / n
         if _kernels.ema_update(
             self._running_mean, self._running_var, mean, var, float(count), factor
         ):
+            for name, stat in (("running_mean", self._running_mean),
+                               ("running_var", self._running_var)):
+                bad = ~np.isfinite(stat)
+                if bad.any():  # written into the array directly: assignment checks
+                    raise FloatingPointError(
+                        f"{name} holds NaN or Inf in channel {F._channel_list(bad)}; the "
+                        "running statistics were left as they are")
             raise FloatingPointError(
                 f"the running statistics would overflow {self.dtype} (batch variance up to "
                 f"{var.max():.3g}); they were left unchanged. Use dtype=numpy.float64 "
                 "or rescale the input"
             )
-        self.num_batches_tracked = n
+        self._num_batches_tracked = n
 
     def backward(self, dy):
         """Back-propagate through the last :meth:`forward`.
@@ -463,35 +533,33 @@ class BatchNorm:
     def _backward(self, dy):
         if self._cache is None:
             raise RuntimeError("backward() called before forward(): there is nothing to differentiate")
-        x_c, mean, var, batch_stats = self._cache
+        x_c, mean, var, batch_stats, axis, eps, activation = self._cache
         if self.affine:
             gamma, beta = self._gamma, self._beta
             dgamma, dbeta = self._dgamma, self._dbeta
         else:
-            gamma, beta = self._ones, self._zeros
-            dgamma, dbeta = self._scratch_grads
+            gamma, beta, dgamma, dbeta = self._unit_params()
         result = _kernels.backward_call(
-            dy, x_c, mean, var, gamma, beta, self._axis, self._eps, batch_stats, self._activation,
+            dy, x_c, mean, var, gamma, beta, axis, eps, batch_stats, activation,
             None, self._n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES, dgamma, dbeta,
             self._affine,
         )
         if type(result) is tuple:
             return result[0]
-        return self._checked_backward(dy, (x_c, mean, var, batch_stats),
-                                      (gamma, beta, dgamma, dbeta))
+        return self._checked_backward(dy, self._cache, (gamma, beta, dgamma, dbeta))
 
     def _checked_backward(self, dy, cache, params):
-        x_c, mean, var, batch_stats = cache
+        x_c, mean, var, batch_stats, axis, eps, activation = cache
         gamma, beta, dgamma, dbeta = params
-        x3 = channel_view(x_c, self.axis)[1]
+        x3 = channel_view(x_c, axis)[1]
         dy = dy if isinstance(dy, np.ndarray) else np.asarray(dy)
         if dy.shape != x_c.shape:
             raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
-        dy_c, dy3 = channel_view(dy, self.axis, "dy", self.dtype, self.num_features)
+        dy_c, dy3 = channel_view(dy, axis, "dy", self.dtype, self.num_features)
         dx = _kernels.empty_near(dy_c, x3, dy_c)
         status = _kernels.backward(
-            dy3, x3, mean, var, gamma, beta, self.eps, dx.reshape(x3.shape), dgamma, dbeta,
-            batch_stats, self.affine, self.activation == "relu",
+            dy3, x3, mean, var, gamma, beta, eps, dx.reshape(x3.shape), dgamma, dbeta,
+            batch_stats, self.affine, activation == "relu",
             resolve_threads(self.n_threads, x3.size), streams(dx.nbytes),
         )
         _raise_for_status(

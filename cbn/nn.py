@@ -86,6 +86,13 @@ def _positive_int(value, name):
     return int(value)
 
 
+def _check_mode(mode):
+    """``train(mode)``'s mode: True or False, as PyTorch requires ("no" would read as True)."""
+    if not isinstance(mode, (bool, np.bool_)):
+        raise TypeError(f"training mode must be True or False, got {mode!r}")
+    return bool(mode)
+
+
 def _check_float_array(x, name="x"):
     """Raise unless ``x`` is a float32/float64 ndarray."""
     if not isinstance(x, np.ndarray):
@@ -117,7 +124,7 @@ class Module:
 
     def train(self, mode=True):
         """Set training mode (``mode=True``) or evaluation mode; return ``self``."""
-        self.training = bool(mode)
+        self.training = _check_mode(mode)
         return self
 
     def eval(self):
@@ -391,7 +398,7 @@ class Sequential(Module):
 
     def train(self, mode=True):
         """Set the mode of this container and of every child; return ``self``."""
-        self.training = bool(mode)
+        self.training = _check_mode(mode)
         for layer in self.layers:
             layer.train(self.training)
         return self
@@ -603,8 +610,10 @@ def _build_layer(kind, config, state, where):
     try:
         return _construct(kind, config, state, where)
     except MemoryError:
-        # The stored shapes bound every size but that of a BatchNorm with
-        # neither affine parameters nor running statistics: it stores no array.
+        # The stored shapes bound every size the constructors allocate (a
+        # BatchNorm with neither affine parameters nor running statistics
+        # stores no array, and allocates nothing until its first forward);
+        # this is for a file whose arrays themselves are too large.
         raise ValueError(
             f"{where}: a {kind.__name__} of this size does not fit in memory") from None
 

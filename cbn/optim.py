@@ -125,6 +125,67 @@ def _rounding_problem(value, dtype, *, normal=False):
     return None
 
 
+class _Hyper:
+    """A hyper-parameter checked whenever it is set, as the constructor checks it.
+
+    Schedules assign ``opt.lr`` between steps; unchecked, ``opt.lr = "0.1"``
+    failed inside ``step()`` after part of the state had moved, and
+    ``opt.lr = -5`` or ``Adam.beta1 = 1.0`` corrupted the parameters silently.
+    ``check(optimizer, value, name)`` returns the value to keep.
+    """
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.attr = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj, value):
+        setattr(obj, self.attr, self.check(obj, value, self.name))
+
+
+def _check_lr(opt, value, name):
+    value = _nonneg_float(value, name, positive=True)
+    opt._check_in_dtypes(value, name)
+    return value
+
+
+def _check_weight_decay(opt, value, name):
+    value = _nonneg_float(value, name)
+    if value > 0:
+        opt._check_in_dtypes(value, name, [key for key in opt.params
+                                           if opt.decay_bn or not _is_bn_key(key)])
+    return value
+
+
+def _check_decay_bn(opt, value, name):
+    value = bool(value)
+    weight_decay = getattr(opt, "_weight_decay", 0.0)  # unset while constructing
+    if value and weight_decay > 0:
+        opt._check_in_dtypes(weight_decay, "weight_decay")
+    return value
+
+
+def _check_beta(opt, value, name):
+    return _nonneg_float(value, name, below_one=True)
+
+
+def _check_eps(opt, value, name):
+    value = _nonneg_float(value, name, positive=True)
+    # eps keeps the denominator off 0 in the parameter's dtype.
+    opt._check_in_dtypes(value, name, normal=True)
+    return value
+
+
+def _is_bn_key(key):
+    """Whether ``key`` names a batch norm parameter ("1.gamma" -> "gamma")."""
+    return key.rsplit(".", 1)[-1] in _BN_NAMES
+
+
 class Optimizer:
     """Base class: holds the parameter/gradient pairs and applies weight decay.
 
@@ -143,7 +204,14 @@ class Optimizer:
     decay_bn : bool, default False
         Also decay parameters named ``gamma`` or ``beta`` (the last component
         of the key, e.g. ``"1.gamma"``).
+
+    Hyper-parameters may be reassigned between steps (``opt.lr = 0.01``);
+    a new value is checked as the constructor checks it.
     """
+
+    lr = _Hyper(_check_lr)
+    weight_decay = _Hyper(_check_weight_decay)
+    decay_bn = _Hyper(_check_decay_bn)
 
     def __init__(self, params, grads, lr, *, weight_decay=0.0, decay_bn=False):
         _check_dicts(params, grads)
@@ -155,13 +223,9 @@ class Optimizer:
         # What step() holds the arrays to: the state and the dtype checks of
         # the hyper-parameters are only valid for these dtypes and shapes.
         self._layout = {key: (p.shape, p.dtype) for key, p in params.items()}
-        self.lr = _nonneg_float(lr, "lr", positive=True)
-        self._check_in_dtypes(self.lr, "lr")
-        self.weight_decay = _nonneg_float(weight_decay, "weight_decay")
-        self.decay_bn = bool(decay_bn)
-        if self.weight_decay > 0:
-            self._check_in_dtypes(self.weight_decay, "weight_decay",
-                                  [key for key in params if self._decays(key)])
+        self.decay_bn = decay_bn
+        self.lr = lr
+        self.weight_decay = weight_decay
         self.t = 0
 
     def _check_in_dtypes(self, value, name, keys=None, *, normal=False):
@@ -196,7 +260,7 @@ class Optimizer:
 
     def _decays(self, key):
         """Whether the parameter ``key`` gets weight decay."""
-        return self.weight_decay > 0 and (self.decay_bn or key.rsplit(".", 1)[-1] not in _BN_NAMES)
+        return self.weight_decay > 0 and (self.decay_bn or not _is_bn_key(key))
 
     def _grad(self, key):
         """The gradient of ``key``, with weight decay added where it applies."""
@@ -252,9 +316,11 @@ class Momentum(Optimizer):
         Weight of the running average, in ``[0, 1)``.
     """
 
+    beta = _Hyper(_check_beta)
+
     def __init__(self, params, grads, lr=0.1, *, beta=0.9, weight_decay=0.0, decay_bn=False):
         super().__init__(params, grads, lr, weight_decay=weight_decay, decay_bn=decay_bn)
-        self.beta = _nonneg_float(beta, "beta", below_one=True)
+        self.beta = beta
         self.v = {key: self._state(key) for key in params}
 
     def _update(self, key, p, g):
@@ -278,13 +344,14 @@ class RMSprop(Optimizer):
         every parameter's dtype (so not 1e-8 with float16 parameters).
     """
 
+    beta = _Hyper(_check_beta)
+    eps = _Hyper(_check_eps)
+
     def __init__(self, params, grads, lr=0.001, *, beta=0.999, eps=1e-8, weight_decay=0.0,
                  decay_bn=False):
         super().__init__(params, grads, lr, weight_decay=weight_decay, decay_bn=decay_bn)
-        self.beta = _nonneg_float(beta, "beta", below_one=True)
-        self.eps = _nonneg_float(eps, "eps", positive=True)
-        # eps keeps the denominator off 0 in the parameter's dtype.
-        self._check_in_dtypes(self.eps, "eps", normal=True)
+        self.beta = beta
+        self.eps = eps
         self.s = {key: self._state(key) for key in params}
 
     def _update(self, key, p, g):
@@ -317,14 +384,16 @@ class Adam(Optimizer):
         p -= lr * (v / (1-beta1**t)) / (sqrt(s / (1-beta2**t)) + eps)
     """
 
+    beta1 = _Hyper(_check_beta)
+    beta2 = _Hyper(_check_beta)
+    eps = _Hyper(_check_eps)
+
     def __init__(self, params, grads, lr=0.001, *, beta1=0.9, beta2=0.999, eps=1e-8,
                  weight_decay=0.0, decay_bn=False):
         super().__init__(params, grads, lr, weight_decay=weight_decay, decay_bn=decay_bn)
-        self.beta1 = _nonneg_float(beta1, "beta1", below_one=True)
-        self.beta2 = _nonneg_float(beta2, "beta2", below_one=True)
-        self.eps = _nonneg_float(eps, "eps", positive=True)
-        # eps keeps the denominator off 0 in the parameter's dtype.
-        self._check_in_dtypes(self.eps, "eps", normal=True)
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
         self.v = {key: self._state(key) for key in params}
         self.s = {key: self._state(key) for key in params}
 

@@ -379,6 +379,26 @@ class _Progress:
         self.stream.flush()
 
 
+def _check_optimizer_covers(model, optimizer):
+    """Raise if a cbn optimizer updates none of the model's parameters.
+
+    An optimizer built over another model's ``params`` steps that model's
+    arrays: training would change nothing here, silently. One over a subset
+    (layers left frozen) is fine. Optimizers without a ``params`` dict are
+    not checked.
+    """
+    opt_params = getattr(optimizer, "params", None)
+    model_params = getattr(model, "params", None)
+    if not isinstance(opt_params, dict) or not isinstance(model_params, dict) \
+            or not model_params:
+        return
+    ours = {id(a) for a in model_params.values()}
+    if not any(id(a) in ours for a in opt_params.values()):
+        raise ValueError(
+            "optimizer updates none of the model's parameters: build it over "
+            "model.params and model.grads of this model")
+
+
 def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, seed=0,
         validation=None, callbacks=(), record_steps=False, verbose=1):
     """Train ``model`` on ``(X, y)`` with mini-batch gradient descent.
@@ -459,6 +479,7 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
     _check_batch_size(model, batch_size)
     if not callable(getattr(optimizer, "step", None)):
         raise TypeError("optimizer must have a step() method (see cbn.optim)")
+    _check_optimizer_covers(model, optimizer)
     val_set = _check_validation(model, validation, n_classes)
     callbacks = _check_callbacks(callbacks)
     if verbose not in (0, 1, 2, False, True):

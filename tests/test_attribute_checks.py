@@ -11,6 +11,7 @@ import pytest
 
 import cbn
 from cbn import functional as F
+from cbn import nn
 
 # np.matrix inputs are part of what is tested
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
@@ -76,6 +77,17 @@ BAD_ATTRIBUTES = [
     ("dtype", np.float64, AttributeError, "dtype"),
     ("affine", False, AttributeError, "affine"),
     ("track_running_stats", False, AttributeError, "track_running_stats"),
+    # momentum=None weighs the next batch by 1 / (count + 1): a negative count
+    # made that -1/2 and the running mean -0.5x the batch's, silently.
+    ("num_batches_tracked", -3, ValueError, "num_batches_tracked"),
+    ("num_batches_tracked", -1, ValueError, "num_batches_tracked"),
+    ("num_batches_tracked", 1.5, TypeError, "num_batches_tracked"),
+    ("num_batches_tracked", True, TypeError, "num_batches_tracked"),
+    ("num_batches_tracked", None, TypeError, "num_batches_tracked"),
+    ("num_batches_tracked", 2**63, ValueError, "num_batches_tracked"),
+    ("training", "no", TypeError, "training"),
+    ("training", 0, TypeError, "training"),
+    ("frozen", "yes", TypeError, "frozen"),
 ]
 
 
@@ -230,6 +242,122 @@ def test_matrix_input_is_taken_as_a_plain_array(rng):
         F.batch_norm_train(x, out=np.matrix(np.empty_like(x)))
 
 
+def test_train_mode_must_be_a_bool(rng):
+    # PyTorch refuses a non-bool mode too: train("no") would read as True.
+    layer = trained(rng, 3)
+    model = nn.mlp([4, 5, 3], rng=rng)
+    for obj in (layer, model, model[0]):
+        obj.train(True)
+        for mode in ("no", 0, 1, None):
+            with pytest.raises(TypeError, match="True or False"):
+                obj.train(mode)
+        assert obj.training is True
+        assert obj.train(np.bool_(False)).training is False
+
+
+def test_num_batches_tracked_takes_ints_and_tracks_on(rng):
+    C = int(rng.integers(2, 6))
+    layer = cbn.BatchNorm(C, momentum=None, dtype=np.float64)
+    layer.num_batches_tracked = np.int64(4)
+    assert type(layer.num_batches_tracked) is int and layer.num_batches_tracked == 4
+    x = fresh(rng, (10, C), np.float64)
+    before = layer.running_mean.copy()
+    layer(x)
+    assert layer.num_batches_tracked == 5
+    # the cumulative average weighs the fifth batch by 1/5
+    np.testing.assert_allclose(layer.running_mean, 0.8 * before + 0.2 * x.mean(0), rtol=1e-12)
+    untracked = cbn.BatchNorm(C, track_running_stats=False)
+    untracked.num_batches_tracked = None
+    with pytest.raises(ValueError, match="num_batches_tracked is None"):
+        untracked.num_batches_tracked = 3
+    assert untracked.num_batches_tracked is None
+
+
+def test_frozen_needs_running_statistics(rng):
+    layer = cbn.BatchNorm(3, track_running_stats=False)
+    with pytest.raises(ValueError, match="running statistics"):
+        layer.frozen = True
+    assert layer.frozen is False
+    tracked = trained(rng, 3)
+    tracked.frozen = True
+    assert tracked.uses_batch_stats is False
+    tracked.frozen = np.bool_(False)
+    assert tracked.uses_batch_stats is True
+
+
+def test_numpy_integer_n_threads_is_stored_as_int_and_saves(rng, tmp_path):
+    # config() goes to JSON, which refuses numpy.int64.
+    layer = cbn.BatchNorm(3, n_threads=np.int64(2))
+    assert type(layer.n_threads) is int and layer.n_threads == 2
+    layer.n_threads = np.int32(3)
+    assert type(layer.n_threads) is int
+    layer.save(tmp_path / "bn.npz")
+    assert cbn.BatchNorm.load(tmp_path / "bn.npz").n_threads == 3
+    model = nn.mlp([5, 4, 3], n_threads=np.int64(2), rng=rng)
+    model.save(tmp_path / "model.npz")
+
+
+def test_nonfinite_running_statistics_written_directly_are_named(rng):
+    C = int(rng.integers(3, 8))
+    layer = trained(rng, C)
+    bad = int(rng.integers(C))
+    layer.running_var[bad] = np.nan  # past the attribute's checks, into the array
+    before = snapshot(layer)
+    with pytest.raises(FloatingPointError, match=f"running_var holds NaN or Inf in channel {bad}"):
+        layer(fresh(rng, (8, C)))
+    arrays, _ = snapshot(layer)
+    assert arrays["num_batches_tracked"] == before[0]["num_batches_tracked"]
+    assert arrays["running_mean"].tobytes() == before[0]["running_mean"].tobytes()
+
+
+# -- backward differentiates the forward that ran ------------------------------
+
+@pytest.mark.parametrize("change", ["eps", "activation", "axis"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_uses_the_settings_of_its_forward(rng, change, dtype):
+    # Settings assigned between forward and backward used to reach backward:
+    # the gradient of a function that was never computed, with no error.
+    C = int(rng.integers(3, 7))
+    shape = (C, C) if change == "axis" else (int(rng.integers(6, 20)), C)
+    x = fresh(rng, shape, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    for affine in (True, False):
+        for training in (True, False):
+            layer = trained(rng, C, dtype) if affine else cbn.BatchNorm(C, dtype=dtype,
+                                                                         affine=False)
+            if not affine:
+                layer(fresh(rng, shape, dtype))  # running statistics to evaluate with
+            layer.train(training)
+            expected_layer = cbn.BatchNorm.from_config(layer.config(), layer.state_dict())
+            expected_layer.train(training)
+            expected_layer(x)
+            expected = expected_layer.backward(dy)
+            layer(x)
+            setattr(layer, change, {"eps": 0.7, "activation": "relu", "axis": 0}[change])
+            got = layer.backward(dy)
+            assert got.tobytes() == expected.tobytes(), (affine, training)
+            if affine:
+                assert layer.dgamma.tobytes() == expected_layer.dgamma.tobytes()
+                assert layer.dbeta.tobytes() == expected_layer.dbeta.tobytes()
+            # the next forward takes the new setting
+            layer(x)
+            assert layer.backward(dy).tobytes() != expected.tobytes()
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_affine_false_refuses_the_wrong_channel_count(rng, track):
+    C = int(rng.integers(3, 7))
+    layer = cbn.BatchNorm(C, affine=False, track_running_stats=track)
+    for dtype in (np.float32,):
+        x = fresh(rng, (8, C + 1), dtype)
+        with pytest.raises(ValueError, match=f"{C}"):
+            layer(x)
+        if track:
+            assert layer.num_batches_tracked == 0
+        y = layer(fresh(rng, (8, C), dtype))
+        assert y.shape == (8, C)
+
+
 # -- update_running_stats -----------------------------------------------------
 
 def running(rng, C, dtype=np.float64):
@@ -252,6 +380,9 @@ def running(rng, C, dtype=np.float64):
     ("str_factor", TypeError, "factor"),
     ("nan_factor", ValueError, "factor"),
     ("big_factor", ValueError, "factor"),
+    # One array for both statistics took both updates, silently.
+    ("same_array", ValueError, "overlap"),
+    ("batch_is_running", ValueError, "overlap"),
 ])
 def test_update_running_stats_refuses_bad_arrays(rng, case, exc, needle):
     C = int(rng.integers(3, 9))
@@ -291,6 +422,10 @@ def test_update_running_stats_refuses_bad_arrays(rng, case, exc, needle):
         args["factor"] = float("nan")
     elif case == "big_factor":
         args["factor"] = 1.5
+    elif case == "same_array":
+        args["running_var"] = rm
+    elif case == "batch_is_running":
+        args["var"] = rv
     before = [np.array(a, copy=True) for a in (rm, rv, guard)]
     with pytest.raises(exc, match=needle):
         F.update_running_stats(**args)

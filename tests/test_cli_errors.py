@@ -107,3 +107,31 @@ def test_os_errors_are_one_line(error, monkeypatch, capsys):
     monkeypatch.setattr(cbn.data, "load_mnist_dir", unreadable)
     assert main([*TINY, "--dataset", "idx", "--data-dir", "/data"]) == 1
     assert capsys.readouterr().err == f"cbn demo: /data/x-ubyte: {error.strerror}\n"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "-1"], "--seed"),
+    (["--blas-threads", "-5"], "--blas-threads"),
+    (["--hidden", "3,,4"], "empty width"),
+    (["--hidden", "8,"], "empty width"),
+])
+def test_bad_integers_are_refused_by_the_parser(argv, needle, capsys):
+    # --seed -1 used to fail after the run's header, in a message that did not
+    # name --seed; the others were accepted.
+    with pytest.raises(SystemExit) as info:
+        main([*TINY, *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_a_model_too_large_for_memory_is_a_one_line_error(monkeypatch, capsys):
+    import cbn.nn
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 74.5 GiB")
+
+    monkeypatch.setattr(cbn.nn, "mlp", no_memory)
+    assert main([*TINY, "--hidden", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory" in err and "--hidden" in err

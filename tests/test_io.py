@@ -86,6 +86,17 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert np.array_equal(cbn.BatchNorm.load(path).running_mean, old.running_mean)
 
 
+def test_saving_over_a_directory_is_refused_without_a_stray_file(tmp_path):
+    # The temporary file went into the directory's parent before the rename failed.
+    target = tmp_path / "models"
+    target.mkdir()
+    for obj in (cbn.BatchNorm(3), mlp([4, 3], rng=0)):
+        with pytest.raises(IsADirectoryError):
+            obj.save(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    assert list(target.iterdir()) == []
+
+
 def test_truncated_files_are_rejected(tmp_path):
     rng = np.random.default_rng(2)
     layer, _ = trained_layer(rng, num_features=8)

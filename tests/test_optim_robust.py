@@ -220,3 +220,69 @@ def test_memmap_parameters_are_updated_in_place(cls, tmp_path):
         o.step()
     assert np.array_equal(np.asarray(mm), plain["w"])
     assert all(type(a) is np.ndarray for name in ("v", "s") for a in getattr(opt, name, {}).values())
+
+
+# Hyper-parameters reassigned between steps (a schedule's opt.lr = ...) are
+# checked as the constructor checks them: unchecked, opt.lr = "0.1" failed in
+# step() after t and part of the state had moved, and opt.lr = -5 (or
+# Adam.beta1 = 1.0) corrupted the parameters without an error.
+REASSIGNED = [
+    (ALL, "lr", -5.0, ValueError),
+    (ALL, "lr", 0.0, ValueError),
+    (ALL, "lr", "0.1", TypeError),
+    (ALL, "lr", float("nan"), ValueError),
+    (ALL, "lr", 1e-320, ValueError),           # 0 in float32, subnormal in float64
+    (ALL, "weight_decay", -0.1, ValueError),
+    (ALL, "weight_decay", float("inf"), ValueError),
+    ([Momentum, RMSprop], "beta", 1.0, ValueError),
+    ([Momentum, RMSprop], "beta", True, TypeError),
+    ([Adam], "beta1", 1.0, ValueError),
+    ([Adam], "beta2", -0.5, ValueError),
+    (WITH_EPS, "eps", 0.0, ValueError),
+    (WITH_EPS, "eps", 1e-45, ValueError),      # subnormal in float32
+]
+
+
+@pytest.mark.parametrize("classes,name,value,exc",
+                         REASSIGNED, ids=[f"{r[1]}={r[2]!r}" for r in REASSIGNED])
+def test_reassigned_hyperparameters_are_checked(classes, name, value, exc):
+    rng = np.random.default_rng()
+    for cls in classes:
+        opt = warmed_up(cls, rng, np.float32)[0]
+        old = getattr(opt, name)
+        before = snapshot(opt)
+        with pytest.raises(exc, match=name):
+            setattr(opt, name, value)
+        assert getattr(opt, name) == old
+        opt.step()  # still steps, with the old value
+        assert snapshot(opt)[1] == before[1] + 1
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_reassigned_learning_rate_takes_effect(cls):
+    rng = np.random.default_rng()
+    params, grads = problem(rng)
+    twin_params = {k: v.copy() for k, v in params.items()}
+    twin_grads = {k: v.copy() for k, v in grads.items()}
+    opt = cls(params, grads, lr=0.1)
+    twin = cls(twin_params, twin_grads, lr=0.1)
+    opt.step()
+    twin.step()
+    opt.lr = np.float64(0.01)      # a NumPy scalar is taken as a float
+    assert type(opt.lr) is float
+    twin.lr = 0.01
+    opt.step()
+    twin.step()
+    for k in params:
+        assert params[k].tobytes() == twin_params[k].tobytes()
+
+
+def test_decay_bn_switched_on_later_checks_the_decay_in_every_dtype():
+    rng = np.random.default_rng()
+    params = {"0.W": rng.standard_normal((3, 2)),
+              "1.gamma": rng.uniform(0.5, 1.5, 2).astype(np.float16)}
+    grads = {k: np.zeros_like(v) for k, v in params.items()}
+    opt = SGD(params, grads, lr=0.1, weight_decay=1e-9)  # fine for the float64 W alone
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.decay_bn = True     # 1e-9 rounds to 0 in float16
+    assert opt.decay_bn is False

@@ -407,6 +407,8 @@ BAD_SETTINGS = [
     ("activation", "tanh", ValueError, "activation must be None or 'relu'"),
     ("n_threads", 0, ValueError, "n_threads must be"),
     ("axis", 1.5, TypeError, "axis must be an int"),
+    ("num_batches_tracked", -3, ValueError, "num_batches_tracked must be a non-negative"),
+    ("training", "no", TypeError, "training must be True or False"),
     ("num_features", 4, AttributeError, "num_features is fixed"),
     ("dtype", np.float64, AttributeError, "dtype is fixed"),
     ("affine", False, AttributeError, "affine is fixed"),
@@ -526,3 +528,34 @@ def test_truncated_or_foreign_npz(tmp_path):
     loaded = cbn.BatchNorm.load(good).state_dict()
     for k, v in layer.state_dict().items():
         assert np.asarray(loaded[k]).tobytes() == np.asarray(v).tobytes(), k
+
+
+def test_settings_changed_before_backward():
+    # backward differentiates the forward that ran: its axis, eps and activation
+    # are kept with the forward's cache (they used to be read at backward).
+    rng = np.random.default_rng(22)
+    x = data(rng, (8, 3))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for attribute, value in (("eps", 1.0), ("activation", "relu"), ("axis", -1)):
+        layer = trained_layer(rng)
+        twin = cbn.BatchNorm.from_config(layer.config(), layer.state_dict())
+        layer.forward(x)
+        twin.forward(x)
+        setattr(layer, attribute, value)
+        assert layer.backward(dy).tobytes() == twin.backward(dy).tobytes(), attribute
+        assert layer.dgamma.tobytes() == twin.dgamma.tobytes(), attribute
+
+
+def test_huge_thread_count():
+    # Up to MAX_THREADS is accepted; a pass starts at most max(processors, 8)
+    # threads (fewer on small arrays), so libgomp is never asked for 100000
+    # threads (it failed to create them: exit or segfault, as PyTorch does).
+    rng = np.random.default_rng(23)
+    x = data(rng, (4096, 64))
+    one = cbn.BatchNorm(64, n_threads=1)
+    many = cbn.BatchNorm(64, n_threads=cbn._kernels.MAX_THREADS)
+    assert one.forward(x).tobytes() == many.forward(x).tobytes()
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    assert one.backward(dy).tobytes() == many.backward(dy).tobytes()
+    with pytest.raises(ValueError, match="n_threads must be at most"):
+        cbn.BatchNorm(64, n_threads=cbn._kernels.MAX_THREADS + 1)

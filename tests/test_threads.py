@@ -333,3 +333,65 @@ def test_n_threads_validation():
             F.batch_norm_train(x, n_threads=bad)
     with pytest.raises(TypeError, match="n_threads"):
         F.batch_norm_train(x, n_threads=1.5)
+
+
+_HUGE_COUNT_SCRIPT = r"""
+import sys
+import numpy as np
+import cbn
+from cbn import functional as F
+
+big = cbn._kernels.MAX_THREADS
+rng = np.random.default_rng(int(sys.argv[1]))
+cases = [((128, 1), 1, np.float32),            # 1 reduction block, a short elementwise pass
+         ((4096, 300), 1, np.float64),         # rows: several blocks
+         ((3, 5, 40, 40), -1, np.float32),     # channels-last
+         ((2, 24, 64, 128), 1, np.float64)]    # NCHW float64: channel groups when streamed
+for shape, axis, dtype in cases:
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    gamma = (1 + 0.1 * rng.standard_normal(C)).astype(dtype)
+    beta = (0.1 * rng.standard_normal(C)).astype(dtype)
+    ref = F.batch_norm_train(x, gamma, beta, axis=axis, activation="relu", n_threads=1)
+    got = F.batch_norm_train(x, gamma, beta, axis=axis, activation="relu", n_threads=big)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(ref, got)), shape
+    _, m, v = ref
+    r = F.batch_norm_eval(x, m, v, gamma, beta, axis=axis, n_threads=1)
+    g = F.batch_norm_eval(x, m, v, gamma, beta, axis=axis, n_threads=big)
+    assert r.tobytes() == g.tobytes(), shape
+    r = F.batch_norm_backward(dy, x, m, v, gamma, beta, axis=axis, activation="relu",
+                              training=True, n_threads=1)
+    g = F.batch_norm_backward(dy, x, m, v, gamma, beta, axis=axis, activation="relu",
+                              training=True, n_threads=big)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(r, g)), shape
+    r = F.batch_stats(x, axis=axis, n_threads=1)
+    g = F.batch_stats(x, axis=axis, n_threads=big)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(r, g)), shape
+    bn = cbn.BatchNorm(C, axis=axis, dtype=dtype, n_threads=big)
+    bn(x)
+    bn.backward(dy)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("stream_min", [None, "0"])
+def test_the_largest_thread_count_runs_and_gives_the_same_bits(tmp_path, stream_min):
+    # n_threads up to MAX_THREADS is accepted; asking OpenMP for that many threads
+    # made libgomp fail to create them (exit or segfault), so the passes cap their
+    # teams. In a subprocess, so that a crash fails this test and not the run.
+    # CBN_STREAM_MIN_BYTES=0 streams every output: the float64 NCHW case then takes
+    # channel groups, whose loop has its own team.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("CBN_STREAM_MIN_BYTES", None)
+    if stream_min is not None:
+        env["CBN_STREAM_MIN_BYTES"] = stream_min
+    seed = int(np.random.default_rng().integers(1 << 30))
+    out = subprocess.run([sys.executable, "-c", _HUGE_COUNT_SCRIPT, str(seed)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() == "ok"

@@ -215,3 +215,23 @@ def test_batch_size_one_is_allowed_with_frozen_batch_norm(setup):
     h = fit(model, X[:6], y[:6], epochs=1, batch_size=1, optimizer=opt, verbose=0)
     assert h.n_steps == 5 and h.dropped == 1  # the documented one-sample last batch rule
     assert model[1].num_batches_tracked == 0
+
+
+def test_optimizer_over_another_model_is_refused(setup):
+    # It would step the other model's arrays: training would change nothing here.
+    model, _, X, y, rng = setup
+    other = mlp([6, 8, 3], rng=rng)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="none of the model's parameters"):
+        fit(model, X, y, epochs=1, batch_size=8,
+            optimizer=SGD(other.params, other.grads, lr=0.1))
+    assert snapshot(model) == before
+
+
+def test_optimizer_over_part_of_the_model_trains_that_part(setup):
+    model, _, X, y, rng = setup
+    head = model.layers[-1]
+    first = model.layers[0].W.copy()
+    fit(model, X, y, epochs=1, batch_size=8, verbose=0,
+        optimizer=SGD(head.params, head.grads, lr=0.1))
+    assert model.layers[0].W.tobytes() == first.tobytes()  # frozen: not in the optimizer
