@@ -34,6 +34,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
+from libc.stdint cimport uintptr_t
 from libc.stdlib cimport malloc, free
 
 cimport numpy as cnp
@@ -2139,6 +2140,10 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes) noe
             or _spreads(g, item_bytes, SPREAD_SUMS_BYTES):
         return 0
     cg = GROUP_BYTES // per_channel
+    # _stats_runs holds a group's sums on the stack, CHANNELS_PER_BLOCK of them:
+    # (2, 32768, 7, 7) asked for groups of 2674 channels and wrote past them.
+    if cg > CHANNELS_PER_BLOCK:
+        cg = CHANNELS_PER_BLOCK
     if cg < 1 or cg >= g.channels \
             or cg * g.inner * <Py_ssize_t>item_bytes < GROUP_MIN_STRETCH:
         return 0
@@ -2204,6 +2209,13 @@ cdef int _train_grouped(const floating* x, floating* y, const Geometry* g, Py_ss
     return status
 
 
+cdef inline bint _overlap(const void* a, size_t a_bytes, const void* b,
+                          size_t b_bytes) noexcept nogil:
+    """Whether the byte ranges [a, a + a_bytes) and [b, b + b_bytes) meet."""
+    cdef uintptr_t pa = <uintptr_t>a, pb = <uintptr_t>b
+    return pa < pb + b_bytes and pb < pa + a_bytes
+
+
 cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mean,
                   double* var, const floating* gamma, const floating* beta, double eps,
                   bint training, bint relu, int n_threads, bint stream) noexcept nogil:
@@ -2213,10 +2225,17 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     cdef int status = STATUS_OK
     cdef bint two
     # Groups only for outputs that stream (too large to stay cached; see
-    # _group_channels). In place (y is x), a later group's non-finite statistics
-    # would find the earlier groups' x already overwritten: it takes two passes.
+    # _group_channels). Not when y overlaps what a later group reads: in place
+    # (y is x), a later group's non-finite statistics would find the earlier
+    # groups' x already overwritten, and gamma or beta inside y (a caller's
+    # out= buffer) would be read after earlier groups wrote over them. Those
+    # take two passes, which read everything before writing.
+    cdef size_t y_bytes = g.outer * C * g.inner * sizeof(floating)
+    cdef size_t c_bytes = C * sizeof(floating)
     cdef Py_ssize_t cg = _group_channels(g, sizeof(floating)) \
-        if training and stream and <const void*>x != <const void*>y else 0
+        if training and stream and not _overlap(y, y_bytes, x, y_bytes) \
+        and not _overlap(y, y_bytes, gamma, c_bytes) \
+        and not _overlap(y, y_bytes, beta, c_bytes) else 0
     cdef double* invstd = <double*>malloc(C * sizeof(double))
     cdef floating* coef = <floating*>malloc(3 * C * sizeof(floating))
     if invstd == NULL or coef == NULL:

@@ -172,9 +172,9 @@ def standardize(train, *others, eps=1e-8):
 
 
 def _read_bytes(path):
-    """The content of ``path``, decompressed when it ends in ``.gz``."""
-    path = os.fspath(path)
-    if path.endswith(".gz"):
+    """The content of ``path``, decompressed when it ends in ``.gz`` (any case)."""
+    path = os.fsdecode(os.fspath(path))  # a bytes name too
+    if path.lower().endswith(".gz"):
         try:
             with gzip.open(path, "rb") as fh:
                 return fh.read()
@@ -185,6 +185,9 @@ def _read_bytes(path):
             raise ValueError(f"{path}: not a valid gzip file ({exc})") from exc
     with open(path, "rb") as fh:
         return fh.read()
+
+
+_MAX_IDX_RANK = 32  # NumPy 1.x's limit on dimensions (NumPy 2: 64)
 
 
 def load_idx(path):
@@ -223,6 +226,9 @@ def load_idx(path):
     if len(data) < header:
         raise ValueError(f"{path}: truncated IDX file, header needs {header} bytes, "
                          f"got {len(data)}")
+    if ndim > _MAX_IDX_RANK:
+        raise ValueError(f"{path}: IDX rank {ndim} is more than NumPy's {_MAX_IDX_RANK} "
+                         "dimensions")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[type_code]
     # Python ints: a product of 32-bit dimensions can overflow int64.
@@ -231,7 +237,11 @@ def load_idx(path):
         what = "truncated" if len(data) < expected else "trailing bytes in"
         raise ValueError(f"{path}: {what} IDX file: header says shape {shape} of {dtype.name} "
                          f"({expected} bytes), file has {len(data)} bytes")
-    arr = np.frombuffer(data, dtype, offset=header).reshape(shape)
+    try:
+        arr = np.frombuffer(data, dtype, offset=header).reshape(shape)
+    except ValueError as exc:  # an empty array whose other dimensions NumPy refuses
+        raise ValueError(f"{path}: IDX shape {shape} is not a valid array shape ({exc})") \
+            from None
     return arr.astype(dtype.newbyteorder("="))
 
 
@@ -280,7 +290,11 @@ def load_mnist_dir(directory, *, n_classes=10, flatten=True, dtype=np.float32):
         labels not 1-D, counts of images and labels differ, or a label is out
         of range.
     """
-    directory = os.fspath(directory)
+    directory = os.fsdecode(os.fspath(directory))
+    if isinstance(n_classes, (bool, np.bool_)) or not isinstance(n_classes, numbers.Integral):
+        raise TypeError(f"n_classes must be an int, got {n_classes!r}")
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be at least 1, got {n_classes}")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"data directory {directory!r} does not exist")
     out = {}
@@ -302,6 +316,8 @@ def load_mnist_dir(directory, *, n_classes=10, flatten=True, dtype=np.float32):
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{lbl_path}: label {int(labels[i])} at index {i} is out of range "
                              f"[0, {n_classes})")
+        if len(images) == 0:
+            raise ValueError(f"{img_path}: the {split} set holds no images")
         X = images.reshape(len(images), -1) if flatten else images
         out[split] = (X.astype(dtype), labels.astype(np.int64))
     return out["train"][0], out["test"][0], out["train"][1], out["test"][1]

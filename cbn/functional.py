@@ -157,9 +157,13 @@ def check_eps(eps):
     """
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {eps!r}")
-    value = float(eps)
+    try:
+        value = float(eps)
+    except OverflowError:  # an int beyond float's range, 10**400
+        value = math.inf
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+        shown = repr(eps) if len(repr(eps)) <= 40 else repr(eps)[:37] + "..."
+        raise ValueError(f"eps must be a positive finite float, got {shown}")
     return value
 
 
@@ -444,7 +448,10 @@ def batch_norm_train(
         Invalid arguments (messages name the argument).
     FloatingPointError
         The batch statistics or the output are not finite (NaN or Inf in x,
-        gamma or beta).
+        gamma or beta). x is never changed by a failed call (in place
+        neither), but a separate ``out=`` may hold part of an output: large
+        float64 batches are taken a group of channels at a time, and the
+        groups with finite statistics are written.
     """
     result = _kernels.train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
                                  PARALLEL_MIN_SIZE, STREAM_MIN_BYTES)

@@ -376,12 +376,20 @@ class BatchNorm:
         finally:
             self._busy.release()
 
+    def _fits(self, x):
+        """Whether x is an ndarray of the layer's dtype with num_features channels
+        (what gamma's dtype and length make the direct calls check)."""
+        if type(x) is not np.ndarray or x.dtype != self._dtype:
+            return False
+        axis = self._axis
+        return -x.ndim <= axis < x.ndim and x.shape[axis] == self.num_features
+
     def _unit_params(self):
         """affine=False: ones and zeros for gamma and beta, and scratch arrays for
         their gradients, which the kernels take; never exposed.
 
-        Made when first needed, after a batch of num_features channels has
-        passed validation, not in the constructor: a layer loaded from a file
+        Made when first needed, for a batch of num_features channels (see
+        _fits), not in the constructor: a layer loaded from a file
         that stores no array of its size (affine=False,
         track_running_stats=False) must not allocate for a num_features that
         no data has backed yet.
@@ -392,8 +400,12 @@ class BatchNorm:
         return self._unit
 
     def _forward(self, x):
-        # affine=False: the direct calls take absent gamma and beta as 1 and 0.
-        gamma, beta = (self._gamma, self._beta) if self.affine else (None, None)
+        if self.affine:
+            gamma, beta = self._gamma, self._beta
+        elif self._fits(x):
+            gamma, beta = self._unit_params()[:2]
+        else:  # the checked path names what does not fit
+            return self._checked_forward(x)
         batch_stats = self.uses_batch_stats
         # A batch the kernels take as it is runs without further Python;
         # anything else (or a kernel failure) goes through the checked path,
@@ -403,9 +415,7 @@ class BatchNorm:
                 x, gamma, beta, self._axis, self._eps, self._activation, None, self._n_threads,
                 F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
             )
-            # Without gamma, the call knows no channel count: checked on the result.
-            if type(result) is not tuple or (gamma is None
-                                             and result[1].shape[0] != self.num_features):
+            if type(result) is not tuple:
                 return self._checked_forward(x)
             y, mean, var = result
             if self._training and self.track_running_stats:
@@ -478,7 +488,8 @@ class BatchNorm:
         return y
 
     def _update_running_stats(self, mean, var, count):
-        n = self._num_batches_tracked + 1
+        # Saturates where state_dict()'s int64 (PyTorch's type) ends.
+        n = min(self._num_batches_tracked + 1, _INT64_MAX)
         factor = self.momentum if self.momentum is not None else 1.0 / n
         if _kernels.ema_update(
             self._running_mean, self._running_var, mean, var, float(count), factor

@@ -302,13 +302,14 @@ class ReLU(Module):
         """Return ``max(x, 0)``, keeping the dtype of ``x``."""
         _check_float_array(x)
         self._mask = x > 0
-        return x * self._mask
+        # Not x * mask: -inf * 0 is NaN. maximum keeps a NaN input NaN, as PyTorch.
+        return np.maximum(x, 0)
 
     def backward(self, dy):
-        """Return ``dy * (x > 0)``."""
+        """Return ``dy`` where ``x > 0``, else 0 (an infinite ``dy`` there too, as PyTorch)."""
         mask = self._cached("_mask")
         self._check_dy(dy, mask)
-        return dy * mask
+        return np.where(mask, dy, 0)
 
     def __repr__(self):
         return "ReLU()"

@@ -64,6 +64,7 @@ BAD_ATTRIBUTES = [
     ("eps", float("nan"), ValueError, "eps"),
     ("eps", True, TypeError, "eps"),
     ("eps", "0.1", TypeError, "eps"),
+    ("eps", 10**400, ValueError, "eps"),   # float() of it overflows
     ("momentum", 5.0, ValueError, "momentum"),
     ("momentum", -0.1, ValueError, "momentum"),
     ("momentum", True, TypeError, "momentum"),
@@ -273,6 +274,17 @@ def test_num_batches_tracked_takes_ints_and_tracks_on(rng):
     assert untracked.num_batches_tracked is None
 
 
+def test_num_batches_tracked_saturates_at_int64(rng):
+    # One more batch used to take it past int64, after which state_dict() and
+    # save() raised OverflowError.
+    C = int(rng.integers(2, 6))
+    layer = cbn.BatchNorm(C, momentum=None)
+    layer.num_batches_tracked = 2**63 - 1
+    layer(fresh(rng, (8, C)))
+    assert layer.num_batches_tracked == 2**63 - 1
+    assert int(layer.state_dict()["num_batches_tracked"]) == 2**63 - 1
+
+
 def test_frozen_needs_running_statistics(rng):
     layer = cbn.BatchNorm(3, track_running_stats=False)
     with pytest.raises(ValueError, match="running statistics"):
@@ -345,17 +357,26 @@ def test_backward_uses_the_settings_of_its_forward(rng, change, dtype):
 
 
 @pytest.mark.parametrize("track", [True, False])
-def test_affine_false_refuses_the_wrong_channel_count(rng, track):
+def test_affine_false_refuses_the_wrong_channel_count_or_dtype(rng, track):
+    # Without gamma the direct calls know neither: a float64 batch into a float32
+    # layer was normalized, counted in the running statistics, and then could
+    # not be back-propagated at all.
     C = int(rng.integers(3, 7))
     layer = cbn.BatchNorm(C, affine=False, track_running_stats=track)
-    for dtype in (np.float32,):
-        x = fresh(rng, (8, C + 1), dtype)
-        with pytest.raises(ValueError, match=f"{C}"):
-            layer(x)
-        if track:
-            assert layer.num_batches_tracked == 0
-        y = layer(fresh(rng, (8, C), dtype))
-        assert y.shape == (8, C)
+    for training in (True, False):
+        layer.train(training)
+        for x, exc, needle in ((fresh(rng, (8, C + 1)), ValueError, f"expected {C}"),
+                               (fresh(rng, (8, C), np.float64), TypeError, "dtype float64")):
+            before = layer.state_dict()
+            with pytest.raises(exc, match=needle):
+                layer(x)
+            for k, v in layer.state_dict().items():
+                assert np.array_equal(v, before[k]), k
+    layer.train(True)
+    x = fresh(rng, (8, C))
+    y = layer(x)
+    assert y.shape == (8, C) and y.dtype == np.float32
+    assert layer.backward(rng.standard_normal((8, C)).astype(np.float32)).dtype == np.float32
 
 
 # -- update_running_stats -----------------------------------------------------

@@ -217,3 +217,34 @@ def test_load_idx_header_size_does_not_overflow(tmp_path):
     expected = 12 + (2**32 - 1) ** 2  # header + data bytes, beyond int64
     with pytest.raises(ValueError, match=rf"truncated IDX file.*\({expected} bytes\)"):
         load_idx(path)
+
+
+def test_load_idx_takes_bytes_names_and_any_case_of_gz(tmp_path):
+    rng = np.random.default_rng()
+    arr = rng.integers(0, 256, (int(rng.integers(1, 9)), 4), dtype=np.uint8)
+    path = tmp_path / "images.idx.GZ"
+    path.write_bytes(gzip.compress(idx_bytes(arr)))
+    np.testing.assert_array_equal(load_idx(path), arr)
+    np.testing.assert_array_equal(load_idx(bytes(path)), arr)
+
+
+def test_load_idx_shapes_numpy_cannot_hold_name_the_file(tmp_path):
+    path = tmp_path / "rank.idx"
+    path.write_bytes(bytes([0, 0, 0x08, 65]) + struct.pack(">65I", *([1] * 65)) + b"\x07")
+    with pytest.raises(ValueError, match=r"rank\.idx: IDX rank 65"):
+        load_idx(path)
+    path = tmp_path / "empty.idx"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 0, 2**32 - 1, 2**32 - 1))
+    with pytest.raises(ValueError, match=r"empty\.idx: IDX shape \(0, 4294967295"):
+        load_idx(path)
+
+
+def test_load_mnist_dir_refuses_empty_sets_and_bad_n_classes(tmp_path):
+    rng = np.random.default_rng()
+    write_mnist_dir(tmp_path, rng, n_test=0)
+    with pytest.raises(ValueError, match="t10k-images.*holds no images"):
+        load_mnist_dir(tmp_path)
+    write_mnist_dir(tmp_path, rng)
+    for bad, exc in ((True, TypeError), (9.5, TypeError), ("10", TypeError), (0, ValueError)):
+        with pytest.raises(exc, match="n_classes"):
+            load_mnist_dir(tmp_path, n_classes=bad)

@@ -825,6 +825,46 @@ def test_channel_groups_are_taken_only_where_they_pay():
     assert K.group_channels(2, 16, 8192, 8) == 0  # one group would hold every channel
 
 
+def test_channel_groups_fit_the_statistics_stack():
+    # _stats_runs keeps a group's sums in CHANNELS_PER_BLOCK (2048) stack slots:
+    # (2, 32768, 7, 7) asked for 2674 channels a group and wrote past them.
+    assert K.group_channels(2, 32768, 49, 8) == 2048
+    assert K.group_channels(4, 17000, 31, 8) == 2048
+    rng = np.random.default_rng()
+    geometry = (2, int(rng.integers(4200, 6000)), 49)  # two full groups and a short one
+    x, gamma, beta = make_batch(rng, geometry, np.float64)
+    C = geometry[1]
+    y0, m0, v0 = np.empty_like(x), np.empty(C), np.empty(C)
+    assert K.forward_train(x, y0, gamma, beta, EPS, m0, v0, False, 1, False) == K.OK
+    for n in THREADS:
+        y, m, v = np.full_like(x, np.nan), np.empty(C), np.empty(C)
+        assert K.forward_train(x, y, gamma, beta, EPS, m, v, False, n, True) == K.OK
+        assert np.array_equal(m, m0) and np.array_equal(v, v0), n
+        assert np.array_equal(y, y0), n
+
+
+@pytest.mark.parametrize("which", ["gamma", "beta", "both"])
+def test_gamma_or_beta_inside_the_output_takes_two_passes(which):
+    # Groups read each group's gamma and beta after earlier groups wrote y: a
+    # caller's out= buffer holding them gave y off by up to 43.
+    rng = np.random.default_rng()
+    geometry = GROUPED[0][0]
+    x, gamma, beta = make_batch(rng, geometry, np.float64)
+    C = geometry[1]
+    want, m0, v0 = np.empty_like(x), np.empty(C), np.empty(C)
+    assert K.forward_train(x, want, gamma, beta, EPS, m0, v0, False, 1, True) == K.OK
+    for n in THREADS:
+        y = np.empty_like(x)
+        flat = y.reshape(-1)
+        g = flat[:C] if which in ("gamma", "both") else gamma.copy()
+        b = flat[rng.integers(1, 4) * C:][:C] if which in ("beta", "both") else beta.copy()
+        g[...] = gamma
+        b[...] = beta
+        m, v = np.empty(C), np.empty(C)
+        assert K.forward_train(x, y, g, b, EPS, m, v, False, n, True) == K.OK
+        assert np.array_equal(y, want), (which, n)
+
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("geometry", [g for g, _ in GROUPED], ids=geometry_id)
 def test_grouped_training_forward_equals_the_two_passes(geometry, relu):

@@ -214,3 +214,22 @@ def test_sequential_state_dict_round_trip():
 def test_sequential_rejects_non_layers():
     with pytest.raises(TypeError, match=r"layers\[1\]"):
         Sequential(ReLU(), object())
+
+
+def test_relu_at_infinities_and_nan_follows_pytorch():
+    # x * mask made -inf a NaN, and an infinite dy where x <= 0 a NaN gradient.
+    rng = np.random.default_rng()
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((4, 6)).astype(dtype)
+        x[0, :3] = [-np.inf, np.inf, np.nan]
+        relu = ReLU()
+        y = relu(x)
+        assert y.dtype == dtype
+        assert y[0, 0] == 0 and y[0, 1] == np.inf and np.isnan(y[0, 2])
+        np.testing.assert_array_equal(y[1:], np.maximum(x[1:], 0))
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        dy[x <= 0] = np.inf  # masked: no gradient passes, however large
+        dx = relu.backward(dy)
+        assert dx.dtype == dtype
+        np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0))
+        assert np.isfinite(dx[x <= 0]).all()

@@ -230,6 +230,12 @@ def test_mismatched_dtypes():
     assert y.dtype == np.float64
     assert layer.running_mean.dtype == np.float32
     del before
+    # affine=False as well (it used to normalize the float64 batch, count it in the
+    # running statistics, and then refuse every dy).
+    plain = cbn.BatchNorm(3, affine=False)
+    with pytest.raises(TypeError, match="float64, expected float32"):
+        plain.forward(x64)
+    assert plain.num_batches_tracked == 0
 
 
 def test_float16_input():
@@ -559,3 +565,33 @@ def test_huge_thread_count():
     assert one.backward(dy).tobytes() == many.backward(dy).tobytes()
     with pytest.raises(ValueError, match="n_threads must be at most"):
         cbn.BatchNorm(64, n_threads=cbn._kernels.MAX_THREADS + 1)
+
+
+def test_many_channels_float64():
+    # Channel groups of more than 2048 channels overflowed a stack array of the
+    # statistics (a segfault in the optimised build).
+    rng = np.random.default_rng(24)
+    x = data(rng, (2, 32768, 7, 7), np.float64)
+    y, mean, var = F.batch_norm_train(x)
+    want_y, want_mean, want_var = R.forward_train(x, np.ones(32768), np.zeros(32768), 1e-5)
+    np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(var, want_var, rtol=1e-12)
+    np.testing.assert_allclose(y, want_y, rtol=0, atol=1e-10)
+
+
+def test_gamma_or_beta_inside_out():
+    # gamma and beta may live in the out= buffer: every path reads them before
+    # writing y (the channel groups used to read later groups' after writing).
+    rng = np.random.default_rng(25)
+    x = data(rng, (32, 64, 56, 56), np.float64)
+    gamma = rng.uniform(0.5, 1.5, 64)
+    beta = rng.uniform(-0.5, 0.5, 64)
+    want, _, _ = F.batch_norm_train(x, gamma, beta)
+    out = np.empty_like(x)
+    g = out.reshape(-1)[:64]
+    b = out.reshape(-1)[64:128]
+    g[...] = gamma
+    b[...] = beta
+    y, _, _ = F.batch_norm_train(x, g, b, out=out)
+    assert y is out
+    assert out.tobytes() == want.tobytes()
