@@ -580,6 +580,22 @@ class BatchNorm:
         )
         return dx
 
+    # -- copies
+
+    def __getstate__(self):
+        """What ``copy.deepcopy`` and ``pickle`` keep: everything but the lock
+        (which cannot be copied) and the last forward's cache (a copy is a new
+        layer: its backward needs its own forward, as a copied PyTorch module
+        has no graph)."""
+        state = self.__dict__.copy()
+        state["_busy"] = None
+        state["_cache"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
+
     # -- state
 
     def state_dict(self):

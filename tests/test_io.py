@@ -282,3 +282,41 @@ def test_load_arrays_helper_errors(tmp_path):
         io.load_arrays(tmp_path / "empty.npz", "cbn.BatchNorm")
     with pytest.raises(TypeError, match="pickle"):
         io.save_arrays(tmp_path / "obj.npz", "x", {"a": np.array([object()])})
+
+
+def test_deepcopy_and_pickle_give_independent_equal_layers():
+    # Both raised TypeError (the layer's lock cannot be pickled), so a trainer
+    # could not keep copy.deepcopy(model) of its best epoch, as PyTorch users do.
+    import copy
+    import pickle
+
+    rng = np.random.default_rng()
+    C = int(rng.integers(2, 9))
+    for dtype in (np.float32, np.float64):
+        bn = cbn.BatchNorm(C, dtype=dtype, activation="relu")
+        for _ in range(3):
+            x = rng.standard_normal((int(rng.integers(4, 20)), C)).astype(dtype)
+            bn(x)
+            bn.backward(rng.standard_normal(x.shape).astype(dtype))
+        for make in (copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))):
+            twin = make(bn)
+            assert twin.config() == bn.config()
+            for k, v in bn.state_dict().items():
+                assert np.asarray(twin.state_dict()[k]).tobytes() == np.asarray(v).tobytes()
+            assert twin.running_mean is not bn.running_mean
+            with pytest.raises(RuntimeError, match="before forward"):
+                twin.backward(np.ones((4, C), dtype))  # a copy has no forward of its own
+            x = rng.standard_normal((8, C)).astype(dtype)
+            before = bn.state_dict()
+            y_twin = twin(x)
+            twin.gamma = twin.gamma * 2  # changes the copy only
+            assert all(np.array_equal(bn.state_dict()[k], v) for k, v in before.items())
+            assert y_twin.tobytes() == bn(x).tobytes()
+
+    model = mlp([5, 7, 3], rng=rng)
+    model(rng.standard_normal((6, 5)).astype(np.float32))
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    for make in (copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))):
+        twin = make(model)
+        assert twin.eval()(x).tobytes() == model.eval()(x).tobytes()
+        model.train()
