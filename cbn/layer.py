@@ -207,6 +207,7 @@ class BatchNorm:
         self._training = True
         self._frozen = False
         self._cache = None
+        self._stale = None  # gamma or beta, if assigned after the cached forward
         self._busy = threading.Lock()
 
     # -- configuration: fixed at construction, or checked when set (a value
@@ -250,6 +251,8 @@ class BatchNorm:
         if target is None:
             raise AttributeError(f"{name} is None for this layer and cannot be assigned")
         target[...] = _checked_vector(value, name, self.num_features, self.dtype)
+        if name in ("gamma", "beta") and self._cache is not None:
+            self._stale = name  # backward must not mix this forward with the new value
 
     @property
     def params(self):
@@ -433,6 +436,7 @@ class BatchNorm:
         # What backward differentiates: the settings this forward ran with,
         # whatever is assigned to the layer before backward is called.
         self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation)
+        self._stale = None
         return y
 
     def _checked_forward(self, x):
@@ -485,6 +489,7 @@ class BatchNorm:
             )
         self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
                        self._activation)
+        self._stale = None
         return y
 
     def _update_running_stats(self, mean, var, count):
@@ -544,6 +549,11 @@ class BatchNorm:
     def _backward(self, dy):
         if self._cache is None:
             raise RuntimeError("backward() called before forward(): there is nothing to differentiate")
+        if self._stale is not None:
+            # PyTorch raises likewise when a saved tensor was modified in place.
+            raise RuntimeError(
+                f"{self._stale} was assigned after the forward pass that backward would "
+                "differentiate; run forward again (an optimizer step belongs after backward)")
         x_c, mean, var, batch_stats, axis, eps, activation = self._cache
         if self.affine:
             gamma, beta = self._gamma, self._beta
@@ -590,6 +600,7 @@ class BatchNorm:
         state = self.__dict__.copy()
         state["_busy"] = None
         state["_cache"] = None
+        state["_stale"] = None
         return state
 
     def __setstate__(self, state):

@@ -356,6 +356,31 @@ def test_backward_uses_the_settings_of_its_forward(rng, change, dtype):
             assert layer.backward(dy).tobytes() != expected.tobytes()
 
 
+@pytest.mark.parametrize("name", ["gamma", "beta"])
+def test_gamma_or_beta_assigned_between_forward_and_backward_is_refused(rng, name):
+    # backward would differentiate a forward that never ran (with ReLU, a new mask
+    # too): dx off by up to 5.4. PyTorch raises for a saved tensor changed in place.
+    C = int(rng.integers(3, 7))
+    layer = trained(rng, C)
+    layer.activation = "relu"
+    x = fresh(rng, (10, C))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer(x)
+    setattr(layer, name, rng.uniform(-1, 1, C))
+    before = snapshot(layer)
+    with pytest.raises(RuntimeError, match=f"{name} was assigned after the forward"):
+        layer.backward(dy)
+    assert_same(layer, before)
+    layer(x)
+    dx = layer.backward(dy)  # a new forward: fine
+    twin = cbn.BatchNorm.from_config(layer.config(), layer.state_dict())
+    twin(x)
+    assert dx.tobytes() == twin.backward(dy).tobytes()
+    layer(x)
+    layer.dgamma = np.zeros(C)  # the gradients' own arrays: no effect on backward
+    layer.backward(dy)
+
+
 @pytest.mark.parametrize("track", [True, False])
 def test_affine_false_refuses_the_wrong_channel_count_or_dtype(rng, track):
     # Without gamma the direct calls know neither: a float64 batch into a float32
