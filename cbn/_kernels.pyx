@@ -1041,9 +1041,31 @@ cdef inline double _shifted_m2(double s1, double s2, double n) noexcept nogil:
     return 0.0 if (d < 0.0 and isfinite(d)) else d
 
 
+cdef inline double _two_sum(double a, double b, double* err) noexcept nogil:
+    """a + b rounded, and in err the rounding error: a + b = sum + err exactly
+    (Knuth's TwoSum; the build has no -ffast-math to reassociate it)."""
+    cdef double s = a + b
+    cdef double bb = s - a
+    err[0] = (a - (s - bb)) + (b - bb)
+    return s
+
+
+cdef inline void _add_to_mean(double* hi, double* lo, double t) noexcept nogil:
+    """(hi, lo) += t, hi + lo holding a mean to about twice double's precision.
+
+    Fast2Sum: its error term is exact when |hi| >= |t|, the case that needs it
+    (a mean far from 0 against the spread); otherwise it is off by about an ulp
+    of t, which is then of the spread's size. Half TwoSum's adds: the merges of
+    small maps' columns (64x512x3x3) measured 0.92x with TwoSum.
+    """
+    cdef double s = hi[0] + t
+    lo[0] += t - (s - hi[0])
+    hi[0] = s
+
+
 cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
                       Py_ssize_t c0, Py_ssize_t c1,
-                      double* mean_out, double* m2_out) noexcept nogil:
+                      double* mean_out, double* m2_out, double* lo_out) noexcept nogil:
     """Shifted sums of rows [0, rows) for channels [c0, c1) (inner == 1).
 
     Whole rows of 8, 16, ..., 64 channels use the register-resident narrow
@@ -1096,13 +1118,14 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
             s1[j] += d
             s2[j] += d * d
     for j in range(width):
-        mean_out[c0 + j] = shift[j] + s1[j] / rows
+        mean_out[c0 + j] = _two_sum(shift[j], s1[j] / rows, &lo_out[c0 + j])
         m2_out[c0 + j] = _shifted_m2(s1[j], s2[j], rows)
 
 
 cdef struct Moments:
     double count                # values merged so far
-    double mean
+    double mean                 # their mean, mean + mean_lo to about twice double's
+    double mean_lo              # precision (see _merge_stats)
     double m2                   # sum of squared deviations from mean
     double shift                # the open piece's shift
     double s1, s2               # the open piece's shifted sums
@@ -1112,17 +1135,19 @@ cdef struct Moments:
 cdef inline void _close_piece(Moments* a) noexcept nogil:
     """Merge the open piece into a's mean and M2 (Chan et al.); the next piece
     is shifted by the mean so far."""
-    cdef double piece_mean, delta, total
+    cdef double offset, delta, total
     if a.n == 0.0:
         return
-    piece_mean = a.shift + a.s1 / a.n
+    offset = a.s1 / a.n  # the piece's mean is a.shift + offset
     if a.count == 0.0:  # nothing to merge with (and delta^2 * 0 could be inf * 0)
-        a.mean = piece_mean
+        a.mean = _two_sum(a.shift, offset, &a.mean_lo)
         a.m2 = _shifted_m2(a.s1, a.s2, a.n)
     else:
         total = a.count + a.n
-        delta = piece_mean - a.mean
-        a.mean += delta * (a.n / total)
+        # a.shift is the last a.mean: the difference of the two means is offset
+        # less what a.mean_lo holds, with no rounding of their size.
+        delta = offset - a.mean_lo
+        _add_to_mean(&a.mean, &a.mean_lo, delta * (a.n / total))
         a.m2 += _shifted_m2(a.s1, a.s2, a.n) + delta * delta * (a.count * (a.n / total))
     a.count += a.n
     a.shift = a.mean
@@ -1157,7 +1182,7 @@ cdef inline void _add_run(const floating* run, Py_ssize_t inner, Moments* a) noe
 
 cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
                       Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
-                      double* mean_out, double* m2_out) noexcept nogil:
+                      double* mean_out, double* m2_out, double* lo_out) noexcept nogil:
     """Mean and M2 of the runs (n, c, :), n in [n0, n1), c in [c0, c1) (inner > 1).
 
     The runs are visited in memory order, one stream through the block. Each
@@ -1180,6 +1205,7 @@ cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
         a = &acc[c - c0]
         a.count = 0.0
         a.mean = 0.0
+        a.mean_lo = 0.0
         a.m2 = 0.0
         a.s1 = 0.0
         a.s2 = 0.0
@@ -1205,10 +1231,12 @@ cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
         _close_piece(a)
         mean_out[c] = a.mean
         m2_out[c] = a.m2
+        lo_out[c] = a.mean_lo
 
 
 cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t task,
-                             double* part_mean, double* part_m2) noexcept nogil:
+                             double* part_mean, double* part_m2,
+                             double* part_lo) noexcept nogil:
     cdef Py_ssize_t ob = task // g.n_channel_blocks
     cdef Py_ssize_t cb = task % g.n_channel_blocks
     cdef Py_ssize_t n0 = ob * g.outer_per_block
@@ -1217,83 +1245,122 @@ cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t ta
     cdef Py_ssize_t c1 = _min(c0 + g.channels_per_block, g.channels)
     part_mean += ob * g.channels
     part_m2 += ob * g.channels
+    part_lo += ob * g.channels
     if g.inner == 1:
-        _stats_rows(x + n0 * g.channels, n1 - n0, g.channels, c0, c1, part_mean, part_m2)
+        _stats_rows(x + n0 * g.channels, n1 - n0, g.channels, c0, c1, part_mean, part_m2,
+                    part_lo)
     else:
-        _stats_runs(x, g, n0, n1, c0, c1, part_mean, part_m2)
+        _stats_runs(x, g, n0, n1, c0, c1, part_mean, part_m2, part_lo)
 
 
 cdef void _merge_stats(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1,
                        const double* part_mean, const double* part_m2,
-                       double* mean_out, double* var_out) noexcept nogil:
+                       const double* part_lo, double* mean_out, double* var_out,
+                       double* lo) noexcept nogil:
     """Merge block statistics of channels [c0, c1) in block order (Chan, Golub &
-    LeVeque 1979)."""
-    cdef Py_ssize_t c, b, block_rows
-    cdef double n_a, n_b, n, mean, m2, delta
+    LeVeque 1979). lo (C values, channels [c0, c1) written) receives what each
+    mean holds beyond double.
+
+    Each block's mean comes as hi + lo (hi its shift plus offset, rounded, lo
+    the rounding). With the means as rounded doubles, the differences between
+    blocks carried an error of an ulp of the mean, which the between-block
+    term of M2 magnifies: float64 data of mean 1e7 and std 1 had variances off
+    by up to 7e-10 relative. hi - hi is exact for means within a factor of two
+    of each other (Sterbenz), so the differences now lose nothing to the
+    mean's size: 1e-15. Channels are the inner loop: each channel's merge is a
+    chain of dependent adds, and side by side they overlap (channel by channel
+    the chains made the pass 0.8x on rows of 256 channels).
+    """
+    cdef Py_ssize_t c, b, block_rows, at
+    cdef double n_a, n_b, n, w, w2, delta, hi
     for c in range(c0, c1):
-        mean = part_mean[c]
-        m2 = part_m2[c]
-        n_a = <double>(_min(g.outer_per_block, g.outer) * g.inner)
-        for b in range(1, g.n_outer_blocks):
-            block_rows = _min(g.outer_per_block, g.outer - b * g.outer_per_block)
-            n_b = <double>(block_rows * g.inner)
-            n = n_a + n_b
-            delta = part_mean[b * g.channels + c] - mean
-            mean = mean + delta * (n_b / n)
-            m2 = m2 + part_m2[b * g.channels + c] + delta * delta * (n_a * n_b / n)
-            n_a = n
-        mean_out[c] = mean
-        var_out[c] = m2 / n_a
+        mean_out[c] = part_mean[c]
+        lo[c] = part_lo[c]
+        var_out[c] = part_m2[c]
+    n_a = <double>(_min(g.outer_per_block, g.outer) * g.inner)
+    for b in range(1, g.n_outer_blocks):
+        block_rows = _min(g.outer_per_block, g.outer - b * g.outer_per_block)
+        n_b = <double>(block_rows * g.inner)
+        n = n_a + n_b
+        w = n_b / n
+        w2 = n_a * n_b / n
+        at = b * g.channels
+        for c in range(c0, c1):
+            delta = (part_mean[at + c] - mean_out[c]) + (part_lo[at + c] - lo[c])
+            _add_to_mean(&mean_out[c], &lo[c], delta * w)
+            var_out[c] = var_out[c] + part_m2[at + c] + delta * delta * w2
+        n_a = n
+    for c in range(c0, c1):
+        hi = mean_out[c]
+        mean_out[c] = hi + lo[c]
+        lo[c] = lo[c] - (mean_out[c] - hi)
+        var_out[c] = var_out[c] / n_a
 
 
 cdef int _spread_stats(const floating* x, const Geometry* g, double* mean_out,
                        double* var_out, int n_threads) noexcept nogil:
     """_batch_stats through the columns of the (outer, C*inner) view (see
-    _spreads), merged per channel in column order (Chan et al.)."""
+    _spreads), merged per channel in column order (Chan et al.; the means as
+    hi + lo, channels side by side, as in _merge_stats)."""
     cdef Geometry rows = _spread_geometry(g)
-    cdef Py_ssize_t W = rows.channels, c, i, j
-    cdef double n = <double>g.outer, n_a, total, mean, m2, delta
-    cdef double* col = <double*>malloc(2 * W * sizeof(double))
+    cdef Py_ssize_t W = rows.channels, C = g.channels, c, i, j
+    cdef double n = <double>g.outer, n_a, total, w, w2, delta, hi
+    cdef double* col = <double*>malloc((3 * W + C) * sizeof(double))
+    cdef double* col_lo = col + 2 * W
+    cdef double* lo = col + 3 * W
     cdef int status
     if col == NULL:
         return STATUS_NO_MEMORY
-    status = _batch_stats(x, &rows, col, col + W, n_threads)
+    status = _batch_stats(x, &rows, col, col + W, n_threads, col_lo)
     if status == STATUS_OK:
-        for c in range(g.channels):
+        for c in range(C):
             j = c * g.inner
-            mean = col[j]
-            m2 = col[W + j] * n
-            n_a = n
-            for i in range(1, g.inner):
-                total = n_a + n
-                delta = col[j + i] - mean
-                mean += delta * (n / total)
-                m2 += col[W + j + i] * n + delta * delta * (n_a * (n / total))
-                n_a = total
-            mean_out[c] = mean
-            var_out[c] = m2 / n_a
+            mean_out[c] = col[j]
+            lo[c] = col_lo[j]
+            var_out[c] = col[W + j] * n
+        n_a = n
+        for i in range(1, g.inner):
+            total = n_a + n
+            w = n / total
+            w2 = n_a * (n / total)
+            for c in range(C):
+                j = c * g.inner + i
+                delta = (col[j] - mean_out[c]) + (col_lo[j] - lo[c])
+                _add_to_mean(&mean_out[c], &lo[c], delta * w)
+                var_out[c] += col[W + j] * n + delta * delta * w2
+            n_a = total
+        for c in range(C):
+            hi = mean_out[c]
+            mean_out[c] = hi + lo[c]
+            var_out[c] = var_out[c] / n_a
     free(col)
     return status
 
 
 cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
-                      double* var_out, int n_threads) noexcept nogil:
-    """Per-channel mean and biased variance; returns a status code."""
+                      double* var_out, int n_threads, double* lo_out=NULL) noexcept nogil:
+    """Per-channel mean and biased variance; returns a status code. lo_out (or
+    NULL): what each mean holds beyond double (see _merge_stats)."""
     cdef int status
+    cdef Py_ssize_t c
     if _spreads(g, sizeof(floating), SPREAD_SUMS_BYTES):
         status = _spread_stats(x, g, mean_out, var_out, n_threads)
         if status != STATUS_NO_MEMORY:
+            if lo_out != NULL:  # columns of columns do not occur; 0 is the honest lo
+                for c in range(g.channels):
+                    lo_out[c] = 0.0
             return status
         # No memory for the column statistics: the runs below need less.
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t
     cdef int team = _team(n_threads, n_tasks)
-    cdef double* part = <double*>malloc(2 * g.n_outer_blocks * g.channels * sizeof(double))
+    cdef Py_ssize_t size = g.n_outer_blocks * g.channels
+    cdef double* part = <double*>malloc((3 * size + g.channels) * sizeof(double))
     if part == NULL:
         return STATUS_NO_MEMORY
     for t in prange(n_tasks, schedule='static', num_threads=team, use_threads_if=team > 1):
-        _stats_task(x, g, t, part, part + g.n_outer_blocks * g.channels)
-    _merge_stats(g, 0, g.channels, part, part + g.n_outer_blocks * g.channels, mean_out,
-                 var_out)
+        _stats_task(x, g, t, part, part + size, part + 2 * size)
+    _merge_stats(g, 0, g.channels, part, part + size, part + 2 * size, mean_out, var_out,
+                 lo_out if lo_out != NULL else part + 3 * size)
     free(part)
     return STATUS_OK
 
@@ -2168,12 +2235,13 @@ cdef int _train_group(const floating* x, floating* y, const Geometry* g, Py_ssiz
     Returns a status."""
     cdef Py_ssize_t C = g.channels, ob, n0, n1, n
     cdef double* part_m2 = part + g.n_outer_blocks * C
+    cdef double* part_lo = part + 2 * g.n_outer_blocks * C
     cdef int bad = 0
     for ob in range(g.n_outer_blocks):
         n0 = ob * g.outer_per_block
         n1 = _min(n0 + g.outer_per_block, g.outer)
-        _stats_runs(x, g, n0, n1, c0, c1, part + ob * C, part_m2 + ob * C)
-    _merge_stats(g, c0, c1, part, part_m2, mean, var)
+        _stats_runs(x, g, n0, n1, c0, c1, part + ob * C, part_m2 + ob * C, part_lo + ob * C)
+    _merge_stats(g, c0, c1, part, part_m2, part_lo, mean, var, part_lo + g.n_outer_blocks * C)
     if _invstd(c1 - c0, var + c0, eps, invstd + c0) or not _all_finite(c1 - c0, mean + c0):
         return STATUS_NONFINITE_STATS
     if _forward_coefficients(g, c0, c1, mean, invstd, gamma, beta, coef):
@@ -2192,7 +2260,7 @@ cdef int _train_grouped(const floating* x, floating* y, const Geometry* g, Py_ss
     statistics in any group before a non-finite output in another."""
     cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k
     cdef int status = STATUS_OK, team = _team(n_threads, n_groups)
-    cdef double* part = <double*>malloc(2 * g.n_outer_blocks * C * sizeof(double))
+    cdef double* part = <double*>malloc((3 * g.n_outer_blocks + 1) * C * sizeof(double))
     cdef int* group_status = <int*>malloc(n_groups * sizeof(int))
     if part == NULL or group_status == NULL:
         status = STATUS_NO_MEMORY

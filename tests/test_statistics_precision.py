@@ -77,3 +77,57 @@ def test_constant_channel_gives_exactly_beta(dtype, value):
     gamma = rng.uniform(0.5, 2, C).astype(dtype)
     y = F.batch_norm_train(x, gamma, beta)[0]
     assert np.all(y[:, 2] == beta[2])
+
+
+# Every reduction layout, with several blocks (and runs longer than RUN_SHIFT_ITEMS,
+# summed in pieces) to merge: rows (narrow and wide), NCHW runs, small maps taken
+# as columns, and a channels-last batch.
+FAR_LAYOUTS = [((4096, 16), 1), ((700, 300), 1), ((64, 8, 32, 32), 1), ((3, 5, 20000), 1),
+               ((64, 40, 3, 3), 1), ((8, 6, 6, 24), -1)]
+
+
+def far_reference(x, axes):
+    """reference_var around each channel's first value: subtracting it is exact
+    in long double, whose own sums of values near 1e12 lose more than cbn's."""
+    xl = x.astype(np.longdouble)
+    first = xl[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
+    d = xl - first
+    mean = d.mean(axes, keepdims=True)
+    var = ((d - mean) ** 2).mean(axes)
+    return (mean + first).reshape(var.shape), var
+
+
+@pytest.mark.parametrize("shape, axis", FAR_LAYOUTS)
+@pytest.mark.parametrize("offset", [1e4, 1e7, 1e12])
+def test_a_mean_far_from_zero_costs_no_precision(shape, axis, offset):
+    # Block means were merged as rounded doubles: the differences between blocks
+    # carried an ulp of the mean, and the variance of float64 data of mean 1e7
+    # and std 1 was off by up to 7e-10 relative (1e12: 1e-5). PyTorch's two-pass
+    # statistics give 1e-16. Means now merge as hi + lo.
+    rng = np.random.default_rng()
+    x = offset * rng.uniform(0.5, 2.0) + rng.uniform(0.5, 2.0) * rng.standard_normal(shape)
+    axis_ = axis % x.ndim
+    axes = tuple(i for i in range(x.ndim) if i != axis_)
+    want_mean, want_var = far_reference(x, axes)
+    for threads in (1, 2):
+        mean, var = F.batch_stats(x, axis=axis, n_threads=threads)
+        np.testing.assert_allclose(var, want_var.astype(np.float64), rtol=4e-14)
+        np.testing.assert_allclose(mean, want_mean.astype(np.float64), rtol=1e-15)
+        _, m2, v2 = F.batch_norm_train(x, axis=axis, n_threads=threads)
+        assert m2.tobytes() == mean.tobytes() and v2.tobytes() == var.tobytes()
+
+
+def test_a_mean_far_from_zero_costs_no_precision_in_channel_groups():
+    # The channel-group path (float64 NCHW whose output streams) merges the same way.
+    from cbn import _kernels as K
+
+    rng = np.random.default_rng()
+    x = 1e9 + rng.standard_normal((3, 20, 10000))
+    want_mean, want_var = far_reference(x, (0, 2))
+    C = x.shape[1]
+    for stream in (False, True):
+        y, m, v = np.empty_like(x), np.empty(C), np.empty(C)
+        assert K.forward_train(x, y, np.ones(C), np.zeros(C), 1e-5, m, v, False, 2,
+                               stream) == K.OK
+        np.testing.assert_allclose(v, want_var.astype(np.float64), rtol=4e-14)
+        np.testing.assert_allclose(m, want_mean.astype(np.float64), rtol=1e-15)
