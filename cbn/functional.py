@@ -149,6 +149,12 @@ def check_activation(activation):
     return activation == "relu"
 
 
+def _abbrev(value, limit=80):
+    """``repr(value)``, cut to ``limit`` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_eps(eps):
     """Validate ``eps`` (a positive finite float) and return it as a float.
 
@@ -162,8 +168,7 @@ def check_eps(eps):
     except OverflowError:  # an int beyond float's range, 10**400
         value = math.inf
     if not (math.isfinite(value) and value > 0):
-        shown = repr(eps) if len(repr(eps)) <= 40 else repr(eps)[:37] + "..."
-        raise ValueError(f"eps must be a positive finite float, got {shown}")
+        raise ValueError(f"eps must be a positive finite float, got {_abbrev(eps, 40)}")
     return value
 
 

@@ -23,7 +23,7 @@ __all__ = ["BatchNorm"]
 
 
 def _check_flag(value, name):
-    """A constructor switch: True or False (``affine="no"`` would read as True)."""
+    """A switch (constructor flag, training mode): True or False; ``"no"`` would read as True."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import io
 from . import layer as bn_layer
+from .functional import _abbrev
 from .layer import BatchNorm
 
 __all__ = [
@@ -86,13 +87,6 @@ def _positive_int(value, name):
     return int(value)
 
 
-def _check_mode(mode):
-    """``train(mode)``'s mode: True or False, as PyTorch requires ("no" would read as True)."""
-    if not isinstance(mode, (bool, np.bool_)):
-        raise TypeError(f"training mode must be True or False, got {mode!r}")
-    return bool(mode)
-
-
 def _check_float_array(x, name="x"):
     """Raise unless ``x`` is a float32/float64 ndarray."""
     if not isinstance(x, np.ndarray):
@@ -124,7 +118,7 @@ class Module:
 
     def train(self, mode=True):
         """Set training mode (``mode=True``) or evaluation mode; return ``self``."""
-        self.training = _check_mode(mode)
+        self.training = bn_layer._check_flag(mode, "training mode")
         return self
 
     def eval(self):
@@ -399,7 +393,7 @@ class Sequential(Module):
 
     def train(self, mode=True):
         """Set the mode of this container and of every child; return ``self``."""
-        self.training = _check_mode(mode)
+        self.training = bn_layer._check_flag(mode, "training mode")
         for layer in self.layers:
             layer.train(self.training)
         return self
@@ -662,12 +656,6 @@ def _check_child_state(layer, state):
     else:
         return False
     return True
-
-
-def _abbrev(value, limit=80):
-    """``repr(value)``, cut to ``limit`` characters for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class SoftmaxCrossEntropy:

@@ -356,15 +356,18 @@ def test_backward_uses_the_settings_of_its_forward(rng, change, dtype):
             assert layer.backward(dy).tobytes() != expected.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(10, None), (4, None, 3, 5)], ids=["NC", "NCHW"])
 @pytest.mark.parametrize("name", ["gamma", "beta"])
-def test_gamma_or_beta_assigned_between_forward_and_backward_is_refused(rng, name):
+def test_gamma_or_beta_assigned_between_forward_and_backward_is_refused(rng, name, shape,
+                                                                         dtype):
     # backward would differentiate a forward that never ran (with ReLU, a new mask
     # too): dx off by up to 5.4. PyTorch raises for a saved tensor changed in place.
     C = int(rng.integers(3, 7))
-    layer = trained(rng, C)
+    layer = trained(rng, C, dtype)
     layer.activation = "relu"
-    x = fresh(rng, (10, C))
-    dy = rng.standard_normal(x.shape).astype(np.float32)
+    x = fresh(rng, tuple(C if d is None else d for d in shape), dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
     layer(x)
     setattr(layer, name, rng.uniform(-1, 1, C))
     before = snapshot(layer)
