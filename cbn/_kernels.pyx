@@ -188,11 +188,11 @@ cdef extern from *:
         if (cbn_any_bits(&lane_chk))                                                  \\
             chk += 1;                                                                 \\
     }
-    /* CBN_EACH over four rows at once, qs values apart: rows o = 0, qs, 2qs,  \\
-       3qs of dst, where EXPR is a function of i and o. Each coefficient load  \\
-       serves four rows, and rows a quarter of the block apart make four       \\
-       sequential streams (see cbn_quad_sums). No streamed stores.             */\\
-    #define CBN_EACH4(T, n, dst, qs, chk, EXPR, STORE)                                \\
+    /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
+       o = 0, qs (, 2qs, 3qs) of dst, where EXPR is a function of i and o. Each \\
+       coefficient load serves K rows, and rows a K-th of the block apart make  \\
+       K sequential streams (see cbn_quad_sums). No streamed stores.            */\\
+    #define CBN_EACHK(T, n, dst, qs, K, chk, EXPR, STORE)                             \\
     {                                                                                 \\
         Py_ssize_t i0 = 0;                                                            \\
         const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
@@ -207,17 +207,21 @@ cdef extern from *:
                 T v0 = EXPR; (dst)[i] = STORE(v0);                                    \\
                 o = (qs);                                                             \\
                 T v1 = EXPR; (dst)[o + i] = STORE(v1);                                \\
-                o = 2 * (qs);                                                         \\
-                T v2 = EXPR; (dst)[o + i] = STORE(v2);                                \\
-                o = 3 * (qs);                                                         \\
-                T v3 = EXPR; (dst)[o + i] = STORE(v3);                                \\
-                z[k] = ((v0 - v0) + (v1 - v1)) + ((v2 - v2) + (v3 - v3));             \\
+                T zk = (v0 - v0) + (v1 - v1);                                         \\
+                if ((K) == 4) {                                                       \\
+                    o = 2 * (qs);                                                     \\
+                    T v2 = EXPR; (dst)[o + i] = STORE(v2);                            \\
+                    o = 3 * (qs);                                                     \\
+                    T v3 = EXPR; (dst)[o + i] = STORE(v3);                            \\
+                    zk = zk + ((v2 - v2) + (v3 - v3));                                \\
+                }                                                                     \\
+                z[k] = zk;                                                            \\
             }                                                                         \\
             memcpy(&zs, z, 64);                                                       \\
             lane_chk += zs;                                                           \\
         }                                                                             \\
-        for (Py_ssize_t r4 = 0; r4 < 4; r4++) {                                       \\
-            const Py_ssize_t o = r4 * (qs);                                           \\
+        for (Py_ssize_t rk = 0; rk < (K); rk++) {                                     \\
+            const Py_ssize_t o = rk * (qs);                                           \\
             for (Py_ssize_t i = i0; i < (n); i++) {                                   \\
                 T v = EXPR; chk += v - v; (dst)[o + i] = STORE(v);                    \\
             }                                                                         \\
@@ -383,20 +387,27 @@ cdef extern from *:
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_SAME)      \\
         return chk != 0;                                                             \\
     }                                                                                \\
-    /* The same for four rows qs values apart (CBN_EACH4), without nt.          */\\
-    static inline int cbn_affine_row4_##S(const T* x, T* y, Py_ssize_t n,            \\
-            Py_ssize_t qs, const T* m, const T* a, const T* b, int relu) {           \\
+    /* The same for k (2 or 4) rows qs values apart (CBN_EACHK), without nt.    */\\
+    static inline int cbn_affine_rowk_##S(const T* x, T* y, Py_ssize_t n,            \\
+            Py_ssize_t qs, int k, const T* m, const T* a, const T* b, int relu) {    \\
         T chk = 0;                                                                   \\
-        if (relu)                                                                    \\
-            CBN_EACH4(T, n, y, qs, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+        if (relu && k == 2)                                                          \\
+            CBN_EACHK(T, n, y, qs, 2, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+        else if (relu)                                                               \\
+            CBN_EACHK(T, n, y, qs, 4, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+        else if (k == 2)                                                             \\
+            CBN_EACHK(T, n, y, qs, 2, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
         else                                                                         \\
-            CBN_EACH4(T, n, y, qs, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
+            CBN_EACHK(T, n, y, qs, 4, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
         return chk != 0;                                                             \\
     }                                                                                \\
-    static inline int cbn_affine2_row4_##S(const T* x, T* y, Py_ssize_t n,           \\
-            Py_ssize_t qs, const T* a, const T* c) {                                 \\
+    static inline int cbn_affine2_rowk_##S(const T* x, T* y, Py_ssize_t n,           \\
+            Py_ssize_t qs, int k, const T* a, const T* c) {                          \\
         T chk = 0;                                                                   \\
-        CBN_EACH4(T, n, y, qs, chk, x[o + i] * a[i] + c[i], CBN_SAME)                \\
+        if (k == 2)                                                                  \\
+            CBN_EACHK(T, n, y, qs, 2, chk, x[o + i] * a[i] + c[i], CBN_SAME)         \\
+        else                                                                         \\
+            CBN_EACHK(T, n, y, qs, 4, chk, x[o + i] * a[i] + c[i], CBN_SAME)         \\
         return chk != 0;                                                             \\
     }                                                                                \\
     /* y = x*a + c, coefficients per element (row form, no ReLU): one           */\\
@@ -443,24 +454,24 @@ cdef extern from *:
                      CBN_SAME)                                                       \\
         return chk != 0;                                                             \\
     }                                                                                \\
-    /* The same for four rows qs values apart (CBN_EACH4), without nt.          */\\
+    /* The same for four rows qs values apart (CBN_EACHK), without nt.          */\\
     static inline int cbn_grad_row4_##S(const T* dy, const T* x, T* dx, Py_ssize_t n,\\
             Py_ssize_t qs, const T* m, const T* a, const T* b, const T* s,           \\
             const T* kx, const T* k0, int relu) {                                    \\
         T chk = 0;                                                                   \\
         if (s == NULL && relu)                                                       \\
-            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
                       a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
                               + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME)        \\
         else if (s == NULL)                                                          \\
-            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
                       a[i] * (dy[o + i] + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME) \\
         else if (relu)                                                               \\
-            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
                       a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
                               + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), CBN_SAME) \\
         else                                                                         \\
-            CBN_EACH4(T, n, dx, qs, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
                       a[i] * (dy[o + i] + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), \\
                       CBN_SAME)                                                      \\
         return chk != 0;                                                             \\
@@ -488,7 +499,7 @@ cdef extern from *:
     static inline int cbn_scale_row4_##S(const T* dy, T* dx, Py_ssize_t n,           \\
                                          Py_ssize_t qs, const T* a) {                \\
         T chk = 0;                                                                   \\
-        CBN_EACH4(T, n, dx, qs, chk, a[i] * dy[o + i], CBN_SAME)                     \\
+        CBN_EACHK(T, n, dx, qs, 4, chk, a[i] * dy[o + i], CBN_SAME)                     \\
         return chk != 0;                                                             \\
     }                                                                                \\
     static inline int cbn_scale_run_##S(const T* dy, T* dx, Py_ssize_t n, T a,       \\
@@ -750,14 +761,14 @@ cdef extern from *:
     void cbn_rows_grad_sums_f(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t stride,
                               Py_ssize_t n, const double* mu, const float* m, const float* a,
                               const float* b, int relu, double* s1, double* s2) noexcept nogil
-    int cbn_affine_row4_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t qs,
+    int cbn_affine_rowk_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t qs, int k,
                           const float* m, const float* a, const float* b, int relu) noexcept nogil
-    int cbn_affine_row4_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t qs,
+    int cbn_affine_rowk_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t qs, int k,
                           const double* m, const double* a, const double* b,
                           int relu) noexcept nogil
-    int cbn_affine2_row4_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t qs,
+    int cbn_affine2_rowk_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t qs, int k,
                            const float* a, const float* c) noexcept nogil
-    int cbn_affine2_row4_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t qs,
+    int cbn_affine2_rowk_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t qs, int k,
                            const double* a, const double* c) noexcept nogil
     int cbn_grad_row4_f(const float* dy, const float* x, float* dx, Py_ssize_t n, Py_ssize_t qs,
                         const float* m, const float* a, const float* b, const float* s,
@@ -837,7 +848,9 @@ cdef enum:
     QUAD_ROW_BYTES = 8192       # inner == 1: rows up to this long fold q apart in
                                 # statistics (cbn_quad_sums), longer ones adjacent
     ODD_QUARTER_BYTES = 4096    # inner == 1: elementwise passes over rows shorter than
-                                # this take their four rows an odd number apart
+                                # this take their k rows an odd number apart
+    PAIR_ROW_BYTES = 4096       # inner == 1: the forward's elementwise passes take
+                                # shorter rows two at a time, longer ones four
     ELEMENTS_PER_BLOCK = 16384  # inner > 1: target values per reduction block
     RUN_SHIFT_ITEMS = 8192      # inner > 1: values summed around one shift (_stats_runs)
     BACK_CHUNK_BYTES = 1048576  # second passes over the data go backwards in
@@ -1383,31 +1396,33 @@ cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
 # The centred form keeps float32 accurate when |mean| >> std.
 # ---------------------------------------------------------------------------
 
-# The row leaves below take qs: 0 for one row (which may stream, nt), else the
-# four rows 0, qs, 2qs, 3qs values on (the *_row4 leaves, never streamed).
+# The row leaves below take qs: 0 for one row (which may stream, nt), else
+# rows 0, qs (, 2qs, 3qs) values on: k rows, two or four (the forward's *_rowk
+# leaves), four (backward's *_row4 leaves); those never stream.
 
 cdef inline int _affine_row(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
-                            const floating* m, const floating* a, const floating* b,
+                            int k, const floating* m, const floating* a, const floating* b,
                             bint relu, bint nt) noexcept nogil:
     if floating is float:
         if qs:
-            return cbn_affine_row4_f(x, y, n, qs, m, a, b, relu)
+            return cbn_affine_rowk_f(x, y, n, qs, k, m, a, b, relu)
         return cbn_affine_row_f(x, y, n, m, a, b, relu, nt)
     else:
         if qs:
-            return cbn_affine_row4_d(x, y, n, qs, m, a, b, relu)
+            return cbn_affine_rowk_d(x, y, n, qs, k, m, a, b, relu)
         return cbn_affine_row_d(x, y, n, m, a, b, relu, nt)
 
 
 cdef inline int _affine2_row(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
-                             const floating* a, const floating* c, bint nt) noexcept nogil:
+                             int k, const floating* a, const floating* c,
+                             bint nt) noexcept nogil:
     if floating is float:
         if qs:
-            return cbn_affine2_row4_f(x, y, n, qs, a, c)
+            return cbn_affine2_rowk_f(x, y, n, qs, k, a, c)
         return cbn_affine2_row_f(x, y, n, a, c, nt)
     else:
         if qs:
-            return cbn_affine2_row4_d(x, y, n, qs, a, c)
+            return cbn_affine2_rowk_d(x, y, n, qs, k, a, c)
         return cbn_affine2_row_d(x, y, n, a, c, nt)
 
 
@@ -1435,10 +1450,10 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     """inner == 1: contiguous rows of `width` values, coefficient rows `cs` apart.
 
     two: the coefficient rows are a, c of cbn_uncentre (y = x*a + c), not m, a, b.
-    Rows go whole, four at a time: r, r + q, r + 2q, r + 3q (q about rows / 4,
-    see _quarter; CBN_EACH4), then the remainder one by one; streamed rows (nt)
-    one by one in memory order. Against one row at a time, in one process on
-    cold data:
+    Rows go whole, k at a time (_rows_at_once): r, r + q (, r + 2q, r + 3q), q
+    about rows / k (_row_stride; CBN_EACHK), then the remainder one by one;
+    streamed rows (nt) one by one in memory order. Four rows at a time against
+    one row at a time, in one process on cold data:
     evaluation (256, 1024) 1.23x (float32) and 1.3x (float64), (32, 4096)
     1.45-1.5x, (4096, 256) 1.1x; adjacent rows instead of rows q apart ran
     0.5x on rows of 1 KiB. Column tiles (all rows of a tile of columns, then the
@@ -1446,16 +1461,18 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     values once the coefficients were two rows, not three.
     Returns 1 if any z is non-finite.
     """
-    cdef Py_ssize_t k, off, qs, q = 0 if nt else _quarter(rows, width * sizeof(floating))
+    cdef int at_once = _rows_at_once(width * sizeof(floating))
+    cdef Py_ssize_t j, off, qs
+    cdef Py_ssize_t q = 0 if nt else _row_stride(rows, width * sizeof(floating), at_once)
     cdef int bad = 0
-    for k in range(rows - 3 * q):  # the q blocks of four rows, then the rest singly
-        off = (k if k < q else k + 3 * q) * width
-        qs = q * width if k < q else 0
+    for j in range(rows - (at_once - 1) * q):  # the q blocks of k rows, then the rest
+        off = (j if j < q else j + (at_once - 1) * q) * width
+        qs = q * width if j < q else 0
         if two:
-            bad |= _affine2_row(x + off, y + off, width, qs, coef, coef + cs, nt)
+            bad |= _affine2_row(x + off, y + off, width, qs, at_once, coef, coef + cs, nt)
         else:
-            bad |= _affine_row(x + off, y + off, width, qs, coef, coef + cs, coef + 2 * cs,
-                               relu, nt)
+            bad |= _affine_row(x + off, y + off, width, qs, at_once, coef, coef + cs,
+                               coef + 2 * cs, relu, nt)
     if nt:
         cbn_store_fence()
     return bad
@@ -1519,10 +1536,28 @@ cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt, Py_ssize_t rows)
     return _fold(row_bytes, STREAM_FOLD_BYTES if nt else FOLD_BYTES, rows)
 
 
-cdef inline Py_ssize_t _quarter(Py_ssize_t rows, Py_ssize_t row_bytes) noexcept nogil:
-    """Rows between the four rows an elementwise pass takes at a time (q of CBN_EACH4).
+cdef inline int _rows_at_once(Py_ssize_t row_bytes) noexcept nogil:
+    """Rows (k) the forward's elementwise passes take at a time: two for rows
+    shorter than PAIR_ROW_BYTES, four for longer ones (CBN_EACHK).
 
-    About a quarter of the rows, and odd for rows shorter than ODD_QUARTER_BYTES.
+    Two rows make four streams (x and y of each) where four make eight. On
+    cold data the eight-stream pass ran 0.8x PyTorch in some processes and
+    1.1x in others (4096x256 evaluation), as the buffers landed in physical
+    memory; two streams per row pair measured 1.0x or more in most. Against
+    four rows, both builds in one process, two processes each, one thread,
+    rows of 400 B-2 KiB (4096x256, 1024x256, 16384x128, 8192x200, 64x100 and
+    float32 2048x512): evaluation 1.0-1.38x (median 1.12) cold and 0.81-1.3x
+    (median 1.0) in cache; training forward 0.85-1.16x (median 1.06) cold and
+    0.89-1.19x (median 1.02) in cache. Rows of 4 KiB and more lost with two
+    (128x2048, 32x4096 and float64 256x1024: 0.82-0.96x), so they keep four.
+    """
+    return 2 if row_bytes < PAIR_ROW_BYTES else 4
+
+
+cdef inline Py_ssize_t _row_stride(Py_ssize_t rows, Py_ssize_t row_bytes, int k) noexcept nogil:
+    """Rows between the k rows an elementwise pass takes at a time (q of CBN_EACHK).
+
+    About rows / k, and odd for rows shorter than ODD_QUARTER_BYTES.
     A quarter of a power-of-two count of rows (1024 rows of 1 KiB: 1 MiB) puts
     the four rows of x, and those of y, a multiple of the L1 and L2 set spans
     apart: all eight streams land in the same cache sets and evict each other's
@@ -1535,7 +1570,7 @@ cdef inline Py_ssize_t _quarter(Py_ssize_t rows, Py_ssize_t row_bytes) noexcept 
     4 KiB the odd distance measured 0.95-1.0x, so those keep rows // 4.
     Results do not change: the passes are elementwise.
     """
-    cdef Py_ssize_t q = rows // 4
+    cdef Py_ssize_t q = rows // k
     if row_bytes < ODD_QUARTER_BYTES and q > 1 and q % 2 == 0:
         q -= 1
     return q
@@ -1917,10 +1952,10 @@ cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssi
                      bint use_x, bint fused, bint nt) noexcept nogil:
     """inner == 1 rows of dx; without use_x (fixed statistics, no ReLU) dx = a*dy.
 
-    Four rows at a time, about a quarter of the rows apart (_quarter), as in
-    _normalize_rows; coefficient rows `cs` apart.
+    Four rows at a time, about a quarter of the rows apart (_row_stride);
+    coefficient rows `cs` apart.
     """
-    cdef Py_ssize_t k, off, qs, q = 0 if nt else _quarter(rows, C * sizeof(floating))
+    cdef Py_ssize_t k, off, qs, q = 0 if nt else _row_stride(rows, C * sizeof(floating), 4)
     cdef int bad = 0
     for k in range(rows - 3 * q):  # the q blocks of four rows, then the rest singly
         off = (k if k < q else k + 3 * q) * C
@@ -2604,7 +2639,7 @@ cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
     given). Equal-sized arrays from malloc share their page offset, so x and
     y (or x, dy and dx) would; the passes then read and write all of them at
     the same L1 set index, and on rows that are a multiple of 4 KiB the four
-    rows in flight (CBN_EACH4) all land in one set. Measured in cache (as a
+    rows in flight (CBN_EACHK) all land in one set. Measured in cache (as a
     network leaves x), output at 1024 bytes against 0, one thread: rows of
     4-16 KiB evaluation 1.2-2.1x, training forward 1.1-1.55x, backward
     1.3-1.9x (two threads 1.1-1.6x); rows of 1 KiB lost 0.92-0.98x at 1024

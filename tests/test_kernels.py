@@ -49,7 +49,7 @@ GEOMETRIES = [
     (2, 1, 2),  # one channel, two values each... per row
     (9003, 64, 1),  # second passes in several 1 MiB chunks, short rows folded, tail rows
     (37, 5, 1601),  # runs in several 1 MiB chunks (float32 2, float64 3)
-    (1032, 256, 1),  # rows of 1-2 KiB taken an odd number apart (_quarter), tail rows
+    (1032, 256, 1),  # rows of 1-2 KiB: two at a time, an odd number apart (_row_stride), tail rows
     # Short runs taken as the rows of the (outer, C*inner) view (_spreads):
     (64, 512, 2),  # 1024 columns, one block
     (300, 7, 3),  # two row blocks of columns, merged, then merged per channel
@@ -696,9 +696,10 @@ def test_build_info_reports_threads():
     assert K.max_threads() == info["max_threads"]
 
 
-# Row shapes whose elementwise passes take every loop: four-row blocks (rows a quarter
-# of the block apart), full vectors and column tails, folded short rows and the
-# remainder rows after the last block of four.
+# Row shapes whose elementwise passes take every loop: blocks of two rows (rows under
+# 4 KiB, forward) and of four (longer rows, and backward), the rows a half or a quarter
+# of the block apart, full vectors and column tails, folded short rows and the
+# remainder rows after the last block.
 NONFINITE_ROW_SHAPES = [(11, 37, 1), (9, 300, 1), (13, 64, 1), (6, 1030, 1)]
 
 
