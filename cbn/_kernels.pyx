@@ -460,18 +460,18 @@ cdef extern from *:
             const T* kx, const T* k0, int relu) {                                    \\
         T chk = 0;                                                                   \\
         if (s == NULL && relu)                                                       \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
                       a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
                               + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME)        \\
         else if (s == NULL)                                                          \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
                       a[i] * (dy[o + i] + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME) \\
         else if (relu)                                                               \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
                       a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
                               + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), CBN_SAME) \\
         else                                                                         \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                             \\
+            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
                       a[i] * (dy[o + i] + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), \\
                       CBN_SAME)                                                      \\
         return chk != 0;                                                             \\
@@ -499,7 +499,7 @@ cdef extern from *:
     static inline int cbn_scale_row4_##S(const T* dy, T* dx, Py_ssize_t n,           \\
                                          Py_ssize_t qs, const T* a) {                \\
         T chk = 0;                                                                   \\
-        CBN_EACHK(T, n, dx, qs, 4, chk, a[i] * dy[o + i], CBN_SAME)                     \\
+        CBN_EACHK(T, n, dx, qs, 4, chk, a[i] * dy[o + i], CBN_SAME)                  \\
         return chk != 0;                                                             \\
     }                                                                                \\
     static inline int cbn_scale_run_##S(const T* dy, T* dx, Py_ssize_t n, T a,       \\
