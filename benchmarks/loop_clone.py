@@ -93,20 +93,25 @@ def _pointer(a):
     return ctypes.c_void_p(a.ctypes.data)
 
 
-def clone_loops(lib, dtype):
-    """Name -> ``loop(x, y, a, c)`` for ``lib``'s clones in ``dtype``: y = x * a + c
-    row by row, for C-contiguous (N, C) arrays x and y and (C,) arrays a and c."""
+def clone_functions(lib, dtype):
+    """Name -> ``lib``'s clone in ``dtype``, called ``fn(x, y, rows, n, a, c)`` with
+    pointers (``ctypes.c_void_p``) and ints: y = x * a + c row by row."""
     suffix = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}[np.dtype(dtype)]
-    loops = {}
+    fns = {}
     for name in CLONES:
         fn = getattr(lib, f"{name}_{suffix}")
+        # declared, so that rows and n go as ptrdiff_t (undeclared, ctypes passes int)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_ssize_t,
+                       ctypes.c_void_p, ctypes.c_void_p]
         fn.restype = None
+        fns[name] = fn
+    return fns
 
-        def loop(x, y, a, c, fn=fn):
-            fn(_pointer(x), _pointer(y), ctypes.c_ssize_t(x.shape[0]),
-               ctypes.c_ssize_t(x.shape[1]), _pointer(a), _pointer(c))
-        loops[name] = loop
-    return loops
+
+def run_clone(fn, x, y, a, c):
+    """``fn`` (from :func:`clone_functions`) on C-contiguous (N, C) arrays x and y,
+    and (C,) arrays a and c."""
+    fn(_pointer(x), _pointer(y), x.shape[0], x.shape[1], _pointer(a), _pointer(c))
 
 
 def agrees(y, x, a, c):
@@ -116,10 +121,15 @@ def agrees(y, x, a, c):
     return bool(np.allclose(y, expected, rtol=0, atol=tol))
 
 
-def measure(torch, lib, spec, dtype, config):
-    """Median times (seconds) of every contender on one 2-D case, in one process."""
+def _rows_only(spec):
+    """Raise ValueError unless ``spec`` is an (N, C) shape: the clones are row loops."""
     if len(spec.shape) != 2 or spec.channels_last:
         raise ValueError(f"rows (N, C) only, got {spec.name}")
+
+
+def measure(torch, lib, spec, dtype, config):
+    """Median times (seconds) of every contender on one 2-D case, in one process."""
+    _rows_only(spec)
     N, C = spec.shape
     n = B._n_buffers(spec.nbytes(dtype), config)
     buf = B._Buffers(spec, dtype, n, torch)
@@ -128,13 +138,12 @@ def measure(torch, lib, spec, dtype, config):
     xs, ys = [_pointer(x) for x in buf.xs], [_pointer(y) for y in buf.outs]
     a, c = _pointer(alpha), _pointer(shift)
     fns = {"torch": B._case_functions("torch", "fwd-eval", spec, buf, 1, torch)}
-    for name, loop in clone_loops(lib, dtype).items():
-        loop(buf.xs[0], buf.outs[0], alpha, shift)
+    for name, fn in clone_functions(lib, dtype).items():
+        run_clone(fn, buf.xs[0], buf.outs[0], alpha, shift)
         if not agrees(buf.outs[0], buf.xs[0], alpha, shift):
             raise RuntimeError(f"the {name} clone computes something else")
-        raw = getattr(lib, f"{name}_{'f' if np.dtype(dtype) == np.float32 else 'd'}")
-        # the raw call, pointers made once: the timing should not include their wrapping
-        fns[name] = ((lambda i, raw=raw: raw(xs[i], ys[i], N, C, a, c)), None)
+        # pointers made once: the timing should not include their wrapping
+        fns[name] = ((lambda i, fn=fn: fn(xs[i], ys[i], N, C, a, c)), None)
     fns["cbn"] = B._case_functions("cbn", "fwd-eval", spec, buf, 1, torch)
     fns["copy"] = ((lambda i: np.copyto(buf.outs[i], buf.xs[i])), None)
     with B._Threads(1, torch), torch.no_grad():
@@ -197,6 +206,12 @@ def main(argv=None):
     torch, status = B.side_torch(args, ("processes",))
     if torch is None:
         return status
+    try:
+        for spec in args.shapes:
+            _rows_only(spec)
+    except ValueError as exc:
+        print(f"--shapes: {exc}", file=sys.stderr)
+        return 2
     try:
         with tempfile.TemporaryDirectory() as d:
             compile_clones(d)  # fail here, once, rather than in every child

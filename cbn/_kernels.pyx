@@ -1465,8 +1465,8 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     cdef Py_ssize_t j, off, qs
     cdef Py_ssize_t q = 0 if nt else _row_stride(rows, width * sizeof(floating), at_once)
     cdef int bad = 0
-    for j in range(rows - (at_once - 1) * q):  # the q blocks of k rows, then the rest
-        off = (j if j < q else j + (at_once - 1) * q) * width
+    for j in range(rows - (at_once - 1) * q):
+        off = _block_row(j, q, at_once) * width
         qs = q * width if j < q else 0
         if two:
             bad |= _affine2_row(x + off, y + off, width, qs, at_once, coef, coef + cs, nt)
@@ -1576,6 +1576,13 @@ cdef inline Py_ssize_t _row_stride(Py_ssize_t rows, Py_ssize_t row_bytes, int k)
     if row_bytes < ODD_QUARTER_BYTES and q > 1 and q % 2 == 0:
         q -= 1
     return q
+
+
+cdef inline Py_ssize_t _block_row(Py_ssize_t j, Py_ssize_t q, int k) noexcept nogil:
+    """Row of step j of a pass that takes k rows q apart (CBN_EACHK): steps 0 .. q-1
+    start the q blocks (rows j, j + q, ..., the leaf does the rest); the steps after
+    them take the rows past the last block, one each."""
+    return j if j < q else j + (k - 1) * q
 
 
 cdef inline Py_ssize_t _chunk_items(Py_ssize_t item_bytes) noexcept nogil:
@@ -1957,11 +1964,11 @@ cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssi
     Four rows at a time, about a quarter of the rows apart (_row_stride);
     coefficient rows `cs` apart.
     """
-    cdef Py_ssize_t k, off, qs, q = 0 if nt else _row_stride(rows, C * sizeof(floating), 4)
+    cdef Py_ssize_t j, off, qs, q = 0 if nt else _row_stride(rows, C * sizeof(floating), 4)
     cdef int bad = 0
-    for k in range(rows - 3 * q):  # the q blocks of four rows, then the rest singly
-        off = (k if k < q else k + 3 * q) * C
-        qs = q * C if k < q else 0
+    for j in range(rows - 3 * q):
+        off = _block_row(j, q, 4) * C
+        qs = q * C if j < q else 0
         if use_x:
             bad |= _grad_row(dy + off, x + off, dx + off, C, qs, coef, cs, relu, fused, nt)
         else:

@@ -32,9 +32,9 @@ def test_the_clones_compute_x_times_a_plus_c(clones, dtype):
         x = (rng.standard_normal((N, C)) * 3 + rng.normal()).astype(dtype)
         a = rng.uniform(0.2, 2.0, C).astype(dtype)
         c = rng.standard_normal(C).astype(dtype)
-        for name, loop in script.clone_loops(lib, dtype).items():
+        for name, fn in script.clone_functions(lib, dtype).items():
             y = np.full_like(x, np.nan)
-            loop(x, y, a, c)
+            script.run_clone(fn, x, y, a, c)
             assert script.agrees(y, x, a, c), (name, N, C)
             y[rng.integers(N), rng.integers(C)] += 1.0
             assert not script.agrees(y, x, a, c)
@@ -71,3 +71,5 @@ def test_command_line(clones, capsys, tmp_path):
     assert record["processes"] == 2 and [r["process"] for r in record["rows"]] == [0, 1]
     assert set(record["rows"][0]["over_torch"]) == {"plain", "paced", "cbn", "copy"}
     assert script.main(["--processes", "0"]) == 2
+    assert script.main(["--shapes", "4x3x5x5"]) == 2
+    assert "rows (N, C) only" in capsys.readouterr().err
