@@ -183,19 +183,6 @@ def _options(p):
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
 
 
-def _without_json(argv):
-    """argv less its --json option: the children print, only the parent writes."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--json":
-            skip = True
-        elif not a.startswith("--json="):
-            out.append(a)
-    return out
-
-
 def main(argv=None):
     """Run ``--processes`` children and summarize; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -218,7 +205,7 @@ def main(argv=None):
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1
-    passed = _without_json(argv)
+    passed = B.without_json(argv)
     rows = []
     for p in range(args.processes):
         run = subprocess.run([sys.executable, os.path.abspath(__file__), *passed, "--child"],

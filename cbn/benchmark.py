@@ -1200,6 +1200,21 @@ def side_measurement(doc, json_help, argv=None, add_arguments=None):
     return save
 
 
+def without_json(argv):
+    """``argv`` less its ``--json FILE`` (or ``--json=FILE``) option: what a side
+    measurement passes to the child processes it starts (they print; only the
+    parent writes the file)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            out.append(a)
+    return out
+
+
 def side_torch(args, positive=("threads",)):
     """PyTorch for a side measurement that compares cbn with it.
 
