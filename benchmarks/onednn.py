@@ -76,16 +76,21 @@ typedef struct {
 
 #define CHECK(call) do { dnnl_status_t st_ = (call); if (st_ != dnnl_success) return 100 + (int)st_; } while (0)
 
-void bn_set_threads(int n) { omp_set_num_threads(n); }
-
 /* op: 0 training forward, 1 inference forward, 2 backward (data, scale and shift).
    tag: 0 plain (nc, nchw), 1 nhwc, 2 nChw16c. dims: N, C, H, W (logical order).
+   threads: oneDNN fixes a primitive's thread count when it creates it (from
+   omp_get_max_threads()) and keeps it whatever the count when it runs; and its
+   primitive cache would hand back a primitive made for another count. So the
+   cache is off and the count is set here, for creation and for the calls after.
    Returns 0, or an error code (100 + a dnnl_status_t). */
-int bn_create(bn_t **out, int ndims, const int64_t *dims, int tag, int op, float eps) {
+int bn_create(bn_t **out, int ndims, const int64_t *dims, int tag, int op, float eps,
+              int threads) {
     bn_t *h = calloc(1, sizeof *h);
     *out = h;
     if (!h) return 1;
     if (ndims != 2 && ndims != 4) return 2;
+    CHECK(dnnl_set_primitive_cache_capacity(0));
+    omp_set_num_threads(threads);
     dnnl_format_tag_t t = ndims == 2 ? dnnl_nc
                         : tag == 1 ? dnnl_nhwc : tag == 2 ? dnnl_nChw16c : dnnl_nchw;
     dnnl_dims_t d = {0}, c = {dims[1]};
@@ -233,12 +238,11 @@ def compile_shim(workdir, root):
     shim = ctypes.CDLL(out)
     p = ctypes.c_void_p
     shim.bn_create.argtypes = [ctypes.POINTER(p), ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
-                               ctypes.c_int, ctypes.c_int, ctypes.c_float]
+                               ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
     shim.bn_impl.argtypes, shim.bn_impl.restype = [p], ctypes.c_char_p
     shim.bn_forward.argtypes = [p] * 7
     shim.bn_backward.argtypes = [p] * 9
     shim.bn_destroy.argtypes, shim.bn_destroy.restype = [p], None
-    shim.bn_set_threads.argtypes, shim.bn_set_threads.restype = [ctypes.c_int], None
     for fn in (shim.bn_create, shim.bn_forward, shim.bn_backward):
         fn.restype = ctypes.c_int
     return shim
@@ -276,13 +280,17 @@ def from_blocked(xb):
 
 class Primitive:
     """A oneDNN batch-norm primitive for one case (``op`` in OPS, ``tag`` PLAIN, NHWC or
-    BLOCKED); release it with :meth:`close` (or use it as a context manager)."""
+    BLOCKED) on ``threads`` threads; release it with :meth:`close` (or use it as a
+    context manager). Creating one sets OpenMP's thread count (``omp_set_num_threads``)
+    of the calling thread to ``threads``: oneDNN runs a primitive on the count it was
+    made for."""
 
-    def __init__(self, shim, dims, tag, op, eps=B.EPS):
+    def __init__(self, shim, dims, tag, op, eps=B.EPS, threads=1):
         self.shim = shim
         self.handle = ctypes.c_void_p()
         arr = (ctypes.c_int64 * len(dims))(*dims)
-        rc = shim.bn_create(ctypes.byref(self.handle), len(dims), arr, tag, OPS[op], eps)
+        rc = shim.bn_create(ctypes.byref(self.handle), len(dims), arr, tag, OPS[op], eps,
+                            threads)
         if rc != 0:
             self.close()
             raise RuntimeError(f"oneDNN refused {op} on dims {dims} (tag {tag}): code {rc}")
@@ -373,10 +381,11 @@ def check(shim, spec, tag, op, rng):
         return prim.impl
 
 
-def _onednn_fn(shim, spec, tag, op, buf, f32, align=ALIGN):
-    """``(fn, close)``: ``fn(i)`` runs oneDNN on rotated buffer i (blocked copies for
-    BLOCKED); ``fn.outs[i]`` is its output; ``close()`` frees the primitive."""
-    prim = Primitive(shim, logical_dims(spec), tag, op)
+def _onednn_fn(shim, spec, tag, op, buf, f32, align=ALIGN, threads=1):
+    """``(fn, close)``: ``fn(i)`` runs oneDNN on ``threads`` threads on rotated buffer i
+    (blocked copies for BLOCKED); ``fn.outs[i]`` is its output; ``close()`` frees the
+    primitive."""
+    prim = Primitive(shim, logical_dims(spec), tag, op, threads=threads)
     if tag == BLOCKED:
         xs = [aligned_copy(to_blocked(x), align) for x in buf.xs]
         dys = [aligned_copy(to_blocked(d), align) for d in buf.dys]
@@ -469,7 +478,7 @@ def measure(shim, torch, spec, op, threads, config, next_layer=False, align=ALIG
     closers = []
     try:
         for label, tag in layouts(spec):
-            fn, close = _onednn_fn(shim, spec, tag, op, buf, f32, align)
+            fn, close = _onednn_fn(shim, spec, tag, op, buf, f32, align, threads)
             closers.append(close)
             fns[label] = (fn, None)
         if torch is not None:
@@ -477,8 +486,7 @@ def measure(shim, torch, spec, op, threads, config, next_layer=False, align=ALIG
         if next_layer:
             fns = {k: (_then_read(fn, _output(k, op, buf, fn)), None)
                    for k, (fn, _) in fns.items()}
-        shim.bn_set_threads(threads)
-        with B._Threads(threads, torch):
+        with B._Threads(threads, torch):  # torch sets OpenMP's count too: the same
             t = B.time_interleaved(fns, n, rounds=config.rounds, target_time=config.target_time,
                                    min_repeats=config.min_repeats, max_repeats=config.max_repeats)
     finally:

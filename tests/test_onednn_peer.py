@@ -116,6 +116,26 @@ def test_a_wrong_result_is_caught(script, shim, monkeypatch, op):
                 script.check(shim, spec, tag, op, rng)
 
 
+def test_two_thread_primitive_computes_the_same(script, shim):
+    """A primitive made for two threads (oneDNN fixes the count at creation) gives the
+    one-thread primitive's result to float32 rounding."""
+    spec = B.parse_shape("64x3x3x48:nhwc")
+    rng = np.random.default_rng()
+    C = spec.channels
+    x = (rng.standard_normal(spec.shape) * 2 + 1).astype(np.float32)
+    g, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        y, m, v = (np.full_like(x, np.nan), np.full(C, np.nan, np.float32),
+                   np.full(C, np.nan, np.float32))
+        with script.Primitive(shim, script.logical_dims(spec), script.NHWC, "fwd-train",
+                              threads=threads) as prim:
+            prim.forward(x, y, g, b, m, v)
+        results.append((y, m, v))
+    for one, two in zip(*results):
+        np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
+
+
 def test_refused_primitive_raises(script, shim):
     with pytest.raises(RuntimeError, match="refused"):
         script.Primitive(shim, (4, 5, 6), script.PLAIN, "fwd-eval")
