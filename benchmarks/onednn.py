@@ -1,27 +1,41 @@
-"""oneDNN as a peer: cbn against oneDNN's batch normalization, float32, one process.
+"""oneDNN as a peer: cbn against oneDNN's batch normalization, float32.
 
 PyTorch's CPU kernel (what ``bench.py`` compares with) is one peer; oneDNN,
 the library behind Intel's and PyTorch's optimized CPU paths, is the other.
 PyTorch 2.13 only reaches oneDNN's batch norm through its own ``mkldnn``
 tensors, which are plain NCHW there and get oneDNN's generic kernel, so this
 script calls oneDNN's C API directly: it compiles a small shim against an
-installed oneDNN with the system C compiler and runs, for every case, cbn,
-oneDNN on the same memory and, where oneDNN prefers another layout, oneDNN
-on that layout, all in the same alternating rounds over the same rotated
-buffers as ``bench.py`` (plus PyTorch when it is installed).
+installed oneDNN with the system C compiler and times, for every case, in
+the same alternating rounds over the same rotated buffers as ``bench.py``:
 
+* ``cbn``: :mod:`cbn.functional` as users call it;
+* ``cbn:stream``: the same with every output streamed (non-temporal stores,
+  ``STREAM_MIN_BYTES = 0``), as oneDNN streams its float32 outputs; cbn
+  streams only outputs of half the last-level cache and more by default;
 * ``onednn``: oneDNN on the case's own layout (``nc`` for (N, C), ``nchw``
   for NCHW, ``nhwc`` for channels-last), the memory cbn reads and writes;
 * ``onednn:blocked``: for NCHW shapes whose C is a multiple of 16, oneDNN on
   ``nChw16c``, the blocked layout its fast kernels are written for (a network
   built on oneDNN keeps its activations in it; a NumPy trainer's arrays are
-  NCHW, so it would pay a reorder, which is not counted here).
+  NCHW, so it would pay a reorder, which is not counted here);
+* ``torch``: PyTorch's kernel, when torch is installed.
 
-Forwards write y, the backward dx (and dgamma, dbeta) into preallocated,
-rotated outputs on every side (cbn's ``out=``). oneDNN's training forward
-returns the batch mean and variance, as cbn's does. Before timing, each
-oneDNN primitive's results are checked against the float64 NumPy reference.
-oneDNN has no float64 batch norm, so the cases are float32 only.
+Every array starts on a 64-byte boundary, as in frameworks built on oneDNN
+(``--numpy-alignment`` keeps NumPy's own arrays, 16-byte aligned at best).
+Forwards write y, the backward dx (and dgamma, dbeta) into preallocated
+outputs on every side (cbn's ``out=``): by default rotated with the inputs
+and read by nothing, as ``bench.py`` times; with ``--next-layer`` one output
+array that the next layer reads (a sum) inside each timed call, as in a
+network, where a streamed output must come back from memory. oneDNN's
+training forward returns the batch mean and variance, as cbn's does. Each
+oneDNN primitive is made for the thread count it is timed on (oneDNN fixes
+the count when it creates a primitive). Before timing, every primitive's
+results are checked against the float64 NumPy reference on fresh random
+data. oneDNN has no float64 batch norm, so the cases are float32 only.
+
+The timings move with where the buffers land in physical memory, so every
+measurement runs in a fresh process (``--processes``, default 3) and the
+summary gives each case's median and range over them.
 
 oneDNN is found in ``$DNNL_ROOT`` (a directory with ``include/`` and
 ``lib/``) or in the running Python's prefix (a virtual environment), where
@@ -33,7 +47,7 @@ compiler (``$CC`` or ``cc``).
 
 Usage (unset the OpenBLAS variables for the run, as for bench.py):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/onednn.py [--json FILE]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/onednn.py [--next-layer] [--json FILE]
 """
 
 import argparse
