@@ -32,14 +32,9 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
 import argparse
 import ctypes
 import json
-import os
 import platform
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import numpy as np
@@ -76,17 +71,7 @@ def compile_clones(workdir):
     """Compile SOURCE into ``workdir``; return the loaded library, or raise RuntimeError."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the clones are x86-64 code; this is {platform.machine()}")
-    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
-    if not cc or shutil.which(cc[0]) is None:
-        raise RuntimeError(f"no C compiler found ({' '.join(cc) or 'cc'})")
-    src, lib = os.path.join(workdir, "clone.c"), os.path.join(workdir, "clone.so")
-    with open(src, "w") as f:
-        f.write(SOURCE)
-    run = subprocess.run([*cc, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", src, "-o", lib],
-                         check=False, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"compiling the clones failed:\n{run.stderr.strip()}")
-    return ctypes.CDLL(lib)
+    return B.compile_c(workdir, "clone", SOURCE, ["-O3", "-mavx2", "-mfma"], "the clones")
 
 
 def _pointer(a):
@@ -205,21 +190,15 @@ def main(argv=None):
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1
-    passed = B.without_json(argv)
-    rows = []
-    for p in range(args.processes):
-        run = subprocess.run([sys.executable, os.path.abspath(__file__), *passed, "--child"],
-                             check=False, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(run.stderr.strip(), file=sys.stderr)
-            return run.returncode
-        for line in run.stdout.splitlines():
-            row = json.loads(line)
-            row["process"] = p
-            rows.append(row)
-            print(f"process {p + 1}  {row['case']:18} " + "  ".join(
-                f"{k} {v:.2f}" for k, v in row["over_torch"].items())
-                + f"  (PyTorch {row['torch_s'] * 1e6:.0f} us)", flush=True)
+
+    def show(row):
+        print(f"process {row['process'] + 1}  {row['case']:18} " + "  ".join(
+            f"{k} {v:.2f}" for k, v in row["over_torch"].items())
+            + f"  (PyTorch {row['torch_s'] * 1e6:.0f} us)", flush=True)
+
+    rows, status = B.run_children(__file__, argv, args.processes, show)
+    if rows is None:
+        return status
     print("speed over PyTorch's, median [range] over the processes:")
     for case in dict.fromkeys(r["case"] for r in rows):
         mine = [r["over_torch"] for r in rows if r["case"] == case]

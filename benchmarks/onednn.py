@@ -54,12 +54,8 @@ import argparse
 import ctypes
 import json
 import os
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import numpy as np
@@ -237,19 +233,10 @@ def _listdir(path):
 def compile_shim(workdir, root):
     """Compile SHIM against oneDNN in ``root``; return the loaded library (argument types
     declared), or raise RuntimeError."""
-    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
-    if not cc or shutil.which(cc[0]) is None:
-        raise RuntimeError(f"no C compiler found ({' '.join(cc) or 'cc'})")
-    src, out = os.path.join(workdir, "onednn_shim.c"), os.path.join(workdir, "onednn_shim.so")
-    with open(src, "w") as f:
-        f.write(SHIM)
     lib = os.path.join(root, "lib")
-    run = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-fopenmp", src, "-o", out,
-                          "-I", os.path.join(root, "include"), "-L", lib, "-ldnnl",
-                          f"-Wl,-rpath,{lib}"], check=False, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"compiling the oneDNN shim failed:\n{run.stderr.strip()}")
-    shim = ctypes.CDLL(out)
+    shim = B.compile_c(workdir, "onednn_shim", SHIM,
+                       ["-O2", "-fopenmp", "-I", os.path.join(root, "include"), "-L", lib,
+                        "-ldnnl", f"-Wl,-rpath,{lib}"], "the oneDNN shim")
     p = ctypes.c_void_p
     shim.bn_create.argtypes = [ctypes.POINTER(p), ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
                                ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
@@ -635,21 +622,16 @@ def main(argv=None):
         print(exc, file=sys.stderr)
         return 1
     print(f"oneDNN from {root}; float32; cbn's speed-up over each contender, per process")
-    passed = B.without_json(argv)
-    rows = []
-    for p in range(args.processes):
-        run = subprocess.run([sys.executable, os.path.abspath(__file__), *passed, "--child"],
-                             check=False, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(run.stderr.strip(), file=sys.stderr)
-            return run.returncode
-        for line in run.stdout.splitlines():
-            row = json.loads(line)
-            row["process"] = p
-            rows.append(row)
-            t = row["median_s"]
-            print(f"process {p + 1}  {row['case']:30} cbn {t['cbn'] * 1e3:7.3f} ms  " + "  ".join(
-                f"{k} {v / t['cbn']:.2f}x" for k, v in t.items() if k != "cbn"), flush=True)
+
+    def show(row):
+        t = row["median_s"]
+        print(f"process {row['process'] + 1}  {row['case']:30} cbn {t['cbn'] * 1e3:7.3f} ms  "
+              + "  ".join(f"{k} {v / t['cbn']:.2f}x" for k, v in t.items() if k != "cbn"),
+              flush=True)
+
+    rows, status = B.run_children(__file__, argv, args.processes, show)
+    if rows is None:
+        return status
     per_case, totals = summarize(rows)
     print(f"cbn's speed-up, median [range] over {args.processes} processes:")
     for case, stats in per_case.items():

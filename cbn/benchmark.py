@@ -58,8 +58,12 @@ import json
 import math
 import os
 import platform
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -1213,6 +1217,46 @@ def without_json(argv):
         elif not a.startswith("--json="):
             out.append(a)
     return out
+
+
+def compile_c(workdir, name, source, flags, what):
+    """Compile C ``source`` into ``workdir``/``name``.so with the system C compiler
+    (``$CC``, else Python's, else ``cc``) and ``flags`` (a list, after the source file);
+    return it loaded (:class:`ctypes.CDLL`). Raises RuntimeError, naming ``what``, if
+    there is no compiler or it fails."""
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise RuntimeError(f"no C compiler found ({' '.join(cc) or 'cc'})")
+    src, lib = os.path.join(workdir, f"{name}.c"), os.path.join(workdir, f"{name}.so")
+    with open(src, "w") as f:
+        f.write(source)
+    run = subprocess.run([*cc, "-shared", "-fPIC", src, "-o", lib, *flags],
+                         check=False, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"compiling {what} failed:\n{run.stderr.strip()}")
+    return ctypes.CDLL(lib)
+
+
+def run_children(script, argv, processes, show):
+    """Run a side measurement's ``script`` in ``processes`` fresh interpreters, one after
+    another, with ``argv`` (less ``--json``) and ``--child``; each child prints one JSON
+    object per line. Returns ``(rows, 0)``, every row tagged with the index of its
+    ``process`` and passed to ``show(row)`` as it comes, or ``(None, status)`` when a child
+    fails, after printing its standard error."""
+    passed = without_json(argv)
+    rows = []
+    for p in range(processes):
+        run = subprocess.run([sys.executable, os.path.abspath(script), *passed, "--child"],
+                             check=False, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(run.stderr.strip(), file=sys.stderr)
+            return None, run.returncode
+        for line in run.stdout.splitlines():
+            row = json.loads(line)
+            row["process"] = p
+            rows.append(row)
+            show(row)
+    return rows, 0
 
 
 def side_torch(args, positive=("threads",)):
