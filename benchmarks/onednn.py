@@ -390,8 +390,10 @@ def _onednn_fn(shim, spec, tag, op, buf, f32, align=ALIGN, threads=1):
     if tag == BLOCKED:
         xs = [aligned_copy(to_blocked(x), align) for x in buf.xs]
         dys = [aligned_copy(to_blocked(d), align) for d in buf.dys]
-        outs = [aligned_copy(x, align) for x in (xs[:1] if _single(buf.outs) else xs)]
-        outs = outs * len(xs) if len(outs) == 1 else outs
+        if _single(buf.outs):
+            outs = [aligned_copy(xs[0], align)] * len(xs)
+        else:
+            outs = [aligned_copy(x, align) for x in xs]
     else:
         xs, dys, outs = buf.xs, buf.dys, buf.outs
     # pointers made once: the timing should not include their wrapping
@@ -400,13 +402,16 @@ def _onednn_fn(shim, spec, tag, op, buf, f32, align=ALIGN, threads=1):
     sh = prim.shim
     if op == "backward":
         def fn(i):
-            sh.bn_backward(prim.handle, px[i], pd[i], m, v, g, po[i], dg, db)
+            if sh.bn_backward(prim.handle, px[i], pd[i], m, v, g, po[i], dg, db):
+                raise RuntimeError("oneDNN backward failed while timed")
     elif op == "fwd-eval":
         def fn(i):
-            sh.bn_forward(prim.handle, px[i], po[i], g, b, m, v)
+            if sh.bn_forward(prim.handle, px[i], po[i], g, b, m, v):
+                raise RuntimeError("oneDNN forward failed while timed")
     else:
         def fn(i):
-            sh.bn_forward(prim.handle, px[i], po[i], g, b, sm, sv)
+            if sh.bn_forward(prim.handle, px[i], po[i], g, b, sm, sv):
+                raise RuntimeError("oneDNN forward failed while timed")
     fn.keep = (xs, dys, f32)
     fn.outs = outs
     return fn, prim.close
