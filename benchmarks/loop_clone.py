@@ -178,11 +178,7 @@ def main(argv=None):
     torch, status = B.side_torch(args, ("processes",))
     if torch is None:
         return status
-    try:
-        for spec in args.shapes:
-            _rows_only(spec)
-    except ValueError as exc:
-        print(f"--shapes: {exc}", file=sys.stderr)
+    if B.refuse_shapes(args.shapes, _rows_only):
         return 2
     try:
         with tempfile.TemporaryDirectory() as d:

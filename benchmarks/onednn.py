@@ -422,13 +422,12 @@ def _single(outs):
     return all(o is outs[0] for o in outs)
 
 
-def aligned_empty(shape, dtype, align=ALIGN, offset=0):
-    """An uninitialized C-contiguous array whose data starts ``offset`` bytes past an
-    ``align``-byte boundary."""
+def aligned_empty(shape, dtype, align=ALIGN):
+    """An uninitialized C-contiguous array whose data starts on an ``align``-byte boundary."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align + offset, np.uint8)
-    start = (-raw.ctypes.data) % align + offset
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
@@ -608,11 +607,7 @@ def main(argv=None):
     save = B.side_measurement(__doc__, "write every process's medians and the summary as JSON",
                               argv, _options)
     args = save.args
-    try:
-        for spec in args.shapes:
-            _supported(spec)
-    except ValueError as exc:
-        print(f"--shapes: {exc}", file=sys.stderr)
+    if B.refuse_shapes(args.shapes, _supported):
         return 2
     if args.processes < 1 or args.target_time <= 0:
         print("--processes must be at least 1 and --target-time positive", file=sys.stderr)

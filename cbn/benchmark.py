@@ -1219,6 +1219,18 @@ def without_json(argv):
     return out
 
 
+def refuse_shapes(shapes, check):
+    """Whether a side measurement must refuse its ``--shapes``: ``check(spec)`` raises
+    ValueError for one it cannot take, and the first such message is printed."""
+    try:
+        for spec in shapes:
+            check(spec)
+    except ValueError as exc:
+        print(f"--shapes: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
 def compile_c(workdir, name, source, flags, what):
     """Compile C ``source`` into ``workdir``/``name``.so with the system C compiler
     (``$CC``, else Python's, else ``cc``) and ``flags`` (a list, after the source file);

@@ -209,3 +209,41 @@ def test_side_torch_checks_options_then_imports_torch(monkeypatch, capsys):
     sentinel = object()
     monkeypatch.setattr(B, "_import_torch", lambda: sentinel)
     assert B.side_torch(SimpleNamespace(threads=1)) == (sentinel, None)
+
+
+def test_side_script_helpers(tmp_path, capsys):
+    """refuse_shapes, compile_c and run_children, which loop_clone.py and onednn.py share
+    (their own tests need torch or oneDNN; these do not)."""
+    def rows_only(spec):
+        if len(spec.shape) != 2:
+            raise ValueError(f"rows only, got {spec.name}")
+    assert not B.refuse_shapes([B.parse_shape("4x5")], rows_only)
+    assert B.refuse_shapes([B.parse_shape("4x5"), B.parse_shape("2x3x4")], rows_only)
+    assert "--shapes: rows only, got 2x3x4" in capsys.readouterr().err
+
+    try:
+        lib = B.compile_c(str(tmp_path), "twice", "int twice(int v) { return 2 * v; }",
+                          ["-O2"], "the test library")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    rng = np.random.default_rng()
+    v = int(rng.integers(-1000, 1000))
+    assert lib.twice(v) == 2 * v
+    with pytest.raises(RuntimeError, match="compiling the broken one failed"):
+        B.compile_c(str(tmp_path), "broken", "int f( {", [], "the broken one")
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, sys\n"
+        "assert sys.argv[-1] == '--child' and '--json' not in sys.argv, sys.argv\n"
+        "n = int(sys.argv[sys.argv.index('--n') + 1])\n"
+        "for k in range(n):\n"
+        "    print(json.dumps({'k': k}))\n")
+    seen = []
+    rows, status = B.run_children(str(child), ["--n", "2", "--json", "f.json"], 3, seen.append)
+    assert status == 0 and rows == seen
+    assert [(r["process"], r["k"]) for r in rows] == [(p, k) for p in range(3) for k in range(2)]
+    child.write_text("import sys\nsys.stderr.write('child broke')\nsys.exit(5)\n")
+    rows, status = B.run_children(str(child), [], 2, seen.append)
+    assert rows is None and status == 5
+    assert "child broke" in capsys.readouterr().err

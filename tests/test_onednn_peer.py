@@ -52,6 +52,26 @@ def test_blocked_layout_is_nChw16c(script):
     np.testing.assert_array_equal(script.from_blocked(xb), x)
 
 
+def test_buffers_are_aligned_and_keep_their_data(script):
+    """Every rotated x, dy and output starts on a 64-byte boundary with the data
+    bench.py's buffers hold (NumPy's own start 16 bytes apart); None keeps NumPy's."""
+    spec = B.parse_shape("37x100")
+    buf = script.aligned_buffers(spec, 5, None, script.ALIGN)
+    plain = B._Buffers(spec, np.float32, 5, None)
+    for arrays, expected in ((buf.xs, plain.xs), (buf.dys, plain.dys)):
+        for a, e in zip(arrays, expected):
+            assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+            np.testing.assert_array_equal(a, e)
+    assert all(o.ctypes.data % 64 == 0 for o in buf.outs)
+    rng = np.random.default_rng()
+    a = rng.standard_normal((int(rng.integers(1, 9)), 3)).astype(np.float32)
+    assert script.aligned_copy(a, None) is a
+    for align in (64, 4096):
+        c = script.aligned_copy(a, align)
+        assert c.ctypes.data % align == 0
+        np.testing.assert_array_equal(c, a)
+
+
 def test_missing_onednn_is_named(script, tmp_path, monkeypatch):
     monkeypatch.setenv("DNNL_ROOT", str(tmp_path))
     with pytest.raises(RuntimeError, match="onednn-cpu-gomp"):
@@ -141,14 +161,15 @@ def test_refused_primitive_raises(script, shim):
         script.Primitive(shim, (4, 5, 6), script.PLAIN, "fwd-eval")
 
 
+@pytest.mark.parametrize("align", [64, None])
 @pytest.mark.parametrize("next_layer", [False, True])
-def test_measure_times_every_contender(script, shim, next_layer):
+def test_measure_times_every_contender(script, shim, next_layer, align):
     torch = B._import_torch()
     spec = B.parse_shape("4x32x6x6")
     config = B.BenchConfig(shapes=[spec], dtypes=["float32"], threads=[1], target_time=0.005,
                            min_repeats=2, rounds=2, cache_bytes=1 << 16)
     for op in ("fwd-train", "fwd-eval", "backward"):
-        t = script.measure(shim, torch, spec, op, 1, config, next_layer)
+        t = script.measure(shim, torch, spec, op, 1, config, next_layer, align)
         expected = {"cbn", "cbn:stream", "onednn", "onednn:blocked"} | (
             {"torch"} if torch is not None else set())
         assert set(t) == expected
