@@ -131,12 +131,25 @@ cdef extern from *:
     static inline void cbn_store_fence(void) {}
     #endif
 
-    /* 1 if any of the 64 bytes at p is non-zero: a vector of checks v - v,  */
+    /* 1 if any of the 32 bytes at p is non-zero: a vector of checks v - v,  */
     /* all +0.0 unless some v was NaN or infinite.                           */
-    static inline int cbn_any_bits(const void* p) {
-        uint64_t u[8];
-        memcpy(u, p, 64);
-        return ((u[0] | u[1]) | (u[2] | u[3]) | (u[4] | u[5]) | (u[6] | u[7])) != 0;
+    static inline int cbn_any_bits32(const void* p) {
+        uint64_t u[4];
+        memcpy(u, p, 32);
+        return ((u[0] | u[1]) | (u[2] | u[3])) != 0;
+    }
+    /* lo += z[0:32 bytes] - itself, hi += z[32:64] - itself: the checks of a  */
+    /* line written by an `omp simd` loop, read back in halves. Read back whole */
+    /* (one 64-byte load of what two 32-byte stores wrote, where the compiler  */
+    /* prefers 256-bit vectors but has AVX-512), the load waits for the stores */
+    /* to reach the cache: a Xeon spent 60% of backward's dx pass on it.       */
+    #define CBN_CHECK_HALVES(half_t, z, lo, hi)                                       \\
+    {                                                                                 \\
+        half_t z0_, z1_;                                                              \\
+        memcpy(&z0_, (z), 32);                                                        \\
+        memcpy(&z1_, (const char*)(z) + 32, 32);                                      \\
+        lo += z0_ - z0_;                                                              \\
+        hi += z1_ - z1_;                                                              \\
     }
     /* The one elementwise loop: v = EXPR (a function of i) for i in [0, n),  \\
        chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). Whole     \\
@@ -154,7 +167,8 @@ cdef extern from *:
         const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
         /* line_t only holds values; the arithmetic is T's. */                        \\
         typedef T line_t __attribute__((vector_size(64)));                            \\
-        line_t lane_chk = {0}, zs;                                                    \\
+        typedef T half_t __attribute__((vector_size(32)));                            \\
+        half_t chk_lo = {0}, chk_hi = {0};                                            \\
         if (CBN_HAS_STREAM && (nt) && ((uintptr_t)(dst) % sizeof(T)) == 0) {          \\
             Py_ssize_t head = (Py_ssize_t)(((64 - ((uintptr_t)(dst) & 63)) & 63) / sizeof(T)); \\
             if (head > (n)) head = (n);                                               \\
@@ -170,9 +184,8 @@ cdef extern from *:
                     Py_ssize_t i = i0 + k;                                            \\
                     T v = EXPR; z[k] = v; line[k] = STORE(v);                         \\
                 }                                                                     \\
-                memcpy(&zs, z, 64);                                                   \\
                 memcpy(&vs, line, 64);                                                \\
-                lane_chk += zs - zs;                                                  \\
+                CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                           \\
                 cbn_stream_line((dst) + i0, &vs);                                     \\
             }                                                                         \\
         } else {                                                                      \\
@@ -183,14 +196,14 @@ cdef extern from *:
                     Py_ssize_t i = i0 + k;                                            \\
                     T v = EXPR; z[k] = v; (dst)[i] = STORE(v);                        \\
                 }                                                                     \\
-                memcpy(&zs, z, 64);                                                   \\
-                lane_chk += zs - zs;                                                  \\
+                CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                           \\
             }                                                                         \\
         }                                                                             \\
         for (Py_ssize_t i = i0; i < (n); i++) {                                       \\
             T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                            \\
         }                                                                             \\
-        if (cbn_any_bits(&lane_chk))                                                  \\
+        chk_lo += chk_hi;                                                             \\
+        if (cbn_any_bits32(&chk_lo))                                                  \\
             chk += 1;                                                                 \\
     }
     /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
@@ -201,8 +214,8 @@ cdef extern from *:
     {                                                                                 \\
         Py_ssize_t i0 = 0;                                                            \\
         const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
-        typedef T line_t __attribute__((vector_size(64)));                            \\
-        line_t lane_chk = {0}, zs;                                                    \\
+        typedef T half_t __attribute__((vector_size(32)));                            \\
+        half_t chk_lo = {0}, chk_hi = {0};                                            \\
         for (; i0 + w <= (n); i0 += w) {                                              \\
             T z[64 / sizeof(T)];                                                      \\
             _Pragma("omp simd")                                                       \\
@@ -222,8 +235,7 @@ cdef extern from *:
                 }                                                                     \\
                 z[k] = zk;                                                            \\
             }                                                                         \\
-            memcpy(&zs, z, 64);                                                       \\
-            lane_chk += zs;                                                           \\
+            CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                               \\
         }                                                                             \\
         for (Py_ssize_t rk = 0; rk < (K); rk++) {                                     \\
             const Py_ssize_t o = rk * (qs);                                           \\
@@ -231,7 +243,8 @@ cdef extern from *:
                 T v = EXPR; chk += v - v; (dst)[o + i] = STORE(v);                    \\
             }                                                                         \\
         }                                                                             \\
-        if (cbn_any_bits(&lane_chk))                                                  \\
+        chk_lo += chk_hi;                                                             \\
+        if (cbn_any_bits32(&chk_lo))                                                  \\
             chk += 1;                                                                 \\
     }
 
@@ -301,19 +314,6 @@ cdef extern from *:
     }
 
     #define CBN_LEAVES(S, T)                                                         \\
-    /* s1 += sum(x - shift), s2 += sum((x - shift)^2) over a run. */                 \\
-    static inline void cbn_run_sums_##S(const T* x, Py_ssize_t n, double shift,      \\
-                                        double* s1_out, double* s2_out) {            \\
-        double s1 = 0.0, s2 = 0.0;                                                   \\
-        _Pragma("omp simd reduction(+:s1,s2)")                                       \\
-        for (Py_ssize_t i = 0; i < n; i++) {                                         \\
-            double d = (double)x[i] - shift;                                         \\
-            s1 += d;                                                                 \\
-            s2 += d * d;                                                             \\
-        }                                                                            \\
-        *s1_out += s1;                                                               \\
-        *s2_out += s2;                                                               \\
-    }                                                                                \\
     /* Shifted sums of four short rows p, p + q, p + 2q, p + 3q of n values    \\
        (n * sizeof(T) <= QUAD_ROW_BYTES) into s1[j], s2[j]. Four rows per update \\
        of the memory-resident sums cut their load/store traffic fourfold. Four  \\
@@ -342,30 +342,6 @@ cdef extern from *:
         _Pragma("omp simd")                                                          \\
         for (Py_ssize_t j = j0; j < n; j++)                                          \\
             CBN_STATS_QUAD(j)                                                        \\
-    }                                                                                \\
-    /* s1 += sum(g), s2 += sum(g * (x - mu)) over a run, g = dy masked by ReLU. */   \\
-    static inline void cbn_run_grad_sums_##S(const T* dy, const T* x, Py_ssize_t n,  \\
-                                             double mu, T m, T a, T b, int relu,     \\
-                                             double* s1_out, double* s2_out) {       \\
-        double s1 = 0.0, s2 = 0.0;                                                   \\
-        if (relu) {                                                                  \\
-            _Pragma("omp simd reduction(+:s1,s2)")                                   \\
-            for (Py_ssize_t i = 0; i < n; i++) {                                     \\
-                double gi = (double)dy[i]; /* loaded always: lets gcc if-convert */ \\
-                double g = CBN_Z(x[i], m, a, b) > 0 ? gi : 0.0;                      \\
-                s1 += g;                                                             \\
-                s2 += g * ((double)x[i] - mu);                                       \\
-            }                                                                        \\
-        } else {                                                                     \\
-            _Pragma("omp simd reduction(+:s1,s2)")                                   \\
-            for (Py_ssize_t i = 0; i < n; i++) {                                     \\
-                double g = (double)dy[i];                                            \\
-                s1 += g;                                                             \\
-                s2 += g * ((double)x[i] - mu);                                       \\
-            }                                                                        \\
-        }                                                                            \\
-        *s1_out += s1;                                                               \\
-        *s2_out += s2;                                                               \\
     }                                                                                \\
     /* Row form (inner == 1): backward sums over rows [0, rows) of n channels,   \\
        `stride` apart, into per-channel accumulators s1[j], s2[j], four rows     \\
@@ -577,16 +553,17 @@ cdef extern from *:
         }                                                                            \\
         return 1;                                                                    \\
     }                                                                                \\
-    /* coef rows s = invstd, kx, k0 (rows m, a, b already set); training has     */ \\
+    /* coef rows s = invstd, kx, k0 of C channels, rows R apart (rows m, a, b   */ \\
+    /* already set); training has                                                */ \\
     /* kx = -invstd*sum_gd/count, k0 = -sum_g/count + kx*(m - mean)*invstd       */ \\
     /* (x_hat is formed from m, the mean rounded to T); evaluation has 0, 0.     */ \\
     /* Row 6: the slopes kx*invstd, in double then T, for the fused row form    */ \\
     /* of cbn_grad_row. Returns bit 1 if some coefficient is non-finite, bit 2  */ \\
     /* if some slope is neither 0 nor a normal T: it would lose precision       */ \\
     /* (inputs of std ~1e19 in float32) or overflow, so rows keep s and kx.     */ \\
-    static int cbn_backward_coefs_##S(Py_ssize_t C, double count, const double* mean,\\
-            const double* invstd, const double* sum_g, const double* sum_gd,         \\
-            int training, T* coef) {                                                 \\
+    static int cbn_backward_coefs_##S(Py_ssize_t C, Py_ssize_t R, double count,     \\
+            const double* mean, const double* invstd, const double* sum_g,           \\
+            const double* sum_gd, int training, T* coef) {                           \\
         double chk = 0.0;                                                            \\
         int unsafe = 0;                                                              \\
         _Pragma("omp simd reduction(+:chk) reduction(|:unsafe)")                     \\
@@ -598,8 +575,8 @@ cdef extern from *:
             }                                                                        \\
             double q = kx * invstd[c], aq = q < 0 ? -q : q;                          \\
             T s = (T)invstd[c], tkx = (T)kx, tk0 = (T)k0;                            \\
-            coef[3 * C + c] = s; coef[4 * C + c] = tkx; coef[5 * C + c] = tk0;       \\
-            coef[6 * C + c] = (T)q;                                                  \\
+            coef[3 * R + c] = s; coef[4 * R + c] = tkx; coef[5 * R + c] = tk0;       \\
+            coef[6 * R + c] = (T)q;                                                  \\
             unsafe |= !(aq == 0.0 || (aq >= TMIN && aq <= TMAX));                    \\
             chk += (sum_g[c] - sum_g[c]) + (sum_gd[c] - sum_gd[c])                   \\
                    + (double)((s - s) + (tkx - tkx) + (tk0 - tk0));                  \\
@@ -733,6 +710,88 @@ cdef extern from *:
     }
     CBN_NARROW_ALL(f, float)
     CBN_NARROW_ALL(d, double)
+
+    /* Sum of an eight-lane accumulator, in a fixed order. */
+    static inline double cbn_lanes(cbn_d8 v) {
+        return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+    }
+    /* Run reductions (inner > 1) keep two eight-lane accumulators per sum,  */
+    /* two or four independent chains of vector adds: one chain (an `omp simd` */
+    /* reduction) waits out the add latency on every vector, four doubles per  */
+    /* four cycles, below memory speed on float32. Each 16-value step also     */
+    /* prefetches its streams `ahead` bytes on into L2: runs are short (3 KiB  */
+    /* for 28x28 float32) and the hardware prefetcher, which stops at page     */
+    /* ends, ramps up again on every one. Against one chain without prefetch,  */
+    /* one process, cold NCHW batches of 2-50 MB on a Xeon: see RESULTS.md.   */
+    #define CBN_RUN_PREFETCH(p, ahead)                                                \\
+        { for (size_t o_ = 0; o_ < 16 * sizeof(*(p)); o_ += 64)                       \\
+              __builtin_prefetch((const char*)(p) + o_ + (ahead), 0, 2); }
+    /* One stream (statistics) 4 KiB ahead, two (backward sums) 2 KiB each:    */
+    /* against 512 B-1 KiB, 1.05-1.15x; 4 KiB for two streams, 0.96-1.03x.     */
+    #define RUN_STATS_AHEAD 4096
+    #define RUN_GRAD_AHEAD 2048
+    #define CBN_RUN_SUMS(S, T)                                                        \\
+    /* s1 += sum(x - shift), s2 += sum((x - shift)^2) over a run. */                 \\
+    static inline void cbn_run_sums_##S(const T* x, Py_ssize_t n, double shift,      \\
+                                        double* s1_out, double* s2_out) {            \\
+        cbn_d8 a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0};                               \\
+        Py_ssize_t i = 0;                                                            \\
+        for (; i + 16 <= n; i += 16) {                                               \\
+            CBN_RUN_PREFETCH(x + i, RUN_STATS_AHEAD)                                 \\
+            cbn_d8 d0 = cbn_wide_##S(x + i) - shift, d1 = cbn_wide_##S(x + i + 8) - shift; \\
+            a1 += d0; b1 += d1;                                                      \\
+            a2 += d0 * d0; b2 += d1 * d1;                                            \\
+        }                                                                            \\
+        double s1 = cbn_lanes(a1 + b1), s2 = cbn_lanes(a2 + b2);                     \\
+        for (; i < n; i++) {                                                         \\
+            double d = (double)x[i] - shift;                                         \\
+            s1 += d;                                                                 \\
+            s2 += d * d;                                                             \\
+        }                                                                            \\
+        *s1_out += s1;                                                               \\
+        *s2_out += s2;                                                               \\
+    }                                                                                \\
+    /* s1 += sum(g), s2 += sum(g * (x - mu)) over a run, g = dy masked by ReLU. */   \\
+    static inline void cbn_run_grad_sums_##S(const T* dy, const T* x, Py_ssize_t n,  \\
+                                             double mu, T m, T a, T b, int relu,     \\
+                                             double* s1_out, double* s2_out) {       \\
+        cbn_d8 a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0};                               \\
+        Py_ssize_t i = 0;                                                            \\
+        if (relu)                                                                    \\
+            for (; i + 16 <= n; i += 16) {                                           \\
+                CBN_RUN_PREFETCH(x + i, RUN_GRAD_AHEAD)                              \\
+                CBN_RUN_PREFETCH(dy + i, RUN_GRAD_AHEAD)                             \\
+                cbn_d8 g0 = cbn_masked_##S(dy + i, x + i, m - (cbn_v_##S){0},         \\
+                                           a - (cbn_v_##S){0}, b - (cbn_v_##S){0});  \\
+                cbn_d8 g1 = cbn_masked_##S(dy + i + 8, x + i + 8, m - (cbn_v_##S){0}, \\
+                                           a - (cbn_v_##S){0}, b - (cbn_v_##S){0});  \\
+                a1 += g0; b1 += g1;                                                  \\
+                a2 += g0 * (cbn_wide_##S(x + i) - mu);                               \\
+                b2 += g1 * (cbn_wide_##S(x + i + 8) - mu);                           \\
+            }                                                                        \\
+        else                                                                         \\
+            for (; i + 16 <= n; i += 16) {                                           \\
+                CBN_RUN_PREFETCH(x + i, RUN_GRAD_AHEAD)                              \\
+                CBN_RUN_PREFETCH(dy + i, RUN_GRAD_AHEAD)                             \\
+                cbn_d8 g0 = cbn_wide_##S(dy + i), g1 = cbn_wide_##S(dy + i + 8);     \\
+                a1 += g0; b1 += g1;                                                  \\
+                a2 += g0 * (cbn_wide_##S(x + i) - mu);                               \\
+                b2 += g1 * (cbn_wide_##S(x + i + 8) - mu);                           \\
+            }                                                                        \\
+        double s1 = cbn_lanes(a1 + b1), s2 = cbn_lanes(a2 + b2);                     \\
+        for (; i < n; i++) {                                                         \\
+            double gi = (double)dy[i];                                               \\
+            double g = !relu || CBN_Z(x[i], m, a, b) > 0 ? gi : 0.0;                 \\
+            s1 += g;                                                                 \\
+            s2 += g * ((double)x[i] - mu);                                           \\
+        }                                                                            \\
+        *s1_out += s1;                                                               \\
+        *s2_out += s2;                                                               \\
+    }
+    typedef cbn_f8 cbn_v_f;
+    typedef cbn_d8 cbn_v_d;
+    CBN_RUN_SUMS(f, float)
+    CBN_RUN_SUMS(d, double)
     """
     int cbn_narrow_sums_f(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* shift,
                           double* s1, double* s2) noexcept nogil
@@ -752,10 +811,10 @@ cdef extern from *:
     int cbn_forward_coefs_d(Py_ssize_t C, Py_ssize_t stride, const double* mean,
                             const double* invstd, const double* gamma, const double* beta,
                             double* coef) noexcept nogil
-    int cbn_backward_coefs_f(Py_ssize_t C, double count, const double* mean,
+    int cbn_backward_coefs_f(Py_ssize_t C, Py_ssize_t R, double count, const double* mean,
                              const double* invstd, const double* sum_g, const double* sum_gd,
                              int training, float* coef) noexcept nogil
-    int cbn_backward_coefs_d(Py_ssize_t C, double count, const double* mean,
+    int cbn_backward_coefs_d(Py_ssize_t C, Py_ssize_t R, double count, const double* mean,
                              const double* invstd, const double* sum_g, const double* sum_gd,
                              int training, double* coef) noexcept nogil
     void cbn_run_sums_f(const float* x, Py_ssize_t n, double shift,
@@ -2090,19 +2149,20 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     return STATUS_NONFINITE_OUTPUT if bad else STATUS_OK
 
 
-cdef int _backward_coefficients(const Geometry* g, const double* mean,
-                                const double* invstd, const double* sum_g,
-                                const double* sum_gd, bint training,
+cdef int _backward_coefficients(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1,
+                                const double* mean, const double* invstd,
+                                const double* sum_g, const double* sum_gd, bint training,
                                 floating* coef) noexcept nogil:
-    """Fill rows s, kx, k0 and the slopes (row 6) of coef, which has seven rows
-    (rows m, a, b already set); bit 1 if non-finite, bit 2 if the slopes are unusable."""
+    """Fill channels [c0, c1) of rows s, kx, k0 and the slopes (row 6) of coef,
+    which has seven rows of C values (rows m, a, b already set); bit 1 if
+    non-finite, bit 2 if the slopes are unusable."""
     cdef double count = <double>(g.outer * g.inner)
     if floating is float:
-        return cbn_backward_coefs_f(g.channels, count, mean, invstd, sum_g, sum_gd, training,
-                                    coef)
+        return cbn_backward_coefs_f(c1 - c0, g.channels, count, mean + c0, invstd + c0,
+                                    sum_g + c0, sum_gd + c0, training, coef + c0)
     else:
-        return cbn_backward_coefs_d(g.channels, count, mean, invstd, sum_g, sum_gd, training,
-                                    coef)
+        return cbn_backward_coefs_d(c1 - c0, g.channels, count, mean + c0, invstd + c0,
+                                    sum_g + c0, sum_gd + c0, training, coef + c0)
 
 
 # ---------------------------------------------------------------------------
@@ -2247,44 +2307,80 @@ cdef int _all_finite(Py_ssize_t C, const double* v) noexcept nogil:
     return 1
 
 
-cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes) noexcept nogil:
-    """Channels per group of a training forward taken group by group (0: not so).
+# Bytes of x and dy that one channel group of a backward reads twice (see
+# _group_channels); 0: no backward groups. cbn.functional sets it at import.
+cdef size_t _group_budget = 0
 
-    A training forward reads x twice: statistics, then normalization. Taken a
-    group of channels at a time, about GROUP_BYTES of x (every image's runs of
-    those channels), the second read finds the group in cache instead of
-    memory. Against the whole statistics pass first, both ways in one process
-    on cold float64 data, one and two threads: 32x64x56x56 1.07-1.16x,
-    16x32x112x112 1.05-1.20x. Each image's part of a group is a stretch of
-    consecutive runs; under GROUP_MIN_STRETCH bytes (64x16x32x32: 32 KiB) the
-    hardware prefetcher restarts too often and it lost (0.68-0.89x), as did
-    float32 (0.78-1.03x: its statistics are bound by the conversion to
-    float64, not by memory). Only for batches too large to stay cached (whose
-    output streams): on 12 MiB batches already in cache, as a network's layer
-    before leaves them, the groups ran 0.94-0.95x. Results are the same bits:
-    each channel's block statistics and their merge are those of _batch_stats.
+
+def set_group_bytes(Py_ssize_t nbytes):
+    """Set the backward's channel-group budget: bytes of x and dy per group (0: off).
+
+    cbn.functional calls it at import with an eighth of the per-core (L2)
+    cache, or the environment variable CBN_GROUP_BYTES. Results do not
+    depend on it (the same bits either way); only speed does.
     """
-    cdef Py_ssize_t per_channel = g.outer * g.inner * <Py_ssize_t>item_bytes, cg
-    if item_bytes != sizeof(double) or g.inner == 1 or g.channels < 2 \
-            or _spreads(g, item_bytes, SPREAD_SUMS_BYTES):
+    global _group_budget
+    if nbytes < 0:
+        raise ValueError(f"group bytes must be >= 0, got {nbytes}")
+    _group_budget = <size_t>nbytes
+
+
+def group_bytes():
+    """The backward's channel-group budget in bytes (0: off; see ``set_group_bytes``)."""
+    return _group_budget
+
+
+cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int arrays,
+                                       bint stream) noexcept nogil:
+    """Channels per group of a pass taken group by group (0: not so).
+
+    A training forward reads x twice (statistics, then normalization), a
+    backward x and dy twice (sums, then dx). Taken a group of channels at a
+    time (every image's runs of those channels), the second read finds the
+    group in cache instead of memory. Results are the same bits: each
+    channel's block sums and their merge are those of the two whole passes.
+
+    Backward (arrays == 2) takes groups of _group_budget bytes of x and dy
+    (an eighth of the per-core cache) on batches larger than twice that: on
+    a Xeon (2 MiB L2, 256 KiB groups), cold data, one process, 8x256x28x28
+    1.11-1.30x, one and two threads; shapes whose single channel exceeds
+    the budget take whole passes. Budgets of 512 KiB-1 MiB lost on some
+    shapes (0.84x). The training forward (arrays == 1) takes groups only for
+    float64 outputs that stream (batches too large for the last-level
+    cache), of GROUP_BYTES: against the statistics pass first, on an AMD
+    EPYC, 32x64x56x56 1.07-1.16x, 16x32x112x112 1.05-1.20x; where each
+    image's part of a group is under GROUP_MIN_STRETCH bytes (64x16x32x32:
+    32 KiB) the prefetcher restarted too often (0.68-0.89x), as it did on
+    float32 (0.78-1.03x) and on 12 MiB batches already in cache (0.94x);
+    with budgets of 256 KiB-1 MiB on the Xeon, 0.81-1.19x.
+    """
+    cdef size_t per_channel = <size_t>(g.outer * g.inner) * item_bytes * <size_t>arrays
+    cdef Py_ssize_t cg
+    if g.inner == 1 or g.channels < 2 or _spreads(g, item_bytes, SPREAD_SUMS_BYTES):
         return 0
-    cg = GROUP_BYTES // per_channel
-    # _stats_runs holds a group's sums on the stack, CHANNELS_PER_BLOCK of them:
+    if _group_budget and arrays == 2 and per_channel * <size_t>g.channels > 2 * _group_budget:
+        cg = <Py_ssize_t>(_group_budget // per_channel)
+    elif arrays == 1 and item_bytes == sizeof(double) and stream:
+        cg = GROUP_BYTES // <Py_ssize_t>per_channel
+        if cg * g.inner * <Py_ssize_t>item_bytes < GROUP_MIN_STRETCH:
+            return 0
+    else:
+        return 0
+    # The passes hold a group's sums on the stack, CHANNELS_PER_BLOCK of them:
     # (2, 32768, 7, 7) asked for groups of 2674 channels and wrote past them.
     if cg > CHANNELS_PER_BLOCK:
         cg = CHANNELS_PER_BLOCK
-    if cg < 1 or cg >= g.channels \
-            or cg * g.inner * <Py_ssize_t>item_bytes < GROUP_MIN_STRETCH:
+    if cg < 1 or cg >= g.channels:
         return 0
     return cg
 
 
 def group_channels(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-                   Py_ssize_t item_bytes):
-    """Channels per group that ``forward_train`` takes on this geometry when it
-    streams y, not in place (0: the statistics pass first); for the tests."""
+                   Py_ssize_t item_bytes, int arrays=1, bint stream=True):
+    """Channels per group that a training forward (``arrays=1``) or a backward
+    (``arrays=2``) takes on this geometry (0: whole passes); for the tests."""
     cdef Geometry g = _geometry(outer, channels, inner)
-    return _group_channels(&g, <size_t>item_bytes)
+    return _group_channels(&g, <size_t>item_bytes, arrays, stream)
 
 
 cdef int _train_group(const floating* x, floating* y, const Geometry* g, Py_ssize_t c0,
@@ -2362,8 +2458,8 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     # take two passes, which read everything before writing.
     cdef size_t y_bytes = g.outer * C * g.inner * sizeof(floating)
     cdef size_t c_bytes = C * sizeof(floating)
-    cdef Py_ssize_t cg = _group_channels(g, sizeof(floating)) \
-        if training and stream and not _overlap(y, y_bytes, x, y_bytes) \
+    cdef Py_ssize_t cg = _group_channels(g, sizeof(floating), 1, stream) \
+        if training and not _overlap(y, y_bytes, x, y_bytes) \
         and not _overlap(y, y_bytes, gamma, c_bytes) \
         and not _overlap(y, y_bytes, beta, c_bytes) else 0
     cdef double* invstd = <double*>malloc(C * sizeof(double))
@@ -2391,13 +2487,71 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
     return status
 
 
+cdef int _backward_group(const floating* dy, const floating* x, floating* dx,
+                         const Geometry* g, Py_ssize_t c0, Py_ssize_t c1, const double* mean,
+                         const double* invstd, floating* coef, double* part, double* sum_g,
+                         double* sum_gd, bint training, bint relu, bint use_x,
+                         bint nt) noexcept nogil:
+    """_backward for channels [c0, c1) alone: their sums (as _backward_reduce
+    computes them), their coefficients, then their dx, image by image. Writes
+    only those channels' entries of part, sum_g, sum_gd and coef. A status."""
+    cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C, ob, n0, n1, n, c, blk
+    cdef double s1, s2
+    cdef int bad = 0
+    for ob in range(g.n_outer_blocks):
+        n0 = ob * g.outer_per_block
+        n1 = _min(n0 + g.outer_per_block, g.outer)
+        _reduce_runs(dy, x, g, n0, n1, c0, c1, mean, coef, relu, part + ob * C,
+                     part + size + ob * C)
+    for c in range(c0, c1):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(g.n_outer_blocks):
+            s1 += part[blk * C + c]
+            s2 += part[size + blk * C + c]
+        sum_g[c] = s1
+        sum_gd[c] = s2
+    if _backward_coefficients(g, c0, c1, mean, invstd, sum_g, sum_gd, training, coef) & 1:
+        return STATUS_NONFINITE_OUTPUT
+    for n in range(g.outer):
+        bad |= _apply_runs(dy, x, dx, g, coef, n * C + c0, n * C + c1, relu, use_x, nt)
+    return STATUS_NONFINITE_OUTPUT if bad else STATUS_OK
+
+
+cdef int _backward_grouped(const floating* dy, const floating* x, floating* dx,
+                           const Geometry* g, Py_ssize_t cg, const double* mean,
+                           const double* invstd, floating* coef, double* sum_g,
+                           double* sum_gd, bint training, bint relu, bint use_x,
+                           int n_threads, bint nt) noexcept nogil:
+    """The backward group by group of cg channels (see _group_channels), the
+    groups shared among the threads. Returns a status."""
+    cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k
+    cdef int status = STATUS_OK, team = _team(n_threads, n_groups)
+    cdef double* part = <double*>malloc(2 * g.n_outer_blocks * C * sizeof(double))
+    cdef int* group_status = <int*>malloc(n_groups * sizeof(int))
+    if part == NULL or group_status == NULL:
+        status = STATUS_NO_MEMORY
+    else:
+        for k in prange(n_groups, schedule='static', num_threads=team,
+                        use_threads_if=team > 1):
+            group_status[k] = _backward_group(dy, x, dx, g, k * cg, _min(k * cg + cg, C),
+                                              mean, invstd, coef, part, sum_g, sum_gd,
+                                              training, relu, use_x, nt)
+        for k in range(n_groups):
+            if status == STATUS_OK:
+                status = group_status[k]
+    free(part)
+    free(group_status)
+    return status
+
+
 cdef int _backward(const floating* dy, const floating* x, const Geometry* g,
                    const double* mean, const double* var, const floating* gamma,
                    const floating* beta, double eps, floating* dx, floating* dgamma_out,
                    floating* dbeta_out, bint training, bint need_param_grads, bint relu,
                    int n_threads, bint stream) noexcept nogil:
     """The body of ``backward``; returns its status code."""
-    cdef Py_ssize_t C = g.channels, c
+    cdef Py_ssize_t C = g.channels, c, cg = 0
     cdef bint reduce = training or need_param_grads, fused = False
     cdef int status = STATUS_OK, flags
     cdef double* scratch = <double*>malloc(3 * C * sizeof(double))
@@ -2405,24 +2559,39 @@ cdef int _backward(const floating* dy, const floating* x, const Geometry* g,
     cdef double* invstd = scratch
     cdef double* sum_g = scratch + C
     cdef double* sum_gd = scratch + 2 * C
+    # Groups (see _group_channels) only where the sums pass reads; not when dx
+    # overlaps what a later group reads: a later group's non-finite sums would
+    # find the earlier groups' dy or x already overwritten (two passes read
+    # everything before writing).
+    cdef size_t dx_bytes = g.outer * C * g.inner * sizeof(floating)
+    cdef size_t c_bytes = C * sizeof(floating)
+    if reduce and not (_overlap(dx, dx_bytes, dy, dx_bytes) or _overlap(dx, dx_bytes, x, dx_bytes)
+                       or _overlap(dx, dx_bytes, gamma, c_bytes)
+                       or _overlap(dx, dx_bytes, beta, c_bytes)
+                       or _overlap(dx, dx_bytes, mean, C * sizeof(double))
+                       or _overlap(dx, dx_bytes, var, C * sizeof(double))):
+        cg = _group_channels(g, sizeof(floating), 2, False)
     if scratch == NULL or coef == NULL:
         status = STATUS_NO_MEMORY
     else:
         status = _given_coefficients(g, mean, var, eps, gamma, beta, invstd, coef)
-    if status == STATUS_OK and reduce:
+    if status == STATUS_OK and cg:  # sums and dx together
+        status = _backward_grouped(dy, x, dx, g, cg, mean, invstd, coef, sum_g, sum_gd,
+                                   training, relu, training or relu, n_threads, stream)
+    elif status == STATUS_OK and reduce:
         status = _backward_reduce(dy, x, g, mean, coef, relu, sum_g, sum_gd, n_threads)
     elif status == STATUS_OK:
         for c in range(C):
             sum_g[c] = 0.0
             sum_gd[c] = 0.0
-    if status == STATUS_OK:
-        flags = _backward_coefficients(g, mean, invstd, sum_g, sum_gd, training, coef)
+    if status == STATUS_OK and not cg:
+        flags = _backward_coefficients(g, 0, C, mean, invstd, sum_g, sum_gd, training, coef)
         if flags & 1:
             status = STATUS_NONFINITE_OUTPUT
         # Rows read the slopes unless unusable; runs take scalars: nothing to save.
         fused = (g.inner == 1 or _spreads(g, sizeof(floating), SPREAD_MAP_BYTES)) \
             and not (flags & 2)
-    if status == STATUS_OK:
+    if status == STATUS_OK and not cg:
         # With fixed statistics and no ReLU, dx = a*dy does not read x.
         status = _backward_apply(dy, x, dx, g, coef, relu, training or relu, fused, stream,
                                  n_threads)

@@ -931,3 +931,126 @@ def test_grouped_training_forward_reports_a_nonfinite_output():
         y = np.empty_like(x)
         assert K.forward_train(x, y, gamma, beta, EPS, m, v, False, 2, stream) \
             == K.NONFINITE_OUTPUT
+
+
+# ---------------------------------------------------------------------------
+# Training backward by channel groups (feature maps; sums, then dx, group by group)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def group_budget():
+    """Set the backward's group budget for a test (K.set_group_bytes), then restore it."""
+    before = K.group_bytes()
+    yield K.set_group_bytes
+    K.set_group_bytes(before)
+
+
+def test_backward_groups_are_taken_only_where_they_pay(group_budget):
+    group_budget(1 << 18)
+    assert K.group_bytes() == 1 << 18
+    per_channel = 8 * 784 * 4 * 2  # x and dy of one channel, float32
+    assert K.group_channels(8, 256, 784, 4, 2) == (1 << 18) // per_channel == 5
+    assert K.group_channels(8, 256, 784, 8, 2) == 2  # float64: half as many
+    assert K.group_channels(32, 64, 3136, 4, 2) == 0  # one channel exceeds the budget
+    assert K.group_channels(4, 300, 1, 4, 2) == 0  # rows (inner == 1)
+    assert K.group_channels(4096, 64, 12, 4, 2) == 0  # short runs, taken as rows
+    assert K.group_channels(2, 4, 1024, 4, 2) == 0  # the batch fits twice the budget
+    assert K.group_channels(8, 256, 784, 4, 1, False) == 0  # the forward: not by budget
+    group_budget(0)
+    assert K.group_channels(8, 256, 784, 4, 2) == 0
+    with pytest.raises(ValueError, match="group bytes"):
+        K.set_group_bytes(-1)
+
+
+def _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, n, dx=None):
+    C = x.shape[1]
+    dx = np.full_like(x, np.nan) if dx is None else dx
+    dg = np.full(C, -7.0, x.dtype)
+    db = np.full(C, -7.0, x.dtype)
+    status = K.backward(dy, x, mean, var, gamma, beta, EPS, dx, dg, db, training, need, relu,
+                        n, False)
+    return status, dx, dg, db
+
+
+def _grouped_case(rng, dtype):
+    """A random feature-map batch for which a small budget makes 2-6 groups, the
+    last one short, with one or two reduction blocks per channel."""
+    outer = int(rng.integers(2, 7))
+    C = int(rng.integers(5, 23))
+    inner = int(rng.integers(60, 3000))  # runs of 240 B and more: not taken as rows
+    per_channel = outer * inner * np.dtype(dtype).itemsize * 2
+    cg = int(rng.integers(1, max(2, C // 2)))
+    return (outer, C, inner), cg * per_channel + int(rng.integers(per_channel))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("mode", ["training", "frozen"])
+def test_grouped_backward_equals_the_two_passes(group_budget, dtype, relu, mode):
+    """Same bits as the sums pass then the dx pass, for any thread count; and
+    within the float64 reference's tolerance (test_composites_match_reference
+    checks the two passes against it)."""
+    rng = np.random.default_rng()
+    geometry, budget = _grouped_case(rng, dtype)
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.standard_normal(geometry).astype(dtype)
+    C = geometry[1]
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    training = mode == "training"
+    group_budget(0)
+    want = _backward_run(dy, x, mean, var, gamma, beta, training, True, relu, 1)
+    assert want[0] == K.OK
+    group_budget(budget)
+    cg = K.group_channels(*geometry, np.dtype(dtype).itemsize, 2)
+    assert 1 <= cg < C, (geometry, budget)
+    for n in THREADS:
+        got = _backward_run(dy, x, mean, var, gamma, beta, training, True, relu, n)
+        assert got[0] == K.OK
+        for name, a, b in zip(("dx", "dgamma", "dbeta"), got[1:], want[1:]):
+            assert np.array_equal(a, b), f"{name}, {geometry}, groups of {cg}, {n} threads"
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_grouped_backward_reports_nonfinite_sums_and_keeps_the_outputs(group_budget, where):
+    """A NaN in one group's dy: the status of the two passes, dgamma and dbeta
+    untouched; in place (dx is dy), the two passes run and dy is kept."""
+    rng = np.random.default_rng()
+    dtype = rng.choice([np.float32, np.float64])
+    geometry, budget = _grouped_case(rng, dtype)
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.standard_normal(geometry).astype(dtype)
+    outer, C, inner = geometry
+    c = 0 if where == "first" else C - 1
+    dy[int(rng.integers(outer)), c, int(rng.integers(inner))] = np.nan
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    group_budget(0)
+    want = _backward_run(dy, x, mean, var, gamma, beta, True, True, False, 1)[0]
+    assert want == K.NONFINITE_OUTPUT
+    group_budget(budget)
+    assert K.group_channels(*geometry, np.dtype(dtype).itemsize, 2) > 0
+    for n in THREADS:
+        status, _, dg, db = _backward_run(dy, x, mean, var, gamma, beta, True, True, False, n)
+        assert status == want, n
+        assert np.all(dg == -7) and np.all(db == -7), "parameter gradients written"
+        inplace = dy.copy()
+        status = _backward_run(inplace, x, mean, var, gamma, beta, True, True, False, n,
+                               dx=inplace)[0]
+        assert status == want, n
+        assert np.array_equal(inplace, dy, equal_nan=True), "in place, dy was overwritten"
+
+
+def test_grouped_backward_in_place_gives_the_same_numbers(group_budget):
+    """dx written over dy takes the two passes: the bits of a separate dx."""
+    rng = np.random.default_rng()
+    dtype = rng.choice([np.float32, np.float64])
+    geometry, budget = _grouped_case(rng, dtype)
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.standard_normal(geometry).astype(dtype)
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    group_budget(budget)
+    want = _backward_run(dy, x, mean, var, gamma, beta, True, True, True, 2)
+    inplace = dy.copy()
+    got = _backward_run(inplace, x, mean, var, gamma, beta, True, True, True, 2, dx=inplace)
+    assert got[0] == want[0] == K.OK
+    for a, b in zip(got[1:], want[1:]):
+        assert np.array_equal(a, b)

@@ -169,6 +169,34 @@ def test_threshold_from_environment(monkeypatch):
     assert F._stream_min_bytes() == F._last_level_cache_bytes() // 2 > 0
 
 
+def test_group_budget_from_environment(monkeypatch):
+    monkeypatch.setenv("CBN_GROUP_BYTES", "65536")
+    assert F._group_bytes() == 65536
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("CBN_GROUP_BYTES", bad)
+        with pytest.raises(ValueError, match="CBN_GROUP_BYTES"):
+            F._group_bytes()
+    monkeypatch.delenv("CBN_GROUP_BYTES")
+    l2 = F._cache_sizes().get(2, 1 << 20)
+    assert F._group_bytes() == l2 // 8 > 0
+    assert K.group_bytes() == F.GROUP_BYTES  # set at import
+
+
+def test_cache_sizes_read_sysfs(tmp_path):
+    for name, level, kind, size in [("index0", 1, "Data", "48K"),
+                                    ("index1", 1, "Instruction", "64K"),
+                                    ("index2", 2, "Unified", "2048K"),
+                                    ("index3", 3, "Unified", "480M"),
+                                    ("index4", "x", "Unified", "1K")]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert F._cache_sizes(str(tmp_path)) == {1: 48 << 10, 2: 2 << 20, 3: 480 << 20}
+    assert F._cache_sizes(str(tmp_path / "missing")) == {}
+
+
 def test_streams_rule():
     assert F.streams(F.STREAM_MIN_BYTES)
     assert not F.streams(F.STREAM_MIN_BYTES - 1)
