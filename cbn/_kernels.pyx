@@ -131,18 +131,22 @@ cdef extern from *:
     static inline void cbn_store_fence(void) {}
     #endif
 
-    /* 1 if any of the 32 bytes at p is non-zero: a vector of checks v - v,  */
-    /* all +0.0 unless some v was NaN or infinite.                           */
-    static inline int cbn_any_bits32(const void* p) {
-        uint64_t u[4];
-        memcpy(u, p, 32);
-        return ((u[0] | u[1]) | (u[2] | u[3])) != 0;
+    /* 1 if any of the `bytes` (32 or 64) at p is non-zero: a vector of      */
+    /* checks v - v, all +0.0 unless some v was NaN or infinite.             */
+    static inline int cbn_any_bits(const void* p, size_t bytes) {
+        uint64_t u[8] = {0};
+        memcpy(u, p, bytes);
+        return ((u[0] | u[1]) | (u[2] | u[3]) | (u[4] | u[5]) | (u[6] | u[7])) != 0;
     }
     /* lo += z[0:32 bytes] - itself, hi += z[32:64] - itself: the checks of a  */
     /* line written by an `omp simd` loop, read back in halves. Read back whole */
     /* (one 64-byte load of what two 32-byte stores wrote, where the compiler  */
     /* prefers 256-bit vectors but has AVX-512), the load waits for the stores */
-    /* to reach the cache: a Xeon spent 60% of backward's dx pass on it.       */
+    /* to reach the cache: a Xeon spent 60% of backward's dx pass on it, and   */
+    /* in cache NCHW passes ran 1.5-2.8x faster without. CBN_EACHK (rows two  */
+    /* or four at a time) keeps the whole-line read: on cold (4096, 256) rows  */
+    /* the halves ran 0.80-0.87x; the stall paces the loop's loads and stores  */
+    /* (as session 12's loop clones found, RESULTS.md).                       */
     #define CBN_CHECK_HALVES(half_t, z, lo, hi)                                       \\
     {                                                                                 \\
         half_t z0_, z1_;                                                              \\
@@ -203,7 +207,7 @@ cdef extern from *:
             T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                            \\
         }                                                                             \\
         chk_lo += chk_hi;                                                             \\
-        if (cbn_any_bits32(&chk_lo))                                                  \\
+        if (cbn_any_bits(&chk_lo, 32))                                                \\
             chk += 1;                                                                 \\
     }
     /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
@@ -214,8 +218,8 @@ cdef extern from *:
     {                                                                                 \\
         Py_ssize_t i0 = 0;                                                            \\
         const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
-        typedef T half_t __attribute__((vector_size(32)));                            \\
-        half_t chk_lo = {0}, chk_hi = {0};                                            \\
+        typedef T line_t __attribute__((vector_size(64)));                            \\
+        line_t lane_chk = {0}, zs;                                                    \\
         for (; i0 + w <= (n); i0 += w) {                                              \\
             T z[64 / sizeof(T)];                                                      \\
             _Pragma("omp simd")                                                       \\
@@ -235,7 +239,8 @@ cdef extern from *:
                 }                                                                     \\
                 z[k] = zk;                                                            \\
             }                                                                         \\
-            CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                               \\
+            memcpy(&zs, z, 64);                                                       \\
+            lane_chk += zs;                                                           \\
         }                                                                             \\
         for (Py_ssize_t rk = 0; rk < (K); rk++) {                                     \\
             const Py_ssize_t o = rk * (qs);                                           \\
@@ -243,8 +248,7 @@ cdef extern from *:
                 T v = EXPR; chk += v - v; (dst)[o + i] = STORE(v);                    \\
             }                                                                         \\
         }                                                                             \\
-        chk_lo += chk_hi;                                                             \\
-        if (cbn_any_bits32(&chk_lo))                                                  \\
+        if (cbn_any_bits(&lane_chk, 64))                                              \\
             chk += 1;                                                                 \\
     }
 
