@@ -1937,16 +1937,27 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
         if status != STATUS_NO_MEMORY:
             return status
         # No memory for the column sums: the runs below need less.
-    cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t, c, blk
+    cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t
     cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C
     cdef double* part = <double*>malloc(2 * size * sizeof(double))
-    cdef double s1, s2
     cdef int team = _team(n_threads, n_tasks)
     if part == NULL:
         return STATUS_NO_MEMORY
     for t in prange(n_tasks, schedule='static', num_threads=team, use_threads_if=team > 1):
         _reduce_task(dy, x, g, t, mean, coef, relu, part, part + size)
-    for c in range(C):
+    _sum_blocks(g, 0, C, part, sum_g_out, sum_gd_out)
+    free(part)
+    return STATUS_OK
+
+
+cdef void _sum_blocks(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1, const double* part,
+                      double* sum_g_out, double* sum_gd_out) noexcept nogil:
+    """Channels [c0, c1) of the backward sums: each channel's block partials
+    (part: sum(g) rows, then sum(g*(x-mean)) rows, one per outer block) added
+    in block order, the one order whatever the threads or channel groups."""
+    cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C, c, blk
+    cdef double s1, s2
+    for c in range(c0, c1):
         s1 = 0.0
         s2 = 0.0
         for blk in range(g.n_outer_blocks):
@@ -1954,8 +1965,6 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
             s2 += part[size + blk * C + c]
         sum_g_out[c] = s1
         sum_gd_out[c] = s2
-    free(part)
-    return STATUS_OK
 
 
 # ---------------------------------------------------------------------------
@@ -2499,22 +2508,14 @@ cdef int _backward_group(const floating* dy, const floating* x, floating* dx,
     """_backward for channels [c0, c1) alone: their sums (as _backward_reduce
     computes them), their coefficients, then their dx, image by image. Writes
     only those channels' entries of part, sum_g, sum_gd and coef. A status."""
-    cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C, ob, n0, n1, n, c, blk
-    cdef double s1, s2
+    cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C, ob, n0, n1, n
     cdef int bad = 0
     for ob in range(g.n_outer_blocks):
         n0 = ob * g.outer_per_block
         n1 = _min(n0 + g.outer_per_block, g.outer)
         _reduce_runs(dy, x, g, n0, n1, c0, c1, mean, coef, relu, part + ob * C,
                      part + size + ob * C)
-    for c in range(c0, c1):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(g.n_outer_blocks):
-            s1 += part[blk * C + c]
-            s2 += part[size + blk * C + c]
-        sum_g[c] = s1
-        sum_gd[c] = s2
+    _sum_blocks(g, c0, c1, part, sum_g, sum_gd)
     if _backward_coefficients(g, c0, c1, mean, invstd, sum_g, sum_gd, training, coef) & 1:
         return STATUS_NONFINITE_OUTPUT
     for n in range(g.outer):
