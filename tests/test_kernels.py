@@ -1054,3 +1054,43 @@ def test_grouped_backward_in_place_gives_the_same_numbers(group_budget):
     assert got[0] == want[0] == K.OK
     for a, b in zip(got[1:], want[1:]):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", [(4, 6, 1000), (3, 5, 37), (64, 16, 1), (50, 300, 1)],
+                         ids=geometry_id)
+def test_relu_backward_masks_where_the_forward_clipped(dtype, geometry):
+    """The fused ReLU's backward recomputes the forward's pre-activation from x; its
+    mask must be the forward's y > 0 bit for bit, also for pre-activations within
+    rounding of 0 (vector loops, their scalar tails and channel groups alike)."""
+    rng = np.random.default_rng()
+    outer, C, inner = geometry
+    # Values on a coarse grid, so that many share the value whose pre-activation
+    # beta puts at (about) 0.
+    x = (rng.integers(-8, 9, geometry) / 4 * rng.uniform(0.5, 2, (1, C, 1))
+         + rng.uniform(-2, 2, (1, C, 1))).astype(dtype)
+    gamma = (rng.choice([-1.0, 1.0], C) * rng.uniform(0.5, 2.0, C)).astype(dtype)
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    a = gamma.astype(np.float64) / np.sqrt(var + EPS)
+    pick = x[0, np.arange(C), rng.integers(inner, size=C)].astype(np.float64)
+    beta = (-(pick - mean) * a).astype(dtype)
+    y, m, v = np.empty_like(x), np.empty(C), np.empty(C)
+    assert K.forward_train(x, y, gamma, beta, EPS, m, v, True, 1, False) == K.OK
+    dy = rng.standard_normal(geometry).astype(dtype)
+    g = dy.astype(np.float64) * (y > 0)
+    xhat = (x.astype(np.float64) - m[None, :, None]) / np.sqrt(v + EPS)[None, :, None]
+    M = outer * inner
+    dbeta = g.sum(axis=(0, 2))
+    dgamma = (g * xhat).sum(axis=(0, 2))
+    want = (gamma.astype(np.float64) / np.sqrt(v + EPS))[None, :, None] * (
+        g - dbeta[None, :, None] / M - xhat * dgamma[None, :, None] / M)
+    scale = np.abs(want).max() + np.abs(dy).max()
+    tol = (1e-4 if dtype == np.float32 else 1e-11) * scale
+    for n in THREADS:
+        dx = np.full_like(x, np.nan)
+        dg, db = np.empty(C, dtype), np.empty(C, dtype)
+        assert K.backward(dy, x, m, v, gamma, beta, EPS, dx, dg, db, True, True, True, n,
+                          False) == K.OK
+        err = np.abs(dx - want)
+        assert err.max() <= tol, (n, np.argwhere(err > tol)[:5], err.max(), tol)
+        np.testing.assert_allclose(db, dbeta, rtol=0, atol=tol * M)
