@@ -962,13 +962,14 @@ def test_backward_groups_are_taken_only_where_they_pay(group_budget):
         K.set_group_bytes(-1)
 
 
-def _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, n, dx=None):
+def _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, n, dx=None,
+                  stream=False):
     C = x.shape[1]
     dx = np.full_like(x, np.nan) if dx is None else dx
     dg = np.full(C, -7.0, x.dtype)
     db = np.full(C, -7.0, x.dtype)
     status = K.backward(dy, x, mean, var, gamma, beta, EPS, dx, dg, db, training, need, relu,
-                        n, False)
+                        n, stream)
     return status, dx, dg, db
 
 
@@ -987,9 +988,9 @@ def _grouped_case(rng, dtype):
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("mode", ["training", "frozen"])
 def test_grouped_backward_equals_the_two_passes(group_budget, dtype, relu, mode):
-    """Same bits as the sums pass then the dx pass, for any thread count; and
-    within the float64 reference's tolerance (test_composites_match_reference
-    checks the two passes against it)."""
+    """Same bits as the sums pass then the dx pass, for any thread count, with
+    dx streamed or not; the two passes are checked against the float64
+    reference by test_composites_match_reference."""
     rng = np.random.default_rng()
     geometry, budget = _grouped_case(rng, dtype)
     x, gamma, beta = make_batch(rng, geometry, dtype)
@@ -1004,10 +1005,13 @@ def test_grouped_backward_equals_the_two_passes(group_budget, dtype, relu, mode)
     cg = K.group_channels(*geometry, np.dtype(dtype).itemsize, 2)
     assert 1 <= cg < C, (geometry, budget)
     for n in THREADS:
-        got = _backward_run(dy, x, mean, var, gamma, beta, training, True, relu, n)
-        assert got[0] == K.OK
-        for name, a, b in zip(("dx", "dgamma", "dbeta"), got[1:], want[1:]):
-            assert np.array_equal(a, b), f"{name}, {geometry}, groups of {cg}, {n} threads"
+        for stream in (False, True):
+            got = _backward_run(dy, x, mean, var, gamma, beta, training, True, relu, n,
+                                stream=stream)
+            assert got[0] == K.OK
+            for name, a, b in zip(("dx", "dgamma", "dbeta"), got[1:], want[1:]):
+                assert np.array_equal(a, b), \
+                    f"{name}, {geometry}, groups of {cg}, {n} threads, stream {stream}"
 
 
 @pytest.mark.parametrize("where", ["first", "last"])

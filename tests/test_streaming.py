@@ -162,9 +162,10 @@ def test_layer_streams_the_same_numbers(monkeypatch):
 def test_threshold_from_environment(monkeypatch):
     monkeypatch.setenv("CBN_STREAM_MIN_BYTES", "12345")
     assert F._stream_min_bytes() == 12345
-    monkeypatch.setenv("CBN_STREAM_MIN_BYTES", "lots")
-    with pytest.raises(ValueError, match="CBN_STREAM_MIN_BYTES"):
-        F._stream_min_bytes()
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("CBN_STREAM_MIN_BYTES", bad)
+        with pytest.raises(ValueError, match="CBN_STREAM_MIN_BYTES"):
+            F._stream_min_bytes()
     monkeypatch.delenv("CBN_STREAM_MIN_BYTES")
     assert F._stream_min_bytes() == F._last_level_cache_bytes() // 2 > 0
 
