@@ -159,28 +159,28 @@ def test_layer_streams_the_same_numbers(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_threshold_from_environment(monkeypatch):
-    monkeypatch.setenv("CBN_STREAM_MIN_BYTES", "12345")
-    assert F._stream_min_bytes() == 12345
-    for bad in ("lots", "-1"):
-        monkeypatch.setenv("CBN_STREAM_MIN_BYTES", bad)
-        with pytest.raises(ValueError, match="CBN_STREAM_MIN_BYTES"):
-            F._stream_min_bytes()
-    monkeypatch.delenv("CBN_STREAM_MIN_BYTES")
-    assert F._stream_min_bytes() == F._last_level_cache_bytes() // 2 > 0
+@pytest.mark.parametrize("name, read, default", [
+    ("CBN_STREAM_MIN_BYTES", lambda: F._stream_min_bytes(),
+     lambda: F._last_level_cache_bytes() // 2),
+    ("CBN_GROUP_BYTES", lambda: F._group_bytes(),
+     lambda: F._cache_sizes().get(2, 1 << 20) // 8),
+])
+def test_byte_settings_from_environment(monkeypatch, name, read, default):
+    """The streaming threshold and the backward's group budget: an integer from
+    the environment, a clear ValueError naming the variable, else from the caches."""
+    value = int(np.random.default_rng().integers(0, 1 << 30))
+    monkeypatch.setenv(name, str(value))
+    assert read() == value
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            read()
+    monkeypatch.delenv(name)
+    assert read() == default() > 0
 
 
-def test_group_budget_from_environment(monkeypatch):
-    monkeypatch.setenv("CBN_GROUP_BYTES", "65536")
-    assert F._group_bytes() == 65536
-    for bad in ("lots", "-1"):
-        monkeypatch.setenv("CBN_GROUP_BYTES", bad)
-        with pytest.raises(ValueError, match="CBN_GROUP_BYTES"):
-            F._group_bytes()
-    monkeypatch.delenv("CBN_GROUP_BYTES")
-    l2 = F._cache_sizes().get(2, 1 << 20)
-    assert F._group_bytes() == l2 // 8 > 0
-    assert K.group_bytes() == F.GROUP_BYTES  # set at import
+def test_group_budget_is_set_at_import():
+    assert K.group_bytes() == F.GROUP_BYTES
 
 
 def test_cache_sizes_read_sysfs(tmp_path):
