@@ -2033,15 +2033,62 @@ cdef inline int _scale_run(const floating* dy, floating* dx, Py_ssize_t n,
         return cbn_scale_run_d(dy, dx, n, a, nt)
 
 
+cdef size_t _one_row_budget = 0
+
+
+def set_one_row_bytes(Py_ssize_t nbytes):
+    """Set the bytes of dy and x above which backward's apply pass takes rows
+    shorter than 4 KiB one at a time (0: never; see ``_one_row``).
+
+    cbn.functional calls it at import with four times the per-core (L2) cache,
+    or the environment variable CBN_ONE_ROW_BYTES. Results do not depend on it (the
+    pass is elementwise: the same bits either way); only speed does.
+    """
+    global _one_row_budget
+    if nbytes < 0:
+        raise ValueError(f"one-row bytes must be >= 0, got {nbytes}")
+    _one_row_budget = <size_t>nbytes
+
+
+def one_row_bytes():
+    """Bytes of dy and x above which backward's apply takes short rows one at a
+    time (0: never; see ``set_one_row_bytes``)."""
+    return _one_row_budget
+
+
+cdef inline bint _one_row(const Geometry* g, size_t item_bytes) noexcept nogil:
+    """Whether backward's apply pass over rows (inner == 1) takes them one at a
+    time instead of four a quarter of the batch apart.
+
+    Rows shorter than PAIR_ROW_BYTES whose dy and x together exceed the budget
+    (four times the per-core cache): the sums pass before it has pushed them
+    out of that cache, so the pass reads them from the last-level cache or
+    memory, where four rows make twelve streams (dy, x and dx of each). On an
+    AMD EPYC with AVX-512 (Zen 5, 1 MiB L2), both builds in one process, cold
+    data, 4096x256 and 16384x128: one thread 1.04-1.20x (dx into rotated out=
+    buffers) and 1.12-1.25x (dx allocated, as the benchmark does), two threads
+    1.0-1.10x; the same arrays in cache 1.02-1.18x. Arrays of 2-4 MiB (dy and
+    x) in cache lost (0.89-0.98x), and rows of 8 KiB cold (0.91x): both keep
+    four rows. Not with the fused ReLU, whose mask
+    needs three more coefficient rows per row: one row at a time, its pass
+    ran 0.82-0.91x (the coefficient loads, not memory, then pace it).
+    """
+    cdef size_t row_bytes = <size_t>g.channels * item_bytes
+    return (_one_row_budget > 0 and row_bytes < PAIR_ROW_BYTES
+            and 2 * row_bytes * <size_t>g.outer > _one_row_budget)
+
+
 cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,
                      Py_ssize_t C, const floating* coef, Py_ssize_t cs, bint relu,
-                     bint use_x, bint fused, bint nt) noexcept nogil:
+                     bint use_x, bint fused, bint nt, bint one) noexcept nogil:
     """inner == 1 rows of dx; without use_x (fixed statistics, no ReLU) dx = a*dy.
 
     Four rows at a time, about a quarter of the rows apart (_row_stride);
-    coefficient rows `cs` apart.
+    with nt or `one`, one row at a time in memory order (see _one_row).
+    Coefficient rows `cs` apart.
     """
-    cdef Py_ssize_t j, off, qs, q = 0 if nt else _row_stride(rows, C * sizeof(floating), 4)
+    cdef Py_ssize_t j, off, qs
+    cdef Py_ssize_t q = 0 if nt or one else _row_stride(rows, C * sizeof(floating), 4)
     cdef int bad = 0
     for j in range(rows - 3 * q):
         off = _block_row(j, q, 4) * C
@@ -2079,14 +2126,15 @@ cdef int _apply_runs(const floating* dy, const floating* x, floating* dx,
 
 cdef int _apply_rows_back(const floating* dy, const floating* x, floating* dx, Py_ssize_t r0,
                           Py_ssize_t r1, Py_ssize_t wide, const floating* coef, Py_ssize_t cs,
-                          bint relu, bint use_x, bint fused, bint nt) noexcept nogil:
+                          bint relu, bint use_x, bint fused, bint nt,
+                          bint one) noexcept nogil:
     """_apply_rows over rows [r0, r1) in chunks, the last chunk first."""
     cdef Py_ssize_t step = _chunk_items(wide * sizeof(floating)), hi = r1, lo
     cdef int bad = 0
     while hi > r0:
         lo = hi - step if hi - step > r0 else r0
         bad |= _apply_rows(dy + lo * wide, x + lo * wide, dx + lo * wide, hi - lo, wide,
-                           coef, cs, relu, use_x, fused, nt)
+                           coef, cs, relu, use_x, fused, nt, one)
         hi = lo
     return bad
 
@@ -2123,6 +2171,7 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
     """
     cdef Py_ssize_t C = g.channels, w, n_work, r0, r1, n_runs = g.outer * C
     cdef Py_ssize_t k, wide, folded, cs = C
+    cdef bint one
     cdef floating* widened = NULL
     cdef const floating* ext = coef
     cdef int bad = 0
@@ -2144,6 +2193,7 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
         # rows of 64-256 channels (arrays of 16-32 MiB) 1.1-1.3x, one and two
         # threads. Rows of 4 KiB and more: 1.02-1.12x.
         # Short rows are processed k at a time as one row of k*C values.
+        one = _one_row(g, sizeof(floating)) and not relu
         k = _fold(C * sizeof(floating), APPLY_FOLD_BYTES, g.outer)
         if k > 1:
             widened = _repeat(coef, 7 if fused else 6, C, k, 1)
@@ -2158,9 +2208,10 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
                         use_threads_if=n_work > 1):
             r0 = _share(folded, w, n_work)
             r1 = _share(folded, w + 1, n_work)
-            bad += _apply_rows_back(dy, x, dx, r0, r1, wide, ext, cs, relu, use_x, fused, nt)
+            bad += _apply_rows_back(dy, x, dx, r0, r1, wide, ext, cs, relu, use_x, fused, nt,
+                                    one)
         bad += _apply_rows(dy + folded * wide, x + folded * wide, dx + folded * wide,
-                           g.outer - folded * k, C, ext, cs, relu, use_x, fused, False)
+                           g.outer - folded * k, C, ext, cs, relu, use_x, fused, False, one)
         free(widened)
     else:
         for w in prange(n_work, schedule='static', num_threads=n_work,

@@ -106,6 +106,10 @@ def _group_bytes(default_l2=1 << 20):
     return _env_bytes("CBN_GROUP_BYTES", _cache_sizes().get(2, default_l2) // 8)
 
 
+def _one_row_bytes(default_l2=1 << 20):
+    return _env_bytes("CBN_ONE_ROW_BYTES", 4 * _cache_sizes().get(2, default_l2))
+
+
 # Outputs of at least this many bytes are written with non-temporal
 # ("streaming") stores, which skip reading each output line into the cache
 # before overwriting it: a third less memory traffic for a normalize pass, and
@@ -128,6 +132,17 @@ STREAM_MIN_BYTES = _stream_min_bytes()
 # the environment variable CBN_GROUP_BYTES overrides it (0: never).
 GROUP_BYTES = _group_bytes()
 _kernels.set_group_bytes(GROUP_BYTES)
+
+
+# A backward over rows (inner == 1) shorter than 4 KiB whose dy and x together
+# exceed this many bytes computes dx one row at a time in memory order, not four
+# rows a quarter of the batch apart (without the fused ReLU): well past the
+# per-core cache the four rows' twelve streams ran slower (one row at a time
+# 1.04-1.25x on one thread, on the AMD EPYC with AVX-512 it was measured on; see
+# _kernels._one_row). The same bits either way. Default: four times the L2
+# cache; the environment variable CBN_ONE_ROW_BYTES overrides it (0: never).
+ONE_ROW_BYTES = _one_row_bytes()
+_kernels.set_one_row_bytes(ONE_ROW_BYTES)
 
 
 def streams(nbytes):

@@ -1060,6 +1060,89 @@ def test_grouped_backward_in_place_gives_the_same_numbers(group_budget):
         assert np.array_equal(a, b)
 
 
+# ---------------------------------------------------------------------------
+# Backward's dx pass over rows, one at a time (past K.one_row_bytes) or four
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def one_row_budget():
+    """Set the one-row threshold for a test (K.set_one_row_bytes), then restore it."""
+    before = K.one_row_bytes()
+    yield K.set_one_row_bytes
+    K.set_one_row_bytes(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["training", "frozen", "frozen-no-grads"])
+def test_backward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, mode):
+    """dx one row at a time equals dx four rows at a time, bit for bit (ReLU,
+    which keeps four, too), for any thread count, dx streamed or not, in place;
+    and both match the float64 reference."""
+    rng = np.random.default_rng()
+    outer = int(rng.integers(40, 700))
+    # Short rows fold into longer ones; rows of 4 KiB and more keep four at a time.
+    C = int(rng.choice([rng.integers(1, 40), rng.integers(40, 4096 // np.dtype(dtype).itemsize)]))
+    x, gamma, beta = make_batch(rng, (outer, C, 1), dtype)
+    dy = rng.standard_normal((outer, C, 1)).astype(dtype)
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    training, need = mode == "training", mode != "frozen-no-grads"
+    for relu in (False, True):
+        one_row_budget(0)
+        want = _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, 1)
+        assert want[0] == K.OK
+        one_row_budget(1)  # every batch exceeds it
+        for n in THREADS:
+            for stream in (False, True):
+                got = _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, n,
+                                    stream=stream)
+                assert got[0] == K.OK
+                for name, a, b in zip(("dx", "dgamma", "dbeta"), got[1:], want[1:]):
+                    assert np.array_equal(a, b), (name, outer, C, relu, n, stream)
+            inplace = dy.copy()
+            got = _backward_run(inplace, x, mean, var, gamma, beta, training, need, relu, n,
+                                dx=inplace)
+            assert got[0] == K.OK and np.array_equal(inplace, want[1]), (outer, C, relu, n)
+        d64 = [v.astype(np.float64) for v in (dy, x, gamma, beta)]
+        if training:
+            dx_ref, dg_ref, db_ref = ref.backward_train(*d64, eps=EPS, relu=relu)
+        else:
+            dx_ref, dg_ref, db_ref = ref.backward_eval(d64[0], d64[1], mean, var, *d64[2:],
+                                                       eps=EPS, relu=relu)
+        tol = 2e-4 if dtype == np.float32 else 1e-10
+        np.testing.assert_allclose(want[1], dx_ref, rtol=tol, atol=tol)
+        if need:
+            np.testing.assert_allclose(want[2], dg_ref, rtol=tol, atol=tol * outer)
+            np.testing.assert_allclose(want[3], db_ref, rtol=tol, atol=tol * outer)
+
+
+def test_backward_rows_one_at_a_time_report_nonfinite_dx(one_row_budget):
+    """An infinite dy in one row: the status of the four-row pass, and dgamma and
+    dbeta untouched."""
+    rng = np.random.default_rng()
+    dtype = rng.choice([np.float32, np.float64])
+    outer, C = int(rng.integers(40, 400)), int(rng.integers(1, 300))
+    x, gamma, beta = make_batch(rng, (outer, C, 1), dtype)
+    dy = rng.standard_normal((outer, C, 1)).astype(dtype)
+    dy[int(rng.integers(outer)), int(rng.integers(C)), 0] = np.inf
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    one_row_budget(0)
+    want = _backward_run(dy, x, mean, var, gamma, beta, False, False, False, 1)[0]
+    assert want == K.NONFINITE_OUTPUT
+    one_row_budget(1)
+    for n in THREADS:
+        status, _, dg, db = _backward_run(dy, x, mean, var, gamma, beta, False, False, False, n)
+        assert status == want and np.all(dg == -7) and np.all(db == -7), n
+
+
+def test_one_row_budget_refuses_negative(one_row_budget):
+    one_row_budget(12345)
+    assert K.one_row_bytes() == 12345
+    with pytest.raises(ValueError, match="one-row bytes"):
+        K.set_one_row_bytes(-1)
+    assert K.one_row_bytes() == 12345
+
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("geometry", [(4, 6, 1000), (3, 5, 37), (64, 16, 1), (50, 300, 1)],
                          ids=geometry_id)

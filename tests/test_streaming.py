@@ -164,9 +164,12 @@ def test_layer_streams_the_same_numbers(monkeypatch):
      lambda: F._last_level_cache_bytes() // 2),
     ("CBN_GROUP_BYTES", lambda: F._group_bytes(),
      lambda: F._cache_sizes().get(2, 1 << 20) // 8),
+    ("CBN_ONE_ROW_BYTES", lambda: F._one_row_bytes(),
+     lambda: 4 * F._cache_sizes().get(2, 1 << 20)),
 ])
 def test_byte_settings_from_environment(monkeypatch, name, read, default):
-    """The streaming threshold and the backward's group budget: an integer from
+    """The streaming threshold, the backward's group budget and its one-row
+    threshold: an integer from
     the environment, a clear ValueError naming the variable, else from the caches."""
     value = int(np.random.default_rng().integers(0, 1 << 30))
     monkeypatch.setenv(name, str(value))
@@ -181,6 +184,7 @@ def test_byte_settings_from_environment(monkeypatch, name, read, default):
 
 def test_group_budget_is_set_at_import():
     assert K.group_bytes() == F.GROUP_BYTES
+    assert K.one_row_bytes() == F.ONE_ROW_BYTES
 
 
 def test_cache_sizes_read_sysfs(tmp_path):
