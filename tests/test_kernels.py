@@ -973,6 +973,17 @@ def _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, n, dx=Non
     return status, dx, dg, db
 
 
+def _assert_backward_same_bits(want, args, context):
+    """_backward_run(*args) on 1-3 threads, dx streamed or not: OK and the bits of
+    `want` (a successful _backward_run result) in dx, dgamma and dbeta."""
+    for n in THREADS:
+        for stream in (False, True):
+            got = _backward_run(*args, n, stream=stream)
+            assert got[0] == K.OK
+            for name, a, b in zip(("dx", "dgamma", "dbeta"), got[1:], want[1:]):
+                assert np.array_equal(a, b), f"{name}, {context}, {n} threads, stream {stream}"
+
+
 def _grouped_case(rng, dtype):
     """A random feature-map batch for which a small budget makes 2-6 groups, the
     last one short, with one or two reduction blocks per channel."""
@@ -1004,14 +1015,8 @@ def test_grouped_backward_equals_the_two_passes(group_budget, dtype, relu, mode)
     group_budget(budget)
     cg = K.group_channels(*geometry, np.dtype(dtype).itemsize, 2)
     assert 1 <= cg < C, (geometry, budget)
-    for n in THREADS:
-        for stream in (False, True):
-            got = _backward_run(dy, x, mean, var, gamma, beta, training, True, relu, n,
-                                stream=stream)
-            assert got[0] == K.OK
-            for name, a, b in zip(("dx", "dgamma", "dbeta"), got[1:], want[1:]):
-                assert np.array_equal(a, b), \
-                    f"{name}, {geometry}, groups of {cg}, {n} threads, stream {stream}"
+    _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, training, True, relu),
+                               f"{geometry}, groups of {cg}")
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
@@ -1091,13 +1096,9 @@ def test_backward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, m
         want = _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, 1)
         assert want[0] == K.OK
         one_row_budget(1)  # every batch exceeds it
+        _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, training, need, relu),
+                                   f"({outer}, {C}), relu {relu}")
         for n in THREADS:
-            for stream in (False, True):
-                got = _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, n,
-                                    stream=stream)
-                assert got[0] == K.OK
-                for name, a, b in zip(("dx", "dgamma", "dbeta"), got[1:], want[1:]):
-                    assert np.array_equal(a, b), (name, outer, C, relu, n, stream)
             inplace = dy.copy()
             got = _backward_run(inplace, x, mean, var, gamma, beta, training, need, relu, n,
                                 dx=inplace)
