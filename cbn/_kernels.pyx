@@ -155,6 +155,15 @@ cdef extern from *:
         lo += z0_ - z0_;                                                              \\
         hi += z1_ - z1_;                                                              \\
     }
+    /* Rows and runs of at least this many bytes gather their NaN/Inf checks  */
+    /* as the bits of v - v OR-ed together over the whole row, in one `omp     */
+    /* simd` loop (an integer OR is associative: the compiler may combine the  */
+    /* lanes in any order, and does so once per call in a few steps), instead */
+    /* of line by line through memory. On an AMD EPYC (Zen 5), both builds in  */
+    /* one process, NCHW runs of 3-8 KiB: in cache 1.01-1.19x, cold 0.95-1.17x */
+    /* (median 1.05x); runs of 784 bytes lost in cache (0.86-0.94x), so       */
+    /* shorter ones keep the line-by-line checks.                             */
+    #define CBN_OR_CHECK_BYTES 2048
     /* The one elementwise loop: v = EXPR (a function of i) for i in [0, n),  \\
        chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). Whole     \\
        vectors of v - v add up in a register of per-lane checks, tested once   \\
@@ -192,6 +201,18 @@ cdef extern from *:
                 CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                           \\
                 cbn_stream_line((dst) + i0, &vs);                                     \\
             }                                                                         \\
+        } else if ((n) * (Py_ssize_t)sizeof(T) >= CBN_OR_CHECK_BYTES) {              \\
+            typedef __typeof__(__builtin_choose_expr(sizeof(T) == 4,                  \\
+                (unsigned int)0, (unsigned long long)0)) bits_t;                      \\
+            bits_t acc = 0;                                                           \\
+            _Pragma("omp simd reduction(|:acc)")                                      \\
+            for (Py_ssize_t i = 0; i < (n); i++) {                                    \\
+                T v = EXPR; T z = v - v; bits_t u;                                    \\
+                memcpy(&u, &z, sizeof(T)); acc |= u; (dst)[i] = STORE(v);            \\
+            }                                                                         \\
+            if (acc)                                                                  \\
+                chk += 1;                                                             \\
+            i0 = (n);                                                                 \\
         } else {                                                                      \\
             for (; i0 + w <= (n); i0 += w) {                                          \\
                 T z[64 / sizeof(T)];                                                  \\

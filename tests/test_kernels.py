@@ -775,6 +775,35 @@ def test_a_nonfinite_value_in_a_short_run_is_caught_wherever_it_lands(dtype):
         assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, pos
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["runs", "rows"])
+def test_a_nonfinite_value_in_a_long_row_is_caught_wherever_it_lands(one_row_budget, dtype,
+                                                                      layout):
+    """The same for runs and rows of 2-4 KiB, whose passes OR the checks' bits over
+    the whole row (CBN_OR_CHECK_BYTES): every position of a run (a vector tail
+    included), and of rows that backward's dx pass takes one at a time."""
+    rng = np.random.default_rng()
+    item = np.dtype(dtype).itemsize
+    length = int(rng.integers(2048, 4096)) // item
+    shape = outer, C, _ = (2, 3, length) if layout == "runs" else (3, length, 1)
+    x = rng.uniform(0.5, 2.0, shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    coef3, coef6 = random_coefficients(rng, C, x.size // C, dtype)
+    one_row_budget(1)
+    y = np.empty_like(x)
+    assert K.normalize(x, y, coef3, False, 1) == K.OK
+    assert K.backward_apply(dy, x, coef6, y, False, 1) == K.OK
+    for k, pos in enumerate(np.ndindex(shape)):
+        bad = (np.nan, np.inf, -np.inf)[k % 3]
+        relu = bool(k % 2)
+        xb = x.copy()
+        xb[pos] = bad
+        assert K.normalize(xb, y, coef3, relu, 1) == K.NONFINITE_OUTPUT, ("normalize", pos)
+        dyb = dy.copy()
+        dyb[pos] = bad
+        assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, pos
+
+
 # Arrays whose second passes (training forward's normalize, backward's apply) run in
 # several chunks of BACK_CHUNK_BYTES, last chunk first: rows (unfolded and folded)
 # and runs, each with a partial chunk.
