@@ -748,6 +748,30 @@ def random_coefficients(rng, C, count, dtype):
     return coef3, coef6
 
 
+def _assert_caught_at_every_position(x, dy, coef3, coef6, statistics):
+    """normalize (x) and backward_apply (dy) report one NaN, +inf or -inf (in turn)
+    at every position, ReLU on and off in turn; with `statistics`, forward_train
+    reports the bad x as non-finite statistics too."""
+    C = x.shape[1]
+    y = np.empty_like(x)
+    assert K.normalize(x, y, coef3, False, 1) == K.OK
+    assert K.backward_apply(dy, x, coef6, y, True, 1) == K.OK
+    gamma = np.ones(C, x.dtype)
+    for k, pos in enumerate(np.ndindex(x.shape)):
+        bad = (np.nan, np.inf, -np.inf)[k % 3]
+        relu = bool(k % 2)
+        xb = x.copy()
+        xb[pos] = bad
+        assert K.normalize(xb, y, coef3, relu, 1) == K.NONFINITE_OUTPUT, ("normalize", pos)
+        if statistics:
+            m, v = np.empty(C), np.empty(C)
+            assert K.forward_train(xb, y, gamma, gamma, EPS, m, v, relu, 1) \
+                == K.NONFINITE_STATS, ("statistics", pos)
+        dyb = dy.copy()
+        dyb[pos] = bad
+        assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, pos
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_nonfinite_value_in_a_short_run_is_caught_wherever_it_lands(dtype):
     """The same for runs of four values, which the passes take as the rows of the
@@ -757,22 +781,7 @@ def test_a_nonfinite_value_in_a_short_run_is_caught_wherever_it_lands(dtype):
     x = rng.uniform(0.5, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     coef3, coef6 = random_coefficients(rng, C, outer * inner, dtype)
-    y = np.empty_like(x)
-    assert K.normalize(x, y, coef3, False, 1) == K.OK
-    assert K.backward_apply(dy, x, coef6, y, True, 1) == K.OK
-    gamma = np.ones(C, dtype)
-    for k, pos in enumerate(np.ndindex(shape)):
-        bad = (np.nan, np.inf, -np.inf)[k % 3]
-        relu = bool(k % 2)
-        xb = x.copy()
-        xb[pos] = bad
-        assert K.normalize(xb, y, coef3, relu, 1) == K.NONFINITE_OUTPUT, ("normalize", pos)
-        m, v = np.empty(C), np.empty(C)
-        assert K.forward_train(xb, y, gamma, gamma, EPS, m, v, relu, 1) \
-            == K.NONFINITE_STATS, ("statistics", pos)
-        dyb = dy.copy()
-        dyb[pos] = bad
-        assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, pos
+    _assert_caught_at_every_position(x, dy, coef3, coef6, statistics=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -785,23 +794,13 @@ def test_a_nonfinite_value_in_a_long_row_is_caught_wherever_it_lands(one_row_bud
     rng = np.random.default_rng()
     item = np.dtype(dtype).itemsize
     length = int(rng.integers(2048, 4096)) // item
-    shape = outer, C, _ = (2, 3, length) if layout == "runs" else (3, length, 1)
+    shape = (2, 3, length) if layout == "runs" else (3, length, 1)
+    C = shape[1]
     x = rng.uniform(0.5, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     coef3, coef6 = random_coefficients(rng, C, x.size // C, dtype)
     one_row_budget(1)
-    y = np.empty_like(x)
-    assert K.normalize(x, y, coef3, False, 1) == K.OK
-    assert K.backward_apply(dy, x, coef6, y, False, 1) == K.OK
-    for k, pos in enumerate(np.ndindex(shape)):
-        bad = (np.nan, np.inf, -np.inf)[k % 3]
-        relu = bool(k % 2)
-        xb = x.copy()
-        xb[pos] = bad
-        assert K.normalize(xb, y, coef3, relu, 1) == K.NONFINITE_OUTPUT, ("normalize", pos)
-        dyb = dy.copy()
-        dyb[pos] = bad
-        assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, pos
+    _assert_caught_at_every_position(x, dy, coef3, coef6, statistics=False)
 
 
 # Arrays whose second passes (training forward's normalize, backward's apply) run in
