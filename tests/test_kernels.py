@@ -1107,16 +1107,25 @@ def one_row_budget():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("mode", ["training", "frozen", "frozen-no-grads"])
-def test_backward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, mode):
+@pytest.mark.parametrize("layout", ["rows", "short runs"])
+def test_backward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, mode, layout):
     """dx one row at a time equals dx four rows at a time, bit for bit (ReLU,
     which keeps four, too), for any thread count, dx streamed or not, in place;
-    and both match the float64 reference."""
+    and without ReLU both match the float64 reference. Rows are (N, C) or channels-last;
+    short runs (feature maps of 2-12 values) go as rows of the (N, C*H*W) view."""
     rng = np.random.default_rng()
+    item = np.dtype(dtype).itemsize
     outer = int(rng.integers(40, 700))
-    # Short rows fold into longer ones; rows of 4 KiB and more keep four at a time.
-    C = int(rng.choice([rng.integers(1, 40), rng.integers(40, 4096 // np.dtype(dtype).itemsize)]))
-    x, gamma, beta = make_batch(rng, (outer, C, 1), dtype)
-    dy = rng.standard_normal((outer, C, 1)).astype(dtype)
+    if layout == "rows":
+        # Short rows fold into longer ones; rows of 4 KiB and more keep four at a time.
+        C = int(rng.choice([rng.integers(1, 40), rng.integers(40, 4096 // item)]))
+        shape = (outer, C, 1)
+    else:
+        inner = int(rng.integers(2, 13))
+        C = int(rng.integers(1, 4096 // (item * inner)))
+        shape = (outer, C, inner)
+    x, gamma, beta = make_batch(rng, shape, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
     mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
     training, need = mode == "training", mode != "frozen-no-grads"
     for relu in (False, True):
@@ -1131,6 +1140,11 @@ def test_backward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, m
             got = _backward_run(inplace, x, mean, var, gamma, beta, training, need, relu, n,
                                 dx=inplace)
             assert got[0] == K.OK and np.array_equal(inplace, want[1]), (outer, C, relu, n)
+        if relu:
+            # A float64 reference masks values within rounding of the kink other
+            # than the float32 pass does, which moves a whole channel's sums;
+            # test_relu_backward_masks_where_the_forward_clipped covers the mask.
+            continue
         d64 = [v.astype(np.float64) for v in (dy, x, gamma, beta)]
         if training:
             dx_ref, dg_ref, db_ref = ref.backward_train(*d64, eps=EPS, relu=relu)
