@@ -928,7 +928,8 @@ cdef enum:
                                 # apply pass treats k rows as one of about this many
                                 # bytes (rows of 32-100 channels 1.1-1.75x, 64 and
                                 # 128 channels 1.0x, against unfolded rows)
-    STREAM_FOLD_BYTES = 4096    # or this many when it streams its output
+    ONE_FOLD_BYTES = 4096       # or this many when it takes rows one at a time
+                                # (streamed output, or past the one-row budget)
     MIN_BLOCK_ROWS = 64         # inner == 1: batches of 2*this to 2*ROWS_PER_BLOCK - 1
                                 # rows reduce as two halves, so that two threads
                                 # share them: (256, 1024) and (128, 2048) training
@@ -1533,15 +1534,80 @@ cdef inline Py_ssize_t _share(Py_ssize_t total, Py_ssize_t w, Py_ssize_t n_work)
     return total * w // n_work
 
 
+cdef size_t _one_row_budget = 0
+
+
+def set_one_row_bytes(Py_ssize_t nbytes):
+    """Set the bytes (of x and y, or of dy and x) above which the elementwise
+    passes over rows shorter than 4 KiB (forward's normalize, backward's apply)
+    take them one at a time (0: never; see ``_one_row``).
+
+    cbn.functional calls it at import with four times the per-core (L2) cache,
+    or the environment variable CBN_ONE_ROW_BYTES. Results do not depend on it (the
+    passes are elementwise: the same bits either way); only speed does.
+    """
+    global _one_row_budget
+    if nbytes < 0:
+        raise ValueError(f"one-row bytes must be >= 0, got {nbytes}")
+    _one_row_budget = <size_t>nbytes
+
+
+def one_row_bytes():
+    """Bytes of x and y (forward) or dy and x (backward) above which the passes
+    over short rows take them one at a time (0: never; see ``set_one_row_bytes``)."""
+    return _one_row_budget
+
+
+cdef inline bint _one_row(const Geometry* g, size_t item_bytes) noexcept nogil:
+    """Whether an elementwise pass over rows (inner == 1) takes them one at a
+    time in memory order: backward's apply pass instead of four rows a quarter
+    of the batch apart, forward's normalize (training and evaluation) instead
+    of two rows half the batch apart. Neither with the fused ReLU (below).
+
+    Rows shorter than PAIR_ROW_BYTES whose two arrays (dy and x; x and y)
+    together exceed the budget (four times the per-core cache), which then
+    come from the last-level cache or memory, where rows in memory order make
+    the fewest streams for the prefetcher; in the per-core cache, several rows
+    per coefficient load win instead (one row at a time loads a coefficient
+    row per row of x).
+
+    Forward (folded to ONE_FOLD_BYTES, see _row_fold), both builds in one
+    process, three processes each, AMD EPYC (Zen 5), 4096x256, 16384x128,
+    8192x200 and float32 2048x512: cold, one thread 1.00-1.42x (median of
+    the cases 1.05x; 4096x256 float32 evaluation 1.20x, 8192x200 1.42x), two
+    threads 0.99-1.15x; in cache 0.93-1.25x (one case under 0.98: float64
+    4096x256 training, 0.93x on one thread). With the fused ReLU (the m, a,
+    b form: three coefficient rows), six of the twelve evaluations in cache
+    (three shapes, two dtypes, one and two threads) ran 0.82-0.98x, so it
+    keeps two rows. Rows of 4-8 KiB (256x1024) lost on two
+    threads in cache (0.75-0.88x) and rows of 16-32 KiB on one (0.77-0.93x).
+
+    Backward: on an
+    AMD EPYC with AVX-512 (Zen 5, 1 MiB L2), both builds in one process, cold
+    data, 4096x256 and 16384x128: one thread 1.04-1.20x (dx into rotated out=
+    buffers) and 1.12-1.25x (dx allocated, as the benchmark does), two threads
+    1.0-1.10x; the same arrays in cache 1.02-1.18x. Arrays of 2-4 MiB (dy and
+    x) in cache lost (0.89-0.98x), and rows of 8 KiB cold (0.91x): both keep
+    four rows. Not with the fused ReLU, whose mask
+    needs three more coefficient rows per row: one row at a time, its pass
+    ran 0.82-0.91x (the coefficient loads, not memory, then pace it).
+    The callers leave out the ReLU.
+    """
+    cdef size_t row_bytes = <size_t>g.channels * item_bytes
+    return (_one_row_budget > 0 and row_bytes < PAIR_ROW_BYTES
+            and 2 * row_bytes * <size_t>g.outer > _one_row_budget)
+
+
 cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
                          Py_ssize_t width, const floating* coef, Py_ssize_t cs,
-                         bint relu, bint two, bint nt) noexcept nogil:
+                         bint relu, bint two, bint nt, bint one) noexcept nogil:
     """inner == 1: contiguous rows of `width` values, coefficient rows `cs` apart.
 
     two: the coefficient rows are a, c of cbn_uncentre (y = x*a + c), not m, a, b.
     Rows go whole, k at a time (_rows_at_once): r, r + q (, r + 2q, r + 3q), q
     about rows / k (_row_stride; CBN_EACHK), then the remainder one by one;
-    streamed rows (nt) one by one in memory order. Four rows at a time against
+    streamed rows (nt), and rows past the one-row budget (`one`, see _one_row),
+    one by one in memory order. Four rows at a time against
     one row at a time, in one process on cold data:
     evaluation (256, 1024) 1.23x (float32) and 1.3x (float64), (32, 4096)
     1.45-1.5x, (4096, 256) 1.1x; adjacent rows instead of rows q apart ran
@@ -1552,7 +1618,7 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     """
     cdef int at_once = _rows_at_once(width * sizeof(floating))
     cdef Py_ssize_t j, off, qs
-    cdef Py_ssize_t q = 0 if nt else _row_stride(rows, width * sizeof(floating), at_once)
+    cdef Py_ssize_t q = 0 if nt or one else _row_stride(rows, width * sizeof(floating), at_once)
     cdef int bad = 0
     for j in range(rows - (at_once - 1) * q):
         off = _block_row(j, q, at_once) * width
@@ -1605,7 +1671,7 @@ cdef inline Py_ssize_t _fold(Py_ssize_t row_bytes, Py_ssize_t target,
     return k if k > 1 else 1
 
 
-cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt, Py_ssize_t rows) noexcept nogil:
+cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint single, Py_ssize_t rows) noexcept nogil:
     """Rows that normalize treats as one virtual row (inner == 1; see _fold).
 
     Short rows run short vector loops; k rows at a time make one of about
@@ -1617,12 +1683,15 @@ cdef inline Py_ssize_t _row_fold(Py_ssize_t row_bytes, bint nt, Py_ssize_t rows)
     nothing from folding, so they do not fold; backward's apply pass folds to
     APPLY_FOLD_BYTES (see _backward_apply).
 
-    Streamed rows (nt) fold to STREAM_FOLD_BYTES: each streamed row ends by
-    summing its vector of NaN checks, which unfolded 256-byte rows pay per
-    row. (65536, 64) and (100352, 64) float32 streamed 0.75-0.95x unfolded,
-    1.1-1.4x folded to 4 KiB, against ordinary stores.
+    Rows taken one at a time (`single`: streamed, or past the one-row budget,
+    see _one_row) fold to ONE_FOLD_BYTES: each row ends by combining its NaN
+    checks, which unfolded rows of 256 B-1 KiB pay per row. (65536, 64) and
+    (100352, 64) float32 streamed 0.75-0.95x unfolded, 1.1-1.4x folded to
+    4 KiB, against ordinary stores; one at a time in cache, float32 (4096,
+    256) and (1024, 256) evaluation ran 0.84x of two rows at a time unfolded,
+    1.06-1.17x folded.
     """
-    return _fold(row_bytes, STREAM_FOLD_BYTES if nt else FOLD_BYTES, rows)
+    return _fold(row_bytes, ONE_FOLD_BYTES if single else FOLD_BYTES, rows)
 
 
 cdef inline int _rows_at_once(Py_ssize_t row_bytes) noexcept nogil:
@@ -1695,14 +1764,14 @@ cdef inline Py_ssize_t _chunk_items(Py_ssize_t item_bytes) noexcept nogil:
 
 cdef int _normalize_rows_back(const floating* x, floating* y, Py_ssize_t r0, Py_ssize_t r1,
                               Py_ssize_t wide, const floating* coef, bint relu, bint two,
-                              bint nt) noexcept nogil:
+                              bint nt, bint one) noexcept nogil:
     """_normalize_rows over rows [r0, r1) in chunks, the last chunk first."""
     cdef Py_ssize_t step = _chunk_items(wide * sizeof(floating)), hi = r1, lo
     cdef int bad = 0
     while hi > r0:
         lo = hi - step if hi - step > r0 else r0
         bad |= _normalize_rows(x + lo * wide, y + lo * wide, hi - lo, wide, coef, wide,
-                               relu, two, nt)
+                               relu, two, nt, one)
         hi = lo
     return bad
 
@@ -1735,6 +1804,7 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
     inner > 1 1.1-1.3x; rows (folded, see _row_fold) 1.1-1.6x.
     """
     cdef Py_ssize_t C = g.channels, w, n_work, r0, r1, k, wide, folded
+    cdef bint one
     cdef const floating* ext = coef
     cdef floating* widened = NULL
     cdef int bad = 0
@@ -1748,8 +1818,9 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
             return bad
         # No memory for the repeated coefficients: the runs below need none.
     if g.inner == 1:
+        one = not relu and _one_row(g, sizeof(floating))
         # Short rows are processed k at a time as one row of k*C values.
-        k = _row_fold(C * sizeof(floating), nt, g.outer)
+        k = _row_fold(C * sizeof(floating), nt or one, g.outer)
         if k > 1:
             widened = _repeat(coef, 2 if two else 3, C, k, 1)  # rows the pass reads
             if widened == NULL:
@@ -1764,12 +1835,12 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
             r0 = _share(folded, w, n_work)
             r1 = _share(folded, w + 1, n_work)
             if back:
-                bad += _normalize_rows_back(x, y, r0, r1, wide, ext, relu, two, nt)
+                bad += _normalize_rows_back(x, y, r0, r1, wide, ext, relu, two, nt, one)
             else:
                 bad += _normalize_rows(x + r0 * wide, y + r0 * wide, r1 - r0, wide, ext, wide,
-                                       relu, two, nt)
+                                       relu, two, nt, one)
         bad += _normalize_rows(x + folded * wide, y + folded * wide, g.outer - folded * k, C,
-                               ext, wide, relu, two, False)
+                               ext, wide, relu, two, False, one)
         free(widened)
     else:
         n_work = _workers(g.outer * C * g.inner, n_threads)
@@ -2052,51 +2123,6 @@ cdef inline int _scale_run(const floating* dy, floating* dx, Py_ssize_t n,
         return cbn_scale_run_f(dy, dx, n, a, nt)
     else:
         return cbn_scale_run_d(dy, dx, n, a, nt)
-
-
-cdef size_t _one_row_budget = 0
-
-
-def set_one_row_bytes(Py_ssize_t nbytes):
-    """Set the bytes of dy and x above which backward's apply pass takes rows
-    shorter than 4 KiB one at a time (0: never; see ``_one_row``).
-
-    cbn.functional calls it at import with four times the per-core (L2) cache,
-    or the environment variable CBN_ONE_ROW_BYTES. Results do not depend on it (the
-    pass is elementwise: the same bits either way); only speed does.
-    """
-    global _one_row_budget
-    if nbytes < 0:
-        raise ValueError(f"one-row bytes must be >= 0, got {nbytes}")
-    _one_row_budget = <size_t>nbytes
-
-
-def one_row_bytes():
-    """Bytes of dy and x above which backward's apply takes short rows one at a
-    time (0: never; see ``set_one_row_bytes``)."""
-    return _one_row_budget
-
-
-cdef inline bint _one_row(const Geometry* g, size_t item_bytes) noexcept nogil:
-    """Whether backward's apply pass over rows (inner == 1) takes them one at a
-    time instead of four a quarter of the batch apart.
-
-    Rows shorter than PAIR_ROW_BYTES whose dy and x together exceed the budget
-    (four times the per-core cache): the sums pass before it has pushed them
-    out of that cache, so the pass reads them from the last-level cache or
-    memory, where four rows make twelve streams (dy, x and dx of each). On an
-    AMD EPYC with AVX-512 (Zen 5, 1 MiB L2), both builds in one process, cold
-    data, 4096x256 and 16384x128: one thread 1.04-1.20x (dx into rotated out=
-    buffers) and 1.12-1.25x (dx allocated, as the benchmark does), two threads
-    1.0-1.10x; the same arrays in cache 1.02-1.18x. Arrays of 2-4 MiB (dy and
-    x) in cache lost (0.89-0.98x), and rows of 8 KiB cold (0.91x): both keep
-    four rows. Not with the fused ReLU, whose mask
-    needs three more coefficient rows per row: one row at a time, its pass
-    ran 0.82-0.91x (the coefficient loads, not memory, then pace it).
-    """
-    cdef size_t row_bytes = <size_t>g.channels * item_bytes
-    return (_one_row_budget > 0 and row_bytes < PAIR_ROW_BYTES
-            and 2 * row_bytes * <size_t>g.outer > _one_row_budget)
 
 
 cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,

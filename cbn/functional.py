@@ -134,11 +134,13 @@ GROUP_BYTES = _group_bytes()
 _kernels.set_group_bytes(GROUP_BYTES)
 
 
-# A backward over rows (inner == 1) shorter than 4 KiB whose dy and x together
-# exceed this many bytes computes dx one row at a time in memory order, not four
-# rows a quarter of the batch apart (without the fused ReLU): well past the
-# per-core cache the four rows' twelve streams ran slower (one row at a time
-# 1.04-1.25x on one thread, on the AMD EPYC with AVX-512 it was measured on; see
+# The elementwise passes over rows (inner == 1) shorter than 4 KiB whose two
+# arrays together (x and y forward, dy and x backward) exceed this many bytes go
+# one row at a time in memory order (without the fused ReLU): backward's dx pass
+# instead of four rows a quarter of the batch apart, forward's normalize instead
+# of two rows half the batch apart. Well past the per-core cache the rows' extra
+# streams ran slower (one row at a time: backward 1.04-1.25x, forward 1.0-1.42x
+# on one thread, on the AMD EPYC with AVX-512 it was measured on; see
 # _kernels._one_row). The same bits either way. Default: four times the L2
 # cache; the environment variable CBN_ONE_ROW_BYTES overrides it (0: never).
 ONE_ROW_BYTES = _one_row_bytes()

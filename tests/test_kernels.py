@@ -790,7 +790,8 @@ def test_a_nonfinite_value_in_a_long_row_is_caught_wherever_it_lands(one_row_bud
                                                                       layout):
     """The same for runs and rows of 2-4 KiB, whose passes OR the checks' bits over
     the whole row (CBN_OR_CHECK_BYTES): every position of a run (a vector tail
-    included), and of rows that backward's dx pass takes one at a time."""
+    included), and of rows that normalize and backward's dx pass take one at a
+    time."""
     rng = np.random.default_rng()
     item = np.dtype(dtype).itemsize
     length = int(rng.integers(2048, 4096)) // item
@@ -1094,7 +1095,8 @@ def test_grouped_backward_in_place_gives_the_same_numbers(group_budget):
 
 
 # ---------------------------------------------------------------------------
-# Backward's dx pass over rows, one at a time (past K.one_row_bytes) or four
+# The elementwise passes over rows, one at a time (past K.one_row_bytes) or
+# several (backward's dx pass four, forward's normalize two)
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -1175,6 +1177,73 @@ def test_backward_rows_one_at_a_time_report_nonfinite_dx(one_row_budget):
     for n in THREADS:
         status, _, dg, db = _backward_run(dy, x, mean, var, gamma, beta, False, False, False, n)
         assert status == want and np.all(dg == -7) and np.all(db == -7), n
+
+
+def _forward_runs(x, gamma, beta, rmean, rvar, coef, relu, n, stream, in_place=False):
+    """Outputs of forward_train (y, mean, var), forward_eval and normalize."""
+    outs = []
+    for call in ("train", "eval", "normalize"):
+        y = x.copy() if in_place else np.full_like(x, np.nan)
+        src = y if in_place else x
+        if call == "train":
+            mean, var = np.empty(x.shape[1]), np.empty(x.shape[1])
+            assert K.forward_train(src, y, gamma, beta, EPS, mean, var, relu, n, stream) == K.OK
+            outs += [y, mean, var]
+        elif call == "eval":
+            assert K.forward_eval(src, y, rmean, rvar, gamma, beta, EPS, relu, n, stream) == K.OK
+            outs.append(y)
+        else:
+            assert K.normalize(src, y, coef, relu, n, stream) == K.OK
+            outs.append(y)
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["rows", "short runs"])
+def test_forward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, layout):
+    """Training forward, evaluation and normalize one row at a time (folded to
+    4 KiB) equal two rows at a time, bit for bit (ReLU, which keeps two, too),
+    for any thread count, streamed or not, in place; and without ReLU they match
+    the float64 reference. Rows are (N, C) or channels-last; short runs (feature
+    maps of 2-12 values) go as rows of the (N, C*H*W) view."""
+    rng = np.random.default_rng()
+    item = np.dtype(dtype).itemsize
+    outer = int(rng.integers(40, 700))
+    if layout == "rows":
+        # Short rows fold into longer ones; rows of 4 KiB and more keep four at a time.
+        C = int(rng.choice([rng.integers(1, 40), rng.integers(40, 4096 // item)]))
+        shape = (outer, C, 1)
+    else:
+        inner = int(rng.integers(2, 13))
+        C = int(rng.integers(1, 4096 // (item * inner)))
+        shape = (outer, C, inner)
+    x, gamma, beta = make_batch(rng, shape, dtype)
+    x64 = x.astype(np.float64)
+    mean, var = ref.batch_stats(x64, axis=1)
+    rmean = mean + rng.normal(size=C) * 0.1
+    rvar = var * rng.uniform(0.8, 1.2, size=C)
+    coef = forward_coef(rmean, rvar, gamma, beta, dtype)
+    for relu in (False, True):
+        one_row_budget(0)
+        want = _forward_runs(x, gamma, beta, rmean, rvar, coef, relu, 1, False)
+        one_row_budget(1)  # every batch exceeds it
+        for n in THREADS:
+            for stream in (False, True):
+                for in_place in (False, True):
+                    got = _forward_runs(x, gamma, beta, rmean, rvar, coef, relu, n, stream,
+                                        in_place)
+                    for name, a, b in zip(("train y", "mean", "var", "eval y", "normalize"),
+                                          got, want):
+                        assert np.array_equal(a, b), (shape, relu, n, stream, in_place, name)
+        if relu:
+            continue
+        g64, b64 = gamma.astype(np.float64), beta.astype(np.float64)
+        a64 = g64 / np.sqrt(rvar + EPS)
+        scale = np.abs(x64).max() * np.abs(a64).max() + np.abs(b64).max()
+        want_eval = ref.forward_eval(x64, rmean, rvar, g64, b64, EPS, axis=1)
+        assert_close(want[3], want_eval, dtype, scale, what="eval y")
+        assert_close(want[4], want_eval, dtype, scale, what="normalize y")
+        # Training y against the float64 reference: test_composites_match_reference.
 
 
 def test_one_row_budget_refuses_negative(one_row_budget):
