@@ -164,13 +164,26 @@ cdef extern from *:
     /* (median 1.05x); runs of 784 bytes lost in cache (0.86-0.94x), so       */
     /* shorter ones keep the line-by-line checks.                             */
     #define CBN_OR_CHECK_BYTES 2048
+    /* The streamed loop of CBN_EACH goes over its lines in blocks of this    */
+    /* many bytes: an outer loop around the same inner loop, the same         */
+    /* instructions per line. On an AMD EPYC (Zen 5), both builds in one      */
+    /* process, three processes, cold data, one thread: streamed rows         */
+    /* (65536x64, 16384x256) evaluation 1.41-1.47x, training forward          */
+    /* 1.09-1.25x, backward 1.06-1.11x; streamed runs (32x64x56x56,           */
+    /* 64x32x64x64) 0.99-1.09x; two threads 0.94-1.10x (memory-bound there    */
+    /* either way); alike at six page offsets of y against x. Rows split     */
+    /* between calls into pieces measured alike at 512 bytes and 1 KiB, and   */
+    /* at 2 KiB 0.73-0.81x of no split. Why the long loop is slower there was */
+    /* not found.                                                             */
+    #define CBN_STREAM_BLOCK_BYTES 1024
     /* The one elementwise loop: v = EXPR (a function of i) for i in [0, n),  \\
        chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). Whole     \\
        vectors of v - v add up in a register of per-lane checks, tested once   \\
        at the end: an `omp simd` reduction would add its lanes one by one per  \\
        call, about 60 cycles, as much as a 1 KiB row itself. With nt, the     \\
        64-byte lines wholly inside dst are built in registers and streamed,    \\
-       four lines per loop trip (as oneDNN's streamed loops go): against one,  \\
+       in blocks of CBN_STREAM_BLOCK_BYTES, four lines per loop trip (as       \\
+       oneDNN's streamed loops go): against one,                               \\
        both builds in one process, five processes, float32 evaluation and      \\
        backward of 65536x64, 32x56x56x64 (NHWC), 32x64x56x56 and 1024x4096:    \\
        0.94-1.10x, median 1.03. Same bits: each element's arithmetic is kept.  */\\
@@ -189,17 +202,21 @@ cdef extern from *:
                 T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
             }                                                                         \\
             line_t vs;                                                                \\
-            _Pragma("GCC unroll 4")                                                   \\
-            for (i0 = head; i0 + w <= (n); i0 += w) {                                 \\
-                T z[64 / sizeof(T)], line[64 / sizeof(T)];                            \\
-                _Pragma("omp simd")                                                   \\
-                for (Py_ssize_t k = 0; k < w; k++) {                                  \\
-                    Py_ssize_t i = i0 + k;                                            \\
-                    T v = EXPR; z[k] = v; line[k] = STORE(v);                         \\
+            for (i0 = head; i0 + w <= (n); ) {                                        \\
+                Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
+                if (stop > (n)) stop = (n);                                           \\
+                _Pragma("GCC unroll 4")                                               \\
+                for (; i0 + w <= stop; i0 += w) {                                     \\
+                    T z[64 / sizeof(T)], line[64 / sizeof(T)];                        \\
+                    _Pragma("omp simd")                                               \\
+                    for (Py_ssize_t k = 0; k < w; k++) {                              \\
+                        Py_ssize_t i = i0 + k;                                        \\
+                        T v = EXPR; z[k] = v; line[k] = STORE(v);                     \\
+                    }                                                                 \\
+                    memcpy(&vs, line, 64);                                            \\
+                    CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                       \\
+                    cbn_stream_line((dst) + i0, &vs);                                 \\
                 }                                                                     \\
-                memcpy(&vs, line, 64);                                                \\
-                CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                           \\
-                cbn_stream_line((dst) + i0, &vs);                                     \\
             }                                                                         \\
         } else if ((n) * (Py_ssize_t)sizeof(T) >= CBN_OR_CHECK_BYTES) {              \\
             typedef __typeof__(__builtin_choose_expr(sizeof(T) == 4,                  \\

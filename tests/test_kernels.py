@@ -748,28 +748,29 @@ def random_coefficients(rng, C, count, dtype):
     return coef3, coef6
 
 
-def _assert_caught_at_every_position(x, dy, coef3, coef6, statistics):
+def _assert_caught_at_every_position(x, dy, coef3, coef6, statistics, stream=False):
     """normalize (x) and backward_apply (dy) report one NaN, +inf or -inf (in turn)
-    at every position, ReLU on and off in turn; with `statistics`, forward_train
-    reports the bad x as non-finite statistics too."""
+    at every position, ReLU on and off in turn, streamed or not; with `statistics`,
+    forward_train reports the bad x as non-finite statistics too."""
     C = x.shape[1]
     y = np.empty_like(x)
-    assert K.normalize(x, y, coef3, False, 1) == K.OK
-    assert K.backward_apply(dy, x, coef6, y, True, 1) == K.OK
+    assert K.normalize(x, y, coef3, False, 1, stream) == K.OK
+    assert K.backward_apply(dy, x, coef6, y, True, 1, stream) == K.OK
     gamma = np.ones(C, x.dtype)
     for k, pos in enumerate(np.ndindex(x.shape)):
         bad = (np.nan, np.inf, -np.inf)[k % 3]
         relu = bool(k % 2)
         xb = x.copy()
         xb[pos] = bad
-        assert K.normalize(xb, y, coef3, relu, 1) == K.NONFINITE_OUTPUT, ("normalize", pos)
+        assert K.normalize(xb, y, coef3, relu, 1, stream) == K.NONFINITE_OUTPUT, \
+            ("normalize", pos)
         if statistics:
             m, v = np.empty(C), np.empty(C)
             assert K.forward_train(xb, y, gamma, gamma, EPS, m, v, relu, 1) \
                 == K.NONFINITE_STATS, ("statistics", pos)
         dyb = dy.copy()
         dyb[pos] = bad
-        assert K.backward_apply(dyb, x, coef6, y, relu, 1) == K.NONFINITE_OUTPUT, pos
+        assert K.backward_apply(dyb, x, coef6, y, relu, 1, stream) == K.NONFINITE_OUTPUT, pos
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -786,12 +787,13 @@ def test_a_nonfinite_value_in_a_short_run_is_caught_wherever_it_lands(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["runs", "rows"])
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_nonfinite_value_in_a_long_row_is_caught_wherever_it_lands(one_row_budget, dtype,
-                                                                      layout):
+                                                                      layout, stream):
     """The same for runs and rows of 2-4 KiB, whose passes OR the checks' bits over
-    the whole row (CBN_OR_CHECK_BYTES): every position of a run (a vector tail
-    included), and of rows that normalize and backward's dx pass take one at a
-    time."""
+    the whole row (CBN_OR_CHECK_BYTES), or stream them in blocks of 1 KiB
+    (CBN_STREAM_BLOCK_BYTES): every position of a run (a vector tail included),
+    and of rows that normalize and backward's dx pass take one at a time."""
     rng = np.random.default_rng()
     item = np.dtype(dtype).itemsize
     length = int(rng.integers(2048, 4096)) // item
@@ -801,7 +803,7 @@ def test_a_nonfinite_value_in_a_long_row_is_caught_wherever_it_lands(one_row_bud
     dy = rng.standard_normal(shape).astype(dtype)
     coef3, coef6 = random_coefficients(rng, C, x.size // C, dtype)
     one_row_budget(1)
-    _assert_caught_at_every_position(x, dy, coef3, coef6, statistics=False)
+    _assert_caught_at_every_position(x, dy, coef3, coef6, statistics=False, stream=stream)
 
 
 # Arrays whose second passes (training forward's normalize, backward's apply) run in

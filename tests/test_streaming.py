@@ -32,11 +32,13 @@ def _both(fn, monkeypatch):
 
 
 # (shape, axis): inner > 1 runs of lengths that are and are not multiples of a
-# 64-byte line, and inner == 1 rows: short ones, which a streamed pass folds
-# into virtual rows (normalize 4 KiB, backward 2 KiB; with a remainder of
-# rows), and rows of 4 KiB or more.
+# 64-byte line (and runs of several 1 KiB blocks of streamed lines), and
+# inner == 1 rows: short ones, which a streamed pass folds into virtual rows
+# (normalize 4 KiB, backward 2 KiB; with a remainder of rows), and rows of
+# 4 KiB or more.
 SHAPES = [
     ((4, 3, 37, 5), 1),
+    ((2, 3, 700), 1),
     ((2, 5, 64), 1),
     ((3, 2, 33), 1),
     ((6, 7, 8, 16), 1),
