@@ -103,6 +103,57 @@ def test_every_output_alignment(stream_always, offset, dtype, shape):
     assert np.all(buf[:offset] == 7.0) and np.all(buf[offset + size:] == 7.0)
 
 
+# Rows that a streamed normalize folds into virtual rows of whole 64-byte lines
+# (plain, folded, with a remainder of rows, over several chunks of the training
+# pass): with y inside a line it takes them shifted to start on one.
+SHIFT_SHAPES = [(300, 16), (130, 24), (40, 256), (9, 1024), (2100, 256)]
+
+
+@pytest.mark.parametrize("shape", SHIFT_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_rows_at_every_line_offset(monkeypatch, shape, dtype):
+    """out= at every element offset within a line, streamed: the bits of the
+    plain pass (training forward and evaluation, ReLU on and off, 1 and 2
+    threads), nothing written outside out, and a NaN at the first, a random
+    or the last value reported."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    C = shape[1]
+    gamma = rng.uniform(0.5, 2, C).astype(dtype)
+    beta = rng.uniform(-1, 1, C).astype(dtype)
+    mean, var = F.batch_stats(x)
+    item = np.dtype(dtype).itemsize
+    per_line = 64 // item
+
+    def passes(out, relu, n):
+        act = "relu" if relu else None
+        if out is not None:
+            out.fill(np.nan)  # a value left unwritten shows
+        y = F.batch_norm_train(x, gamma, beta, activation=act, n_threads=n, out=out)[0].copy()
+        if out is not None:
+            out.fill(np.nan)
+        ye = F.batch_norm_eval(x, mean, var, gamma, beta, activation=act, n_threads=n, out=out)
+        return y, ye.copy()
+
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    want = {(relu, n): passes(None, relu, n) for relu in (False, True) for n in (1, 2)}
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    for offset in range(per_line):
+        buf = np.full(x.size + 2 * per_line, 7.0, dtype=dtype)
+        start = (-buf.ctypes.data % 64) // item + offset
+        out = buf[start:start + x.size].reshape(shape)
+        for (relu, n), w in want.items():
+            got = passes(out, relu, n)
+            for a, b in zip(got, w):
+                np.testing.assert_array_equal(a, b, err_msg=f"offset {offset}, relu {relu}")
+        assert np.all(buf[:start] == 7.0) and np.all(buf[start + x.size:] == 7.0)
+        for pos in (0, int(rng.integers(x.size)), x.size - 1):
+            bad = x.copy()
+            bad.reshape(-1)[pos] = np.nan
+            with pytest.raises(FloatingPointError):
+                F.batch_norm_eval(bad, mean, var, gamma, beta, out=out)
+
+
 def test_unaligned_for_the_dtype_arrays(stream_always):
     """Arrays at an odd byte offset: inputs are copied to aligned memory, out= is refused."""
     rng = np.random.default_rng()
