@@ -113,11 +113,12 @@ SHIFT_SHAPES = [(300, 16), (130, 24), (40, 256), (9, 1024), (2100, 256)]
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_streamed_rows_at_every_line_offset(monkeypatch, shape, dtype):
     """out= at every element offset within a line, streamed: the bits of the
-    plain pass (training forward and evaluation, ReLU on and off, 1 and 2
-    threads), nothing written outside out, and a NaN at the first, a random
-    or the last value reported."""
+    plain pass (training forward, evaluation and their backward passes, ReLU on
+    and off, 1 and 2 threads), nothing written outside out, and a NaN at the
+    first, a random or the last value reported."""
     rng = np.random.default_rng()
     x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
     C = shape[1]
     gamma = rng.uniform(0.5, 2, C).astype(dtype)
     beta = rng.uniform(-1, 1, C).astype(dtype)
@@ -132,8 +133,15 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, dtype):
         y = F.batch_norm_train(x, gamma, beta, activation=act, n_threads=n, out=out)[0].copy()
         if out is not None:
             out.fill(np.nan)
-        ye = F.batch_norm_eval(x, mean, var, gamma, beta, activation=act, n_threads=n, out=out)
-        return y, ye.copy()
+        ye = F.batch_norm_eval(x, mean, var, gamma, beta, activation=act, n_threads=n,
+                               out=out).copy()
+        grads = []
+        for training in (True, False):
+            if out is not None:
+                out.fill(np.nan)
+            grads.append(F.batch_norm_backward(dy, x, mean, var, gamma, beta, training=training,
+                                               activation=act, n_threads=n, out=out)[0].copy())
+        return y, ye, *grads
 
     monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
     want = {(relu, n): passes(None, relu, n) for relu in (False, True) for n in (1, 2)}
@@ -152,6 +160,8 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, dtype):
             bad.reshape(-1)[pos] = np.nan
             with pytest.raises(FloatingPointError):
                 F.batch_norm_eval(bad, mean, var, gamma, beta, out=out)
+            with pytest.raises(FloatingPointError):
+                F.batch_norm_backward(bad, x, mean, var, gamma, beta, out=out)
 
 
 def test_unaligned_for_the_dtype_arrays(stream_always):
