@@ -1619,19 +1619,17 @@ cdef inline bint _one_row(const Geometry* g, size_t item_bytes) noexcept nogil:
     4096x256 training, 0.93x on one thread). With the fused ReLU (the m, a,
     b form: three coefficient rows), six of the twelve evaluations in cache
     (three shapes, two dtypes, one and two threads) ran 0.82-0.98x, so it
-    keeps two rows. Rows of 4-8 KiB (256x1024) lost on two
-    threads in cache (0.75-0.88x) and rows of 16-32 KiB on one (0.77-0.93x).
+    keeps two rows. Rows of 4-8 KiB (256x1024) lost on two threads in cache
+    (0.75-0.88x) and rows of 16-32 KiB on one (0.77-0.93x).
 
-    Backward: on an
-    AMD EPYC with AVX-512 (Zen 5, 1 MiB L2), both builds in one process, cold
-    data, 4096x256 and 16384x128: one thread 1.04-1.20x (dx into rotated out=
-    buffers) and 1.12-1.25x (dx allocated, as the benchmark does), two threads
-    1.0-1.10x; the same arrays in cache 1.02-1.18x. Arrays of 2-4 MiB (dy and
-    x) in cache lost (0.89-0.98x), and rows of 8 KiB cold (0.91x): both keep
-    four rows. Not with the fused ReLU, whose mask
-    needs three more coefficient rows per row: one row at a time, its pass
-    ran 0.82-0.91x (the coefficient loads, not memory, then pace it).
-    The callers leave out the ReLU.
+    Backward, the same machine and harness, cold data, 4096x256 and
+    16384x128: one thread 1.04-1.20x (dx into rotated out= buffers) and
+    1.12-1.25x (dx allocated, as the benchmark does), two threads 1.0-1.10x;
+    the same arrays in cache 1.02-1.18x. Arrays of 2-4 MiB (dy and x) in
+    cache lost (0.89-0.98x), and rows of 8 KiB cold (0.91x): both keep four
+    rows. With the fused ReLU, whose mask needs three more coefficient rows
+    per row, one row at a time ran 0.82-0.91x (the coefficient loads, not
+    memory, then pace it). The callers leave out the ReLU.
     """
     cdef size_t row_bytes = <size_t>g.channels * item_bytes
     return (_one_row_budget > 0 and row_bytes < PAIR_ROW_BYTES

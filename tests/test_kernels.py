@@ -1109,6 +1109,19 @@ def one_row_budget():
     K.set_one_row_bytes(before)
 
 
+def _short_row_shape(rng, dtype, layout):
+    """A random (outer, C, inner) batch whose rows are under 4 KiB: (N, C) rows,
+    short ones that fold into longer ones among them, or short runs (feature
+    maps of 2-12 values) that the passes take as rows of the (N, C*H*W) view."""
+    item = np.dtype(dtype).itemsize
+    outer = int(rng.integers(40, 700))
+    if layout == "rows":
+        C = int(rng.choice([rng.integers(1, 40), rng.integers(40, 4096 // item)]))
+        return (outer, C, 1)
+    inner = int(rng.integers(2, 13))
+    return (outer, int(rng.integers(1, 4096 // (item * inner))), inner)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("mode", ["training", "frozen", "frozen-no-grads"])
 @pytest.mark.parametrize("layout", ["rows", "short runs"])
@@ -1118,16 +1131,8 @@ def test_backward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, m
     and without ReLU both match the float64 reference. Rows are (N, C) or channels-last;
     short runs (feature maps of 2-12 values) go as rows of the (N, C*H*W) view."""
     rng = np.random.default_rng()
-    item = np.dtype(dtype).itemsize
-    outer = int(rng.integers(40, 700))
-    if layout == "rows":
-        # Short rows fold into longer ones; rows of 4 KiB and more keep four at a time.
-        C = int(rng.choice([rng.integers(1, 40), rng.integers(40, 4096 // item)]))
-        shape = (outer, C, 1)
-    else:
-        inner = int(rng.integers(2, 13))
-        C = int(rng.integers(1, 4096 // (item * inner)))
-        shape = (outer, C, inner)
+    shape = _short_row_shape(rng, dtype, layout)
+    outer, C = shape[:2]
     x, gamma, beta = make_batch(rng, shape, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
@@ -1209,16 +1214,8 @@ def test_forward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, la
     the float64 reference. Rows are (N, C) or channels-last; short runs (feature
     maps of 2-12 values) go as rows of the (N, C*H*W) view."""
     rng = np.random.default_rng()
-    item = np.dtype(dtype).itemsize
-    outer = int(rng.integers(40, 700))
-    if layout == "rows":
-        # Short rows fold into longer ones; rows of 4 KiB and more keep four at a time.
-        C = int(rng.choice([rng.integers(1, 40), rng.integers(40, 4096 // item)]))
-        shape = (outer, C, 1)
-    else:
-        inner = int(rng.integers(2, 13))
-        C = int(rng.integers(1, 4096 // (item * inner)))
-        shape = (outer, C, inner)
+    shape = _short_row_shape(rng, dtype, layout)
+    C = shape[1]
     x, gamma, beta = make_batch(rng, shape, dtype)
     x64 = x.astype(np.float64)
     mean, var = ref.batch_stats(x64, axis=1)
