@@ -1598,7 +1598,7 @@ def one_row_bytes():
     return _one_row_budget
 
 
-cdef inline bint _one_row(const Geometry* g, size_t item_bytes) noexcept nogil:
+cdef inline bint _one_row(const Geometry* g, size_t item_bytes, bint relu) noexcept nogil:
     """Whether an elementwise pass over rows (inner == 1) takes them one at a
     time in memory order: backward's apply pass instead of four rows a quarter
     of the batch apart, forward's normalize (training and evaluation) instead
@@ -1629,10 +1629,10 @@ cdef inline bint _one_row(const Geometry* g, size_t item_bytes) noexcept nogil:
     cache lost (0.89-0.98x), and rows of 8 KiB cold (0.91x): both keep four
     rows. With the fused ReLU, whose mask needs three more coefficient rows
     per row, one row at a time ran 0.82-0.91x (the coefficient loads, not
-    memory, then pace it). The callers leave out the ReLU.
+    memory, then pace it).
     """
     cdef size_t row_bytes = <size_t>g.channels * item_bytes
-    return (_one_row_budget > 0 and row_bytes < PAIR_ROW_BYTES
+    return (not relu and _one_row_budget > 0 and row_bytes < PAIR_ROW_BYTES
             and 2 * row_bytes * <size_t>g.outer > _one_row_budget)
 
 
@@ -1674,6 +1674,25 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     return bad
 
 
+cdef inline Py_ssize_t _shifted_piece(Py_ssize_t p, Py_ssize_t rows, Py_ssize_t width,
+                                      Py_ssize_t h, const floating* coef, Py_ssize_t cs,
+                                      const floating* rot, Py_ssize_t* n,
+                                      const floating** cf, Py_ssize_t* stride) noexcept nogil:
+    """Piece p (0 .. rows) of `rows` streamed rows of `width` values taken
+    shifted by h (see _stream_rows_shifted): its offset; its length, its
+    coefficient rows and their stride into n, cf, stride. Piece 0 is the first
+    h values (coef), pieces 1 .. rows - 1 whole rows from a line (rot), piece
+    `rows` the last width - h values (coef + h)."""
+    if p == 0:
+        n[0], cf[0], stride[0] = h, coef, cs
+        return 0
+    if p == rows:
+        n[0], cf[0], stride[0] = width - h, coef + h, cs
+    else:
+        n[0], cf[0], stride[0] = width, rot, width
+    return h + (p - 1) * width
+
+
 cdef inline int _affine_piece(const floating* x, floating* y, Py_ssize_t n,
                               const floating* coef, Py_ssize_t cs, bint relu,
                               bint two) noexcept nogil:
@@ -1701,13 +1720,12 @@ cdef int _stream_rows_shifted(const floating* x, floating* y, Py_ssize_t rows,
     16384x256 1.36-1.55x on one thread (1.00-1.38x on two), training forward
     1.10-1.26x (1.00-1.15x); with y on a line no change (0.96-1.05x).
     """
-    cdef Py_ssize_t j, off
-    cdef int bad = _affine_piece(x, y, h, coef, cs, relu, two)
-    for j in range(rows - 1):
-        off = h + j * width
-        bad |= _affine_piece(x + off, y + off, width, rot, width, relu, two)
-    off = h + (rows - 1) * width
-    bad |= _affine_piece(x + off, y + off, width - h, coef + h, cs, relu, two)
+    cdef Py_ssize_t p, off, n, stride
+    cdef const floating* cf
+    cdef int bad = 0
+    for p in range(rows + 1):
+        off = _shifted_piece(p, rows, width, h, coef, cs, rot, &n, &cf, &stride)
+        bad |= _affine_piece(x + off, y + off, n, cf, stride, relu, two)
     cbn_store_fence()
     return bad
 
@@ -1899,7 +1917,7 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
             return bad
         # No memory for the repeated coefficients: the runs below need none.
     if g.inner == 1:
-        one = not relu and _one_row(g, sizeof(floating))
+        one = _one_row(g, sizeof(floating), relu)
         # Short rows are processed k at a time as one row of k*C values.
         k = _row_fold(C * sizeof(floating), nt or one, g.outer)
         if k > 1:
@@ -2232,15 +2250,12 @@ cdef int _apply_rows_shifted(const floating* dy, const floating* x, floating* dx
     into a line: backward 65536x64, 16384x256 and 100352x64 1.19-1.28x on one
     thread, 1.08-1.15x on two, 1.12-1.29x with dx allocated; with dx on a line
     no change (0.94-1.04x)."""
-    cdef Py_ssize_t j, off
-    cdef int bad = _apply_piece(dy, x, dx, h, coef, cs, relu, use_x, fused)
-    for j in range(rows - 1):
-        off = h + j * width
-        bad |= _apply_piece(dy + off, x + off, dx + off, width, rot, width, relu, use_x,
-                            fused)
-    off = h + (rows - 1) * width
-    bad |= _apply_piece(dy + off, x + off, dx + off, width - h, coef + h, cs, relu, use_x,
-                        fused)
+    cdef Py_ssize_t p, off, n, stride
+    cdef const floating* cf
+    cdef int bad = 0
+    for p in range(rows + 1):
+        off = _shifted_piece(p, rows, width, h, coef, cs, rot, &n, &cf, &stride)
+        bad |= _apply_piece(dy + off, x + off, dx + off, n, cf, stride, relu, use_x, fused)
     cbn_store_fence()
     return bad
 
@@ -2365,7 +2380,7 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
         # rows of 64-256 channels (arrays of 16-32 MiB) 1.1-1.3x, one and two
         # threads. Rows of 4 KiB and more: 1.02-1.12x.
         # Short rows are processed k at a time as one row of k*C values.
-        one = _one_row(g, sizeof(floating)) and not relu
+        one = _one_row(g, sizeof(floating), relu)
         k = _fold(C * sizeof(floating), APPLY_FOLD_BYTES, g.outer)
         if k > 1:
             widened = _repeat(coef, 7 if fused else 6, C, k, 1)

@@ -105,13 +105,15 @@ def test_every_output_alignment(stream_always, offset, dtype, shape):
 
 # Rows that a streamed normalize folds into virtual rows of whole 64-byte lines
 # (plain, folded, with a remainder of rows, over several chunks of the training
-# pass): with y inside a line it takes them shifted to start on one.
-SHIFT_SHAPES = [(300, 16), (130, 24), (40, 256), (9, 1024), (2100, 256)]
+# pass; (N, C) and channels-last): with y inside a line it takes them shifted to
+# start on one.
+SHIFT_SHAPES = [((300, 16), 1), ((130, 24), 1), ((40, 256), 1), ((9, 1024), 1),
+                ((2100, 256), 1), ((3, 10, 10, 16), -1), ((2, 15, 10, 24), -1)]
 
 
-@pytest.mark.parametrize("shape", SHIFT_SHAPES)
+@pytest.mark.parametrize("shape,axis", SHIFT_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_streamed_rows_at_every_line_offset(monkeypatch, shape, dtype):
+def test_streamed_rows_at_every_line_offset(monkeypatch, shape, axis, dtype):
     """out= at every element offset within a line, streamed: the bits of the
     plain pass (training forward, evaluation and their backward passes, ReLU on
     and off, 1 and 2 threads), nothing written outside out, and a NaN at the
@@ -119,28 +121,28 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, dtype):
     rng = np.random.default_rng()
     x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    C = shape[1]
+    C = shape[axis]
     gamma = rng.uniform(0.5, 2, C).astype(dtype)
     beta = rng.uniform(-1, 1, C).astype(dtype)
-    mean, var = F.batch_stats(x)
+    mean, var = F.batch_stats(x, axis=axis)
     item = np.dtype(dtype).itemsize
     per_line = 64 // item
 
     def passes(out, relu, n):
         act = "relu" if relu else None
+        kw = {"axis": axis, "activation": act, "n_threads": n, "out": out}
         if out is not None:
             out.fill(np.nan)  # a value left unwritten shows
-        y = F.batch_norm_train(x, gamma, beta, activation=act, n_threads=n, out=out)[0].copy()
+        y = F.batch_norm_train(x, gamma, beta, **kw)[0].copy()
         if out is not None:
             out.fill(np.nan)
-        ye = F.batch_norm_eval(x, mean, var, gamma, beta, activation=act, n_threads=n,
-                               out=out).copy()
+        ye = F.batch_norm_eval(x, mean, var, gamma, beta, **kw).copy()
         grads = []
         for training in (True, False):
             if out is not None:
                 out.fill(np.nan)
-            grads.append(F.batch_norm_backward(dy, x, mean, var, gamma, beta, training=training,
-                                               activation=act, n_threads=n, out=out)[0].copy())
+            grads.append(F.batch_norm_backward(dy, x, mean, var, gamma, beta,
+                                               training=training, **kw)[0].copy())
         return y, ye, *grads
 
     monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
@@ -159,9 +161,9 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, dtype):
             bad = x.copy()
             bad.reshape(-1)[pos] = np.nan
             with pytest.raises(FloatingPointError):
-                F.batch_norm_eval(bad, mean, var, gamma, beta, out=out)
+                F.batch_norm_eval(bad, mean, var, gamma, beta, axis=axis, out=out)
             with pytest.raises(FloatingPointError):
-                F.batch_norm_backward(bad, x, mean, var, gamma, beta, out=out)
+                F.batch_norm_backward(bad, x, mean, var, gamma, beta, axis=axis, out=out)
 
 
 def test_unaligned_for_the_dtype_arrays(stream_always):
