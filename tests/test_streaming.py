@@ -50,17 +50,20 @@ SHAPES = [
 ]
 
 
+def _random_batch(rng, shape, axis, dtype):
+    """Fresh x (mean 1, spread 3), dy, gamma and beta for a batch with channels on `axis`."""
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    return x, dy, rng.uniform(0.5, 2, C).astype(dtype), rng.uniform(-1, 1, C).astype(dtype)
+
+
 @pytest.mark.parametrize("shape,axis", SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_streamed_results_are_bit_identical(monkeypatch, shape, axis, dtype, relu, n_threads):
-    rng = np.random.default_rng()
-    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    C = shape[axis]
-    gamma = rng.uniform(0.5, 2, C).astype(dtype)
-    beta = rng.uniform(-1, 1, C).astype(dtype)
+    x, dy, gamma, beta = _random_batch(np.random.default_rng(), shape, axis, dtype)
     act = "relu" if relu else None
     kw = dict(axis=axis, activation=act, n_threads=n_threads)
 
@@ -119,11 +122,7 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, axis, dtype):
     and off, 1 and 2 threads), nothing written outside out, and a NaN at the
     first, a random or the last value reported."""
     rng = np.random.default_rng()
-    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    C = shape[axis]
-    gamma = rng.uniform(0.5, 2, C).astype(dtype)
-    beta = rng.uniform(-1, 1, C).astype(dtype)
+    x, dy, gamma, beta = _random_batch(rng, shape, axis, dtype)
     mean, var = F.batch_stats(x, axis=axis)
     item = np.dtype(dtype).itemsize
     per_line = 64 // item
