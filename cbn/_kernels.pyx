@@ -1574,35 +1574,44 @@ cdef inline Py_ssize_t _share(Py_ssize_t total, Py_ssize_t w, Py_ssize_t n_work)
     return total * w // n_work
 
 
-cdef size_t _one_row_budget = 0
+cdef size_t _one_row_budget = 0           # backward's apply pass
+cdef size_t _forward_one_row_budget = 0   # forward's normalize
 
 
-def set_one_row_bytes(Py_ssize_t nbytes):
-    """Set the bytes (of x and y, or of dy and x) above which the elementwise
-    passes over rows shorter than 4 KiB (forward's normalize, backward's apply)
-    take them one at a time (0: never; see ``_one_row``).
+def set_one_row_bytes(Py_ssize_t nbytes, bint forward=False):
+    """Set the bytes (of dy and x; with ``forward``, of x and y) above which
+    backward's apply pass (with ``forward``, forward's normalize) takes rows
+    shorter than 4 KiB one at a time (0: never; see ``_one_row``).
 
-    cbn.functional calls it at import with four times the per-core (L2) cache,
-    or the environment variable CBN_ONE_ROW_BYTES. Results do not depend on it (the
-    passes are elementwise: the same bits either way); only speed does.
+    cbn.functional calls it at import with four times the per-core (L2) cache
+    or the environment variable CBN_ONE_ROW_BYTES, and for the forward with
+    that on the CPUs where it was measured to win, else 0, or the variable
+    CBN_FORWARD_ONE_ROW_BYTES. Results do not depend on it (the passes are
+    elementwise: the same bits either way); only speed does.
     """
-    global _one_row_budget
+    global _one_row_budget, _forward_one_row_budget
     if nbytes < 0:
         raise ValueError(f"one-row bytes must be >= 0, got {nbytes}")
-    _one_row_budget = <size_t>nbytes
+    if forward:
+        _forward_one_row_budget = <size_t>nbytes
+    else:
+        _one_row_budget = <size_t>nbytes
 
 
-def one_row_bytes():
-    """Bytes of x and y (forward) or dy and x (backward) above which the passes
-    over short rows take them one at a time (0: never; see ``set_one_row_bytes``)."""
-    return _one_row_budget
+def one_row_bytes(bint forward=False):
+    """Bytes of dy and x (with ``forward``, of x and y) above which backward's
+    apply pass (forward's normalize) takes short rows one at a time (0: never;
+    see ``set_one_row_bytes``)."""
+    return _forward_one_row_budget if forward else _one_row_budget
 
 
-cdef inline bint _one_row(const Geometry* g, size_t item_bytes, bint relu) noexcept nogil:
+cdef inline bint _one_row(const Geometry* g, size_t item_bytes, bint relu,
+                          bint forward) noexcept nogil:
     """Whether an elementwise pass over rows (inner == 1) takes them one at a
     time in memory order: backward's apply pass instead of four rows a quarter
-    of the batch apart, forward's normalize (training and evaluation) instead
-    of two rows half the batch apart. Neither with the fused ReLU (below).
+    of the batch apart, forward's normalize (training and evaluation, past its
+    own budget) instead of two rows half the batch apart. Neither with the
+    fused ReLU (below).
 
     Rows shorter than PAIR_ROW_BYTES whose two arrays (dy and x; x and y)
     together exceed the budget (four times the per-core cache), which then
@@ -1621,6 +1630,12 @@ cdef inline bint _one_row(const Geometry* g, size_t item_bytes, bint relu) noexc
     (three shapes, two dtypes, one and two threads) ran 0.82-0.98x, so it
     keeps two rows. Rows of 4-8 KiB (256x1024) lost on two threads in cache
     (0.75-0.88x) and rows of 16-32 KiB on one (0.77-0.93x).
+    On an AMD EPYC of the previous generation (Zen 4, 32 KiB L1d), the same
+    harness and shapes, three processes: one row at a time lost to two rows
+    on cold data, 0.66-0.83x on one thread and 0.78-0.98x on two, in cache
+    0.71-1.14x (five of 24 cases above 1.0); so the forward's budget is 0
+    there (cbn.functional). Backward's one row at a time measured alike there
+    (cold 0.95-1.08x, in cache 0.88-1.14x), so it keeps its budget.
 
     Backward, the same machine and harness, cold data, 4096x256 and
     16384x128: one thread 1.04-1.20x (dx into rotated out= buffers) and
@@ -1632,8 +1647,9 @@ cdef inline bint _one_row(const Geometry* g, size_t item_bytes, bint relu) noexc
     memory, then pace it).
     """
     cdef size_t row_bytes = <size_t>g.channels * item_bytes
-    return (not relu and _one_row_budget > 0 and row_bytes < PAIR_ROW_BYTES
-            and 2 * row_bytes * <size_t>g.outer > _one_row_budget)
+    cdef size_t budget = _forward_one_row_budget if forward else _one_row_budget
+    return (not relu and budget > 0 and row_bytes < PAIR_ROW_BYTES
+            and 2 * row_bytes * <size_t>g.outer > budget)
 
 
 cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
@@ -1917,7 +1933,7 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
             return bad
         # No memory for the repeated coefficients: the runs below need none.
     if g.inner == 1:
-        one = _one_row(g, sizeof(floating), relu)
+        one = _one_row(g, sizeof(floating), relu, True)
         # Short rows are processed k at a time as one row of k*C values.
         k = _row_fold(C * sizeof(floating), nt or one, g.outer)
         if k > 1:
@@ -2380,7 +2396,7 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
         # rows of 64-256 channels (arrays of 16-32 MiB) 1.1-1.3x, one and two
         # threads. Rows of 4 KiB and more: 1.02-1.12x.
         # Short rows are processed k at a time as one row of k*C values.
-        one = _one_row(g, sizeof(floating), relu)
+        one = _one_row(g, sizeof(floating), relu, False)
         k = _fold(C * sizeof(floating), APPLY_FOLD_BYTES, g.outer)
         if k > 1:
             widened = _repeat(coef, 7 if fused else 6, C, k, 1)

@@ -110,6 +110,36 @@ def _one_row_bytes(default_l2=1 << 20):
     return _env_bytes("CBN_ONE_ROW_BYTES", 4 * _cache_sizes().get(2, default_l2))
 
 
+def _cpu_model(path="/proc/cpuinfo"):
+    """``(vendor_id, cpu family)`` of the first CPU Linux lists, else ``(None, None)``."""
+    vendor = family = None
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "vendor_id" and vendor is None:
+                    vendor = value
+                elif key == "cpu family" and family is None and value.isdigit():
+                    family = int(value)
+                if vendor is not None and family is not None:
+                    break
+    except OSError:
+        pass
+    return vendor, family
+
+
+def _forward_one_row_wins(vendor, family):
+    """Whether forward's normalize was measured faster one row at a time on this CPU:
+    AMD family 26 (Zen 5) and later, not Zen 4 (family 25; see _kernels._one_row)."""
+    return vendor == "AuthenticAMD" and family is not None and family >= 26
+
+
+def _forward_one_row_bytes():
+    default = _one_row_bytes() if _forward_one_row_wins(*_cpu_model()) else 0
+    return _env_bytes("CBN_FORWARD_ONE_ROW_BYTES", default)
+
+
 # Outputs of at least this many bytes are written with non-temporal
 # ("streaming") stores, which skip reading each output line into the cache
 # before overwriting it: a third less memory traffic for a normalize pass, and
@@ -134,17 +164,24 @@ GROUP_BYTES = _group_bytes()
 _kernels.set_group_bytes(GROUP_BYTES)
 
 
-# The elementwise passes over rows (inner == 1) shorter than 4 KiB whose two
-# arrays together (x and y forward, dy and x backward) exceed this many bytes go
-# one row at a time in memory order (without the fused ReLU): backward's dx pass
-# instead of four rows a quarter of the batch apart, forward's normalize instead
-# of two rows half the batch apart. Well past the per-core cache the rows' extra
-# streams ran slower (one row at a time: backward 1.04-1.25x, forward 1.0-1.42x
-# on one thread, on the AMD EPYC with AVX-512 it was measured on; see
+# Backward's dx pass over rows (inner == 1) shorter than 4 KiB whose dy and x
+# together exceed this many bytes goes one row at a time in memory order
+# (without the fused ReLU) instead of four rows a quarter of the batch apart:
+# well past the per-core cache the rows' extra streams ran slower (one row at a
+# time 1.04-1.25x on one thread on AMD EPYC Zen 5, alike on Zen 4; see
 # _kernels._one_row). The same bits either way. Default: four times the L2
 # cache; the environment variable CBN_ONE_ROW_BYTES overrides it (0: never).
 ONE_ROW_BYTES = _one_row_bytes()
 _kernels.set_one_row_bytes(ONE_ROW_BYTES)
+
+# The same for forward's normalize (x and y), instead of two rows half the
+# batch apart. Which wins depends on the CPU: one row at a time ran 1.0-1.42x
+# on AMD EPYC Zen 5 but 0.66-0.83x on Zen 4 (one thread, cold data). Default:
+# ONE_ROW_BYTES on the CPUs where it was measured to win (AMD family 26 and
+# later), else 0 (never); the environment variable CBN_FORWARD_ONE_ROW_BYTES
+# overrides it.
+FORWARD_ONE_ROW_BYTES = _forward_one_row_bytes()
+_kernels.set_one_row_bytes(FORWARD_ONE_ROW_BYTES, forward=True)
 
 
 def streams(nbytes):

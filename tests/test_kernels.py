@@ -1103,10 +1103,17 @@ def test_grouped_backward_in_place_gives_the_same_numbers(group_budget):
 
 @pytest.fixture
 def one_row_budget():
-    """Set the one-row threshold for a test (K.set_one_row_bytes), then restore it."""
-    before = K.one_row_bytes()
-    yield K.set_one_row_bytes
-    K.set_one_row_bytes(before)
+    """Set both one-row thresholds, backward's and forward's (K.set_one_row_bytes),
+    for a test, then restore them."""
+    before = K.one_row_bytes(), K.one_row_bytes(forward=True)
+
+    def set_both(nbytes):
+        K.set_one_row_bytes(nbytes)
+        K.set_one_row_bytes(nbytes, forward=True)
+
+    yield set_both
+    K.set_one_row_bytes(before[0])
+    K.set_one_row_bytes(before[1], forward=True)
 
 
 def _short_row_shape(rng, dtype, layout):
@@ -1245,12 +1252,14 @@ def test_forward_rows_one_at_a_time_give_the_same_bits(one_row_budget, dtype, la
         # Training y against the float64 reference: test_composites_match_reference.
 
 
-def test_one_row_budget_refuses_negative(one_row_budget):
+def test_one_row_budgets_are_apart_and_refuse_negative(one_row_budget):
     one_row_budget(12345)
-    assert K.one_row_bytes() == 12345
-    with pytest.raises(ValueError, match="one-row bytes"):
-        K.set_one_row_bytes(-1)
-    assert K.one_row_bytes() == 12345
+    K.set_one_row_bytes(678, forward=True)
+    assert (K.one_row_bytes(), K.one_row_bytes(forward=True)) == (12345, 678)
+    for forward in (False, True):
+        with pytest.raises(ValueError, match="one-row bytes"):
+            K.set_one_row_bytes(-1, forward=forward)
+    assert (K.one_row_bytes(), K.one_row_bytes(forward=True)) == (12345, 678)
 
 
 

@@ -249,6 +249,35 @@ def test_byte_settings_from_environment(monkeypatch, name, read, default):
 def test_group_budget_is_set_at_import():
     assert K.group_bytes() == F.GROUP_BYTES
     assert K.one_row_bytes() == F.ONE_ROW_BYTES
+    assert K.one_row_bytes(forward=True) == F.FORWARD_ONE_ROW_BYTES
+
+
+def test_forward_one_row_budget_follows_the_cpu(monkeypatch, tmp_path):
+    """Forward's one-row budget: ONE_ROW_BYTES on AMD family 26 and later (Zen 5,
+    where it was measured to win), else 0; CBN_FORWARD_ONE_ROW_BYTES overrides
+    it, refused by name when it is not a byte count."""
+    info, read = tmp_path / "cpuinfo", F._cpu_model
+    for text, model, wins in [
+            ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+             "processor\t: 1\nvendor_id\t: Other\ncpu family\t: 6\n", ("AuthenticAMD", 26), True),
+            ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\n", ("AuthenticAMD", 25), False),
+            ("vendor_id\t: GenuineIntel\ncpu family\t: 6\n", ("GenuineIntel", 6), False),
+            ("vendor_id : AuthenticAMD\ncpu family : unknown\n", ("AuthenticAMD", None), False),
+            ("", (None, None), False)]:
+        info.write_text(text)
+        assert read(str(info)) == model
+        assert F._forward_one_row_wins(*model) is wins
+        monkeypatch.setattr(F, "_cpu_model", lambda model=model: model)
+        monkeypatch.delenv("CBN_FORWARD_ONE_ROW_BYTES", raising=False)
+        assert F._forward_one_row_bytes() == (F._one_row_bytes() if wins else 0)
+    assert read(str(tmp_path / "missing")) == (None, None)
+    value = int(np.random.default_rng().integers(0, 1 << 30))
+    monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", str(value))
+    assert F._forward_one_row_bytes() == value
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", bad)
+        with pytest.raises(ValueError, match="CBN_FORWARD_ONE_ROW_BYTES"):
+            F._forward_one_row_bytes()
 
 
 def test_cache_sizes_read_sysfs(tmp_path):
