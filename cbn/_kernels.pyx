@@ -176,6 +176,35 @@ cdef extern from *:
     /* at 2 KiB 0.73-0.81x of no split. Why the long loop is slower there was */
     /* not found.                                                             */
     #define CBN_STREAM_BLOCK_BYTES 1024
+    /* A streamed store followed closely by a load 4 KiB-aliased with it (its  */
+    /* address equal in the low 12 bits, partly overlapping) waits for the    */
+    /* store to leave: with y a little ahead of what the loop reads (x, dy or  */
+    /* a coefficient row) modulo 4 KiB, each line's loads meet the stores of  */
+    /* the lines before. On the AMD EPYC Zen 4 of session 17, y 80 bytes      */
+    /* ahead of x modulo 4 KiB ran 1.4-2.1x slower than other distances (all */
+    /* passes, both dtypes, rows and runs), 112 and 144 bytes 1.1-1.4x; a     */
+    /* heap-allocated out= hits it for every call of a training loop (each   */
+    /* array of a size lands at the same offset). The leaves then ask for     */
+    /* CBN_NT_LAGGED: each block of CBN_STREAM_BLOCK_BYTES is built in a      */
+    /* stack buffer and streamed out after the next block's loads, which are */
+    /* then a block away from every store in flight. Same bits. Against the  */
+    /* plain streamed loop, both builds in one process, three processes, y   */
+    /* 80 bytes ahead: 1.0-2.4x faster (32x64x56x56, 65536x64, 16384x256,    */
+    /* all passes, one and two threads); at 48-144 bytes 0.91-1.3x. Only     */
+    /* then: at distances outside the window, taking every call lagged ran   */
+    /* rows 1.1-1.25x slower (the runs 0.92-1.05x).                           */
+    #define CBN_NT_LAGGED 2
+    #define CBN_LAG_MIN_BYTES 32   /* exclusive: at 16, 32 the lag was mixed */
+    #define CBN_LAG_MAX_BYTES 160  /* exclusive */
+    static inline int cbn_near_ahead(const void* dst, const void* src) {
+        uintptr_t d = ((uintptr_t)dst - (uintptr_t)src) & 4095;
+        return src != NULL && d > CBN_LAG_MIN_BYTES && d < CBN_LAG_MAX_BYTES;
+    }
+    /* nt, or CBN_NT_LAGGED if y is near ahead of one of the loop's inputs.   */
+    #define CBN_LAG(nt, dst, p1, p2, p3, p4)                                          \
+        ((nt) && (cbn_near_ahead(dst, p1) || cbn_near_ahead(dst, p2)                  \
+                  || cbn_near_ahead(dst, p3) || cbn_near_ahead(dst, p4))              \
+         ? CBN_NT_LAGGED : (nt))
     /* The one elementwise loop: v = EXPR (a function of i) for i in [0, n),  \\
        chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). Whole     \\
        vectors of v - v add up in a register of per-lane checks, tested once   \\
@@ -202,6 +231,34 @@ cdef extern from *:
                 T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
             }                                                                         \\
             line_t vs;                                                                \\
+            if ((nt) == CBN_NT_LAGGED) {                                              \\
+                /* Each block built into blk_[cur] while the one before it is */      \\
+                /* streamed out (see CBN_NT_LAGGED).                          */      \\
+                T blk_[2][CBN_STREAM_BLOCK_BYTES / sizeof(T)] __attribute__((aligned(64))); \\
+                Py_ssize_t pend_at = 0, pend_n = 0;                                   \\
+                int cur = 0;                                                          \\
+                for (i0 = head; i0 + w <= (n); ) {                                    \\
+                    Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
+                    Py_ssize_t at = i0;                                               \\
+                    if (stop > (n)) stop = (n);                                       \\
+                    _Pragma("GCC unroll 4")                                           \\
+                    for (; i0 + w <= stop; i0 += w) {                                 \\
+                        T z[64 / sizeof(T)];                                          \\
+                        T* line = &blk_[cur][i0 - at];                                \\
+                        _Pragma("omp simd")                                           \\
+                        for (Py_ssize_t k = 0; k < w; k++) {                          \\
+                            Py_ssize_t i = i0 + k;                                    \\
+                            T v = EXPR; z[k] = v; line[k] = STORE(v);                 \\
+                        }                                                             \\
+                        CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                   \\
+                    }                                                                 \\
+                    for (Py_ssize_t l = 0; l < pend_n; l += w)                        \\
+                        cbn_stream_line((dst) + pend_at + l, &blk_[cur ^ 1][l]);      \\
+                    pend_at = at; pend_n = i0 - at; cur ^= 1;                         \\
+                }                                                                     \\
+                for (Py_ssize_t l = 0; l < pend_n; l += w)                            \\
+                    cbn_stream_line((dst) + pend_at + l, &blk_[cur ^ 1][l]);          \\
+            } else                                                                    \\
             for (i0 = head; i0 + w <= (n); ) {                                        \\
                 Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
                 if (stop > (n)) stop = (n);                                           \\
@@ -404,6 +461,7 @@ cdef extern from *:
     static inline int cbn_affine_row_##S(const T* x, T* y, Py_ssize_t n,             \\
             const T* m, const T* a, const T* b, int relu, int nt) {                  \\
         T chk = 0;                                                                   \\
+        nt = CBN_LAG(nt, y, x, m, a, b);                                             \\
         if (relu)                                                                    \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_RELU_##S)  \\
         else                                                                         \\
@@ -438,6 +496,7 @@ cdef extern from *:
     static inline int cbn_affine2_row_##S(const T* x, T* y, Py_ssize_t n,            \\
             const T* a, const T* c, int nt) {                                        \\
         T chk = 0;                                                                   \\
+        nt = CBN_LAG(nt, y, x, a, c, NULL);                                          \\
         CBN_EACH(T, n, y, nt, chk, x[i] * a[i] + c[i], CBN_SAME)                     \\
         return chk != 0;                                                             \\
     }                                                                                \\
@@ -445,6 +504,7 @@ cdef extern from *:
     static inline int cbn_affine_run_##S(const T* x, T* y, Py_ssize_t n,             \\
                                          T m, T a, T b, int relu, int nt) {          \\
         T chk = 0;                                                                   \\
+        nt = CBN_LAG(nt, y, x, NULL, NULL, NULL);                                    \\
         if (relu)                                                                    \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m, a, b), CBN_RELU_##S)           \\
         else                                                                         \\
@@ -460,6 +520,7 @@ cdef extern from *:
             const T* m, const T* a, const T* b, const T* s, const T* kx, const T* k0,\\
             int relu, int nt) {                                                      \\
         T chk = 0;                                                                   \\
+        nt = CBN_LAG(CBN_LAG(nt, dx, dy, x, m, a), dx, b, s, kx, k0);                \\
         if (s == NULL && relu)                                                       \\
             CBN_EACH(T, n, dx, nt, chk,                                              \\
                      a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)      \\
@@ -503,6 +564,7 @@ cdef extern from *:
     static inline int cbn_grad_run_##S(const T* dy, const T* x, T* dx, Py_ssize_t n, \\
             T m, T a, T b, T s, T kx, T k0, int relu, int nt) {                      \\
         T chk = 0;                                                                   \\
+        nt = CBN_LAG(nt, dx, dy, x, NULL, NULL);                                     \\
         if (relu)                                                                    \\
             CBN_EACH(T, n, dx, nt, chk,                                              \\
                      a * ((CBN_Z(x[i], m, a, b) > 0 ? dy[i] : (T)0)                  \\
@@ -516,6 +578,7 @@ cdef extern from *:
     static inline int cbn_scale_row_##S(const T* dy, T* dx, Py_ssize_t n,            \\
                                         const T* a, int nt) {                        \\
         T chk = 0;                                                                   \\
+        nt = CBN_LAG(nt, dx, dy, a, NULL, NULL);                                     \\
         CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                          \\
         return chk != 0;                                                             \\
     }                                                                                \\
@@ -528,6 +591,7 @@ cdef extern from *:
     static inline int cbn_scale_run_##S(const T* dy, T* dx, Py_ssize_t n, T a,       \\
                                         int nt) {                                    \\
         T chk = 0;                                                                   \\
+        nt = CBN_LAG(nt, dx, dy, NULL, NULL, NULL);                                  \\
         CBN_EACH(T, n, dx, nt, chk, a * dy[i], CBN_SAME)                             \\
         return chk != 0;                                                             \\
     }

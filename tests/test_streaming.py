@@ -165,6 +165,79 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, axis, dtype):
                 F.batch_norm_backward(bad, x, mean, var, gamma, beta, axis=axis, out=out)
 
 
+def _at_page_offset(shape, dtype, offset):
+    """An uninitialised array of `shape` starting `offset` bytes into a page."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 8192, dtype=np.uint8)
+    start = -raw.ctypes.data % 4096 + offset
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+# Runs of several 1 KiB blocks (with partial lines), rows folded to whole lines
+# and rows of their own, shifted or not.
+NEAR_SHAPES = [((2, 3, 700), 1), ((3, 2, 1100), 1), ((4, 3, 37, 5), 1), ((300, 16), 1),
+               ((130, 24), 1), ((9, 1024), 1), ((5, 1100), 1), ((3, 10, 10, 16), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", NEAR_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_output_a_little_ahead_of_its_inputs(monkeypatch, shape, axis, dtype):
+    """out= 48, 80 or 144 bytes ahead of x (or of dy) modulo 4 KiB, which the
+    streamed loops take in lagged blocks (CBN_NT_LAGGED), with x at several
+    offsets in a line: the bits of the plain pass (training forward,
+    evaluation and both backward passes, ReLU on and off, 1 and 2 threads),
+    nothing written outside out, and a NaN at the first, a random or the last
+    value reported."""
+    rng = np.random.default_rng()
+    x0, dy0, gamma, beta = _random_batch(rng, shape, axis, dtype)
+    mean, var = F.batch_stats(x0, axis=axis)
+    item = np.dtype(dtype).itemsize
+    pad = 64 // item
+
+    def passes(x, dy, out, relu, n):
+        kw = {"axis": axis, "activation": "relu" if relu else None, "n_threads": n,
+              "out": out}
+        results = []
+        for run in (lambda: F.batch_norm_train(x, gamma, beta, **kw)[0],
+                    lambda: F.batch_norm_eval(x, mean, var, gamma, beta, **kw),
+                    lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
+                                                  training=True, **kw)[0],
+                    lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
+                                                  training=False, **kw)[0]):
+            if out is not None:
+                out.fill(np.nan)  # a value left unwritten shows
+            results.append(run().copy())
+        return results
+
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    want = {(relu, n): passes(x0, dy0, None, relu, n) for relu in (False, True)
+            for n in (1, 2)}
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    for x_at in (0, item, 32 + item * int(rng.integers(0, 32 // item))):
+        for ahead, dy_ahead in ((80, 1024), (48, 2048), (144, 64), (2048, 80)):
+            x = _at_page_offset(shape, dtype, x_at)
+            x[...] = x0
+            dy = _at_page_offset(shape, dtype, (x_at + ahead - dy_ahead) % 4096)
+            dy[...] = dy0
+            full = _at_page_offset((x0.size + 2 * pad,), dtype,
+                                   (x_at + ahead - pad * item) % 4096)
+            full.fill(7.0)
+            out = full[pad:pad + x0.size].reshape(shape)
+            assert (out.ctypes.data - x.ctypes.data) % 4096 == ahead
+            assert (out.ctypes.data - dy.ctypes.data) % 4096 == dy_ahead
+            for (relu, n), w in want.items():
+                for a, b in zip(passes(x, dy, out, relu, n), w):
+                    np.testing.assert_array_equal(a, b, err_msg=f"{x_at} {ahead} {relu} {n}")
+            assert np.all(full[:pad] == 7.0) and np.all(full[pad + x0.size:] == 7.0)
+            for pos in (0, int(rng.integers(x0.size)), x0.size - 1):
+                x.reshape(-1)[pos] = np.nan
+                with pytest.raises(FloatingPointError):
+                    F.batch_norm_eval(x, mean, var, gamma, beta, axis=axis, out=out)
+                with pytest.raises(FloatingPointError):
+                    F.batch_norm_backward(dy, x, mean, var, gamma, beta, axis=axis, out=out)
+                x.reshape(-1)[pos] = x0.reshape(-1)[pos]
+
+
 def test_unaligned_for_the_dtype_arrays(stream_always):
     """Arrays at an odd byte offset: inputs are copied to aligned memory, out= is refused."""
     rng = np.random.default_rng()
