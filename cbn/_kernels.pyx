@@ -162,7 +162,9 @@ cdef extern from *:
     /* of line by line through memory. On an AMD EPYC (Zen 5), both builds in  */
     /* one process, NCHW runs of 3-8 KiB: in cache 1.01-1.19x, cold 0.95-1.17x */
     /* (median 1.05x); runs of 784 bytes lost in cache (0.86-0.94x), so       */
-    /* shorter ones keep the line-by-line checks.                             */
+    /* shorter ones keep the line-by-line checks. On Zen 4 (session 17), line */
+    /* checks for evaluation ran 1.01-1.18x cold on float32 but 0.78-0.98x in */
+    /* cache: kept.                                                           */
     #define CBN_OR_CHECK_BYTES 2048
     /* The streamed loop of CBN_EACH goes over its lines in blocks of this    */
     /* many bytes: an outer loop around the same inner loop, the same         */
@@ -174,7 +176,7 @@ cdef extern from *:
     /* either way); alike at six page offsets of y against x. Rows split     */
     /* between calls into pieces measured alike at 512 bytes and 1 KiB, and   */
     /* at 2 KiB 0.73-0.81x of no split. Why the long loop is slower there was */
-    /* not found.                                                             */
+    /* not found. On the Zen 4 EPYC of session 17: alike (0.97-1.04x).        */
     #define CBN_STREAM_BLOCK_BYTES 1024
     /* A streamed store followed closely by a load 4 KiB-aliased with it (its  */
     /* address equal in the low 12 bits, partly overlapping) waits for the    */
