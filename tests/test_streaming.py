@@ -331,8 +331,8 @@ def test_forward_one_row_budget_follows_the_cpu(monkeypatch, tmp_path):
     it, refused by name when it is not a byte count."""
     info, read = tmp_path / "cpuinfo", F._cpu_model
     for text, model, wins in [
-            ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
-             "processor\t: 1\nvendor_id\t: Other\ncpu family\t: 6\n", ("AuthenticAMD", 26), True),
+            (("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+              "processor\t: 1\nvendor_id\t: Other\ncpu family\t: 6\n"), ("AuthenticAMD", 26), True),
             ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\n", ("AuthenticAMD", 25), False),
             ("vendor_id\t: GenuineIntel\ncpu family\t: 6\n", ("GenuineIntel", 6), False),
             ("vendor_id : AuthenticAMD\ncpu family : unknown\n", ("AuthenticAMD", None), False),
