@@ -202,11 +202,18 @@ cdef extern from *:
         uintptr_t d = ((uintptr_t)dst - (uintptr_t)src) & 4095;
         return src != NULL && d > CBN_LAG_MIN_BYTES && d < CBN_LAG_MAX_BYTES;
     }
-    /* nt, or CBN_NT_LAGGED if y is near ahead of one of the loop's inputs.   */
-    #define CBN_LAG(nt, dst, p1, p2, p3, p4)                                          \
-        ((nt) && (cbn_near_ahead(dst, p1) || cbn_near_ahead(dst, p2)                  \
-                  || cbn_near_ahead(dst, p3) || cbn_near_ahead(dst, p4))              \
-         ? CBN_NT_LAGGED : (nt))
+    /* nt, or CBN_NT_LAGGED if streamed dst is near ahead of one of the      */
+    /* loop's inputs (up to eight; NULL for none).                            */
+    static inline int cbn_lag(int nt, const void* dst, const void* p1, const void* p2,
+                              const void* p3, const void* p4, const void* p5,
+                              const void* p6, const void* p7, const void* p8) {
+        const void* p[8] = {p1, p2, p3, p4, p5, p6, p7, p8};
+        if (nt)
+            for (int k = 0; k < 8; k++)
+                if (cbn_near_ahead(dst, p[k]))
+                    return CBN_NT_LAGGED;
+        return nt;
+    }
     /* The one elementwise loop: v = EXPR (a function of i) for i in [0, n),  \\
        chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). Whole     \\
        vectors of v - v add up in a register of per-lane checks, tested once   \\
@@ -463,7 +470,7 @@ cdef extern from *:
     static inline int cbn_affine_row_##S(const T* x, T* y, Py_ssize_t n,             \\
             const T* m, const T* a, const T* b, int relu, int nt) {                  \\
         T chk = 0;                                                                   \\
-        nt = CBN_LAG(nt, y, x, m, a, b);                                             \\
+        nt = cbn_lag(nt, y, x, m, a, b, NULL, NULL, NULL, NULL);                     \\
         if (relu)                                                                    \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_RELU_##S)  \\
         else                                                                         \\
@@ -498,7 +505,7 @@ cdef extern from *:
     static inline int cbn_affine2_row_##S(const T* x, T* y, Py_ssize_t n,            \\
             const T* a, const T* c, int nt) {                                        \\
         T chk = 0;                                                                   \\
-        nt = CBN_LAG(nt, y, x, a, c, NULL);                                          \\
+        nt = cbn_lag(nt, y, x, a, c, NULL, NULL, NULL, NULL, NULL);                  \\
         CBN_EACH(T, n, y, nt, chk, x[i] * a[i] + c[i], CBN_SAME)                     \\
         return chk != 0;                                                             \\
     }                                                                                \\
@@ -506,7 +513,7 @@ cdef extern from *:
     static inline int cbn_affine_run_##S(const T* x, T* y, Py_ssize_t n,             \\
                                          T m, T a, T b, int relu, int nt) {          \\
         T chk = 0;                                                                   \\
-        nt = CBN_LAG(nt, y, x, NULL, NULL, NULL);                                    \\
+        nt = cbn_lag(nt, y, x, NULL, NULL, NULL, NULL, NULL, NULL, NULL);            \\
         if (relu)                                                                    \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m, a, b), CBN_RELU_##S)           \\
         else                                                                         \\
@@ -522,7 +529,7 @@ cdef extern from *:
             const T* m, const T* a, const T* b, const T* s, const T* kx, const T* k0,\\
             int relu, int nt) {                                                      \\
         T chk = 0;                                                                   \\
-        nt = CBN_LAG(CBN_LAG(nt, dx, dy, x, m, a), dx, b, s, kx, k0);                \\
+        nt = cbn_lag(nt, dx, dy, x, m, a, b, s, kx, k0);                             \\
         if (s == NULL && relu)                                                       \\
             CBN_EACH(T, n, dx, nt, chk,                                              \\
                      a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)      \\
@@ -566,7 +573,7 @@ cdef extern from *:
     static inline int cbn_grad_run_##S(const T* dy, const T* x, T* dx, Py_ssize_t n, \\
             T m, T a, T b, T s, T kx, T k0, int relu, int nt) {                      \\
         T chk = 0;                                                                   \\
-        nt = CBN_LAG(nt, dx, dy, x, NULL, NULL);                                     \\
+        nt = cbn_lag(nt, dx, dy, x, NULL, NULL, NULL, NULL, NULL, NULL);             \\
         if (relu)                                                                    \\
             CBN_EACH(T, n, dx, nt, chk,                                              \\
                      a * ((CBN_Z(x[i], m, a, b) > 0 ? dy[i] : (T)0)                  \\
@@ -580,7 +587,7 @@ cdef extern from *:
     static inline int cbn_scale_row_##S(const T* dy, T* dx, Py_ssize_t n,            \\
                                         const T* a, int nt) {                        \\
         T chk = 0;                                                                   \\
-        nt = CBN_LAG(nt, dx, dy, a, NULL, NULL);                                     \\
+        nt = cbn_lag(nt, dx, dy, a, NULL, NULL, NULL, NULL, NULL, NULL);             \\
         CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                          \\
         return chk != 0;                                                             \\
     }                                                                                \\
@@ -593,7 +600,7 @@ cdef extern from *:
     static inline int cbn_scale_run_##S(const T* dy, T* dx, Py_ssize_t n, T a,       \\
                                         int nt) {                                    \\
         T chk = 0;                                                                   \\
-        nt = CBN_LAG(nt, dx, dy, NULL, NULL, NULL);                                  \\
+        nt = cbn_lag(nt, dx, dy, NULL, NULL, NULL, NULL, NULL, NULL, NULL);          \\
         CBN_EACH(T, n, dx, nt, chk, a * dy[i], CBN_SAME)                             \\
         return chk != 0;                                                             \\
     }

@@ -124,7 +124,7 @@ def _cpu_model(path="/proc/cpuinfo"):
                     family = int(value)
                 if vendor is not None and family is not None:
                     break
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         pass
     return vendor, family
 

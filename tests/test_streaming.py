@@ -344,6 +344,8 @@ def test_forward_one_row_budget_follows_the_cpu(monkeypatch, tmp_path):
         monkeypatch.delenv("CBN_FORWARD_ONE_ROW_BYTES", raising=False)
         assert F._forward_one_row_bytes() == (F._one_row_bytes() if wins else 0)
     assert read(str(tmp_path / "missing")) == (None, None)
+    info.write_bytes(b"vendor_id\t: \xff\xfe\n")
+    assert read(str(info)) == (None, None)
     value = int(np.random.default_rng().integers(0, 1 << 30))
     monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", str(value))
     assert F._forward_one_row_bytes() == value
