@@ -314,6 +314,84 @@ cdef extern from *:
         if (cbn_any_bits(&chk_lo, 32))                                                \\
             chk += 1;                                                                 \\
     }
+    /* CBN_EACH's streamed loop (nt, not lagged) for rows whose coefficient   */\\
+    /* rows repeat every `period` values, a divisor of L lines (L a literal). */\\
+    /* HOLD declares copies of the coefficients of the first L whole lines    */\\
+    /* (from head_, as vectors c_v[l], CBN_HOLD), which serve every later     */\\
+    /* group of L lines from registers: each line loads only its input lines. */\\
+    /* VEXPR is EXPR on whole lines: inputs CBN_LINE(p) (p's line at i),      */\\
+    /* coefficients c_v[l]; VSTORE is STORE on a line. The same arithmetic    */\\
+    /* per element: the same bits as CBN_EACH. See cbn_periodic.              */\\
+    #define CBN_EACH_PERIODIC(T, n, dst, L, chk, HOLD, EXPR, VEXPR, STORE, VSTORE) \\
+    {                                                                             \\
+        const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                        \\
+        typedef T line_t __attribute__((vector_size(64)));                        \\
+        line_t chk_v = {0};                                                       \\
+        const Py_ssize_t head_ = (Py_ssize_t)(((64 - ((uintptr_t)(dst) & 63)) & 63) / sizeof(T)); \\
+        Py_ssize_t i0;                                                            \\
+        for (Py_ssize_t i = 0; i < head_; i++) {                                  \\
+            T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
+        }                                                                         \\
+        HOLD                                                                      \\
+        for (i0 = head_; i0 + w <= (n); ) {                                       \\
+            Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
+            if (stop > (n)) stop = (n);                                           \\
+            for (; i0 + (L) * w <= stop; i0 += (L) * w) {                         \\
+                _Pragma("GCC unroll 8")                                           \\
+                for (int l = 0; l < (L); l++) {                                   \\
+                    const Py_ssize_t i = i0 + l * w;                              \\
+                    line_t v = VEXPR;                                             \\
+                    chk_v += v - v;                                               \\
+                    cbn_stream_vec((dst) + i, VSTORE(v));                         \\
+                }                                                                 \\
+            }                                                                     \\
+            /* A block's last lines, fewer than L (at the end of the row). */     \\
+            for (int l = 0; i0 + w <= stop; i0 += w, l++) {                      \\
+                const Py_ssize_t i = i0;                                          \\
+                line_t v = VEXPR;                                                 \\
+                chk_v += v - v;                                                   \\
+                cbn_stream_vec((dst) + i, VSTORE(v));                             \\
+            }                                                                     \\
+        }                                                                         \\
+        for (Py_ssize_t i = i0; i < (n); i++) {                                   \\
+            T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
+        }                                                                         \\
+        if (cbn_any_bits(&chk_v, 64))                                             \\
+            chk += 1;                                                             \\
+    }
+    /* Coefficient row c's first L lines from head_, as vectors c_v (in       */
+    /* CBN_EACH_PERIODIC).                                                    */
+    #define CBN_HOLD(L, c)                                                        \\
+        line_t c##_v[L];                                                          \\
+        for (int l = 0; l < (L); l++)                                             \\
+            memcpy(&c##_v[l], (c) + head_ + l * w, 64);
+    /* p's line at i, as a vector (in CBN_EACH_PERIODIC).                     */
+    #define CBN_LINE(p) ({ line_t t_; memcpy(&t_, (p) + i, 64); t_; })
+    /* v where mask, else +0: the line form of `mask ? v : 0` (and, with the  */
+    /* mask v > 0, of CBN_RELU_f/d).                                          */
+    #define CBN_VSEL(mask, v) ((line_t)((mask) & (__typeof__(mask))(v)))
+    #define CBN_VRELU(v) CBN_VSEL((v) > 0, v)
+    /* With AVX-512 only: the coefficients of four lines of six rows take 24  */
+    /* of its 32 vector registers; AVX2's 16 would spill them.                */
+    #if CBN_HAS_STREAM && defined(__AVX512F__)
+    #define CBN_HAS_PERIODIC 1
+    #define cbn_stream_vec(p, v) _mm512_stream_si512((__m512i*)(p), (__m512i)(v))
+    #else
+    #define CBN_HAS_PERIODIC 0
+    #define cbn_stream_vec(p, v) do { line_t s_ = (v); cbn_stream_line((p), &s_); } while (0)
+    #endif
+    /* Whether a leaf over n values at dst, streamed as nt says (after        */
+    /* cbn_lag), with coefficient rows that repeat every `period` values (0:  */
+    /* unknown) takes CBN_EACH_PERIODIC with groups of L lines: the period    */
+    /* divides L lines and the row holds the L lines after its head. Against  */
+    /* CBN_EACH, which loads every coefficient of every line, ...             */
+    static inline int cbn_periodic(int nt, const void* dst, Py_ssize_t n, Py_ssize_t period,
+                                   size_t size, int L) {
+        Py_ssize_t held = (Py_ssize_t)(L * 64 / size);
+        Py_ssize_t head = (Py_ssize_t)(((64 - ((uintptr_t)dst & 63)) & 63) / size);
+        return CBN_HAS_PERIODIC && nt == 1 && period > 0 && held % period == 0
+               && ((uintptr_t)dst % size) == 0 && n >= head + held;
+    }
     /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
        o = 0, qs (, 2qs, 3qs) of dst, where EXPR is a function of i and o. Each \\
        coefficient load serves K rows, and rows a K-th of the block apart make  \\
@@ -468,10 +546,20 @@ cdef extern from *:
     /* y = relu?(CBN_Z(x, m, a, b)), coefficients per element (row form).      */\\
     /* Each elementwise leaf returns 1 if some value is NaN or infinite.        */\\
     static inline int cbn_affine_row_##S(const T* x, T* y, Py_ssize_t n,             \\
-            const T* m, const T* a, const T* b, int relu, int nt) {                  \\
+            const T* m, const T* a, const T* b, int relu, int nt, Py_ssize_t period) {\\
         T chk = 0;                                                                   \\
         nt = cbn_lag(nt, y, x, m, a, b, NULL, NULL, NULL, NULL);                     \\
-        if (relu)                                                                    \\
+        if (cbn_periodic(nt, y, n, period, sizeof(T), 4) && relu)                    \\
+            CBN_EACH_PERIODIC(T, n, y, 4, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
+                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
+                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
+                              CBN_RELU_##S, CBN_VRELU)                               \\
+        else if (cbn_periodic(nt, y, n, period, sizeof(T), 4))                       \\
+            CBN_EACH_PERIODIC(T, n, y, 4, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
+                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
+                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
+                              CBN_SAME, CBN_SAME)                                    \\
+        else if (relu)                                                               \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_RELU_##S)  \\
         else                                                                         \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_SAME)      \\
@@ -503,10 +591,15 @@ cdef extern from *:
     /* y = x*a + c, coefficients per element (row form, no ReLU): one           */\\
     /* coefficient row fewer to stream than CBN_Z (see cbn_uncentre).           */\\
     static inline int cbn_affine2_row_##S(const T* x, T* y, Py_ssize_t n,            \\
-            const T* a, const T* c, int nt) {                                        \\
+            const T* a, const T* c, int nt, Py_ssize_t period) {                     \\
         T chk = 0;                                                                   \\
         nt = cbn_lag(nt, y, x, a, c, NULL, NULL, NULL, NULL, NULL);                  \\
-        CBN_EACH(T, n, y, nt, chk, x[i] * a[i] + c[i], CBN_SAME)                     \\
+        if (cbn_periodic(nt, y, n, period, sizeof(T), 4))                            \\
+            CBN_EACH_PERIODIC(T, n, y, 4, chk, CBN_HOLD(4, a) CBN_HOLD(4, c),        \\
+                              x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
+                              CBN_SAME, CBN_SAME)                                    \\
+        else                                                                         \\
+            CBN_EACH(T, n, y, nt, chk, x[i] * a[i] + c[i], CBN_SAME)                 \\
         return chk != 0;                                                             \\
     }                                                                                \\
     /* The same with one channel's scalar coefficients (run form). */               \\
@@ -527,10 +620,45 @@ cdef extern from *:
     /* the slope kx*s of cbn_backward_coefs instead, one row fewer to read.                 */\\
     static inline int cbn_grad_row_##S(const T* dy, const T* x, T* dx, Py_ssize_t n, \\
             const T* m, const T* a, const T* b, const T* s, const T* kx, const T* k0,\\
-            int relu, int nt) {                                                      \\
+            int relu, int nt, Py_ssize_t period) {                                   \\
         T chk = 0;                                                                   \\
         nt = cbn_lag(nt, dx, dy, x, m, a, b, s, kx, k0);                             \\
-        if (s == NULL && relu)                                                       \\
+        if (cbn_periodic(nt, dx, n, period, sizeof(T), 4)) {                         \\
+            if (s == NULL && relu)                                                   \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                    CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b) CBN_HOLD(4, kx)     \\
+                    CBN_HOLD(4, k0),                                                 \\
+                    a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)       \\
+                            + k0[i] + kx[i] * (x[i] - m[i])),                        \\
+                    a_v[l] * (CBN_VSEL(CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]) > 0, \\
+                                       CBN_LINE(dy))                                 \\
+                              + k0_v[l] + kx_v[l] * (CBN_LINE(x) - m_v[l])),         \\
+                    CBN_SAME, CBN_SAME)                                              \\
+            else if (s == NULL)                                                      \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                    CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, kx) CBN_HOLD(4, k0),   \\
+                    a[i] * (dy[i] + k0[i] + kx[i] * (x[i] - m[i])),                  \\
+                    a_v[l] * (CBN_LINE(dy) + k0_v[l] + kx_v[l] * (CBN_LINE(x) - m_v[l])), \\
+                    CBN_SAME, CBN_SAME)                                              \\
+            else if (relu)                                                           \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                    CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b) CBN_HOLD(4, s)      \\
+                    CBN_HOLD(4, kx) CBN_HOLD(4, k0),                                 \\
+                    a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)       \\
+                            + k0[i] + kx[i] * ((x[i] - m[i]) * s[i])),               \\
+                    a_v[l] * (CBN_VSEL(CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]) > 0, \\
+                                       CBN_LINE(dy))                                 \\
+                              + k0_v[l] + kx_v[l] * ((CBN_LINE(x) - m_v[l]) * s_v[l])), \\
+                    CBN_SAME, CBN_SAME)                                              \\
+            else                                                                     \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                    CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, s) CBN_HOLD(4, kx)     \\
+                    CBN_HOLD(4, k0),                                                 \\
+                    a[i] * (dy[i] + k0[i] + kx[i] * ((x[i] - m[i]) * s[i])),         \\
+                    a_v[l] * (CBN_LINE(dy) + k0_v[l]                                 \\
+                              + kx_v[l] * ((CBN_LINE(x) - m_v[l]) * s_v[l])),        \\
+                    CBN_SAME, CBN_SAME)                                              \\
+        } else if (s == NULL && relu)                                                \\
             CBN_EACH(T, n, dx, nt, chk,                                              \\
                      a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)      \\
                              + k0[i] + kx[i] * (x[i] - m[i])), CBN_SAME)             \\
@@ -585,10 +713,14 @@ cdef extern from *:
     }                                                                                \\
     /* dx = a*dy (statistics fixed, no ReLU): x is not read at all. */               \\
     static inline int cbn_scale_row_##S(const T* dy, T* dx, Py_ssize_t n,            \\
-                                        const T* a, int nt) {                        \\
+                                        const T* a, int nt, Py_ssize_t period) {     \\
         T chk = 0;                                                                   \\
         nt = cbn_lag(nt, dx, dy, a, NULL, NULL, NULL, NULL, NULL, NULL);             \\
-        CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                          \\
+        if (cbn_periodic(nt, dx, n, period, sizeof(T), 4))                           \\
+            CBN_EACH_PERIODIC(T, n, dx, 4, chk, CBN_HOLD(4, a), a[i] * dy[i],        \\
+                              a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
+        else                                                                         \\
+            CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                      \\
         return chk != 0;                                                             \\
     }                                                                                \\
     static inline int cbn_scale_row4_##S(const T* dy, T* dx, Py_ssize_t n,           \\
@@ -961,25 +1093,25 @@ cdef extern from *:
     int cbn_scale_row4_d(const double* dy, double* dx, Py_ssize_t n, Py_ssize_t qs,
                          const double* a) noexcept nogil
     int cbn_affine2_row_f(const float* x, float* y, Py_ssize_t n, const float* a,
-                          const float* c, int nt) noexcept nogil
+                          const float* c, int nt, Py_ssize_t period) noexcept nogil
     int cbn_affine2_row_d(const double* x, double* y, Py_ssize_t n, const double* a,
-                          const double* c, int nt) noexcept nogil
+                          const double* c, int nt, Py_ssize_t period) noexcept nogil
     int cbn_uncentre_f(Py_ssize_t C, const double* mean, const float* gamma, const float* beta,
                        float* coef) noexcept nogil
     int cbn_uncentre_d(Py_ssize_t C, const double* mean, const double* gamma,
                        const double* beta, double* coef) noexcept nogil
     int cbn_affine_row_f(const float* x, float* y, Py_ssize_t n, const float* m, const float* a,
-                          const float* b, int relu, int nt) noexcept nogil
+                          const float* b, int relu, int nt, Py_ssize_t period) noexcept nogil
     int cbn_affine_run_f(const float* x, float* y, Py_ssize_t n, float m, float a, float b,
                           int relu, int nt) noexcept nogil
     int cbn_grad_row_f(const float* dy, const float* x, float* dx, Py_ssize_t n, const float* m,
                         const float* a, const float* b, const float* s, const float* kx,
                         const float* k0,
-                        int relu, int nt) noexcept nogil
+                        int relu, int nt, Py_ssize_t period) noexcept nogil
     int cbn_grad_run_f(const float* dy, const float* x, float* dx, Py_ssize_t n, float m, float a,
                         float b, float s, float kx, float k0, int relu, int nt) noexcept nogil
     int cbn_scale_row_f(const float* dy, float* dx, Py_ssize_t n, const float* a,
-                          int nt) noexcept nogil
+                          int nt, Py_ssize_t period) noexcept nogil
     int cbn_scale_run_f(const float* dy, float* dx, Py_ssize_t n, float a, int nt) noexcept nogil
     void cbn_quad_sums_f(const float* p, Py_ssize_t q, Py_ssize_t n, const double* shift,
                          double* s1, double* s2) noexcept nogil
@@ -994,17 +1126,17 @@ cdef extern from *:
                               Py_ssize_t n, const double* mu, const double* m, const double* a,
                               const double* b, int relu, double* s1, double* s2) noexcept nogil
     int cbn_affine_row_d(const double* x, double* y, Py_ssize_t n, const double* m, const double* a,
-                          const double* b, int relu, int nt) noexcept nogil
+                          const double* b, int relu, int nt, Py_ssize_t period) noexcept nogil
     int cbn_affine_run_d(const double* x, double* y, Py_ssize_t n, double m, double a, double b,
                           int relu, int nt) noexcept nogil
     int cbn_grad_row_d(const double* dy, const double* x, double* dx, Py_ssize_t n, const double* m,
                         const double* a, const double* b, const double* s, const double* kx,
                         const double* k0,
-                        int relu, int nt) noexcept nogil
+                        int relu, int nt, Py_ssize_t period) noexcept nogil
     int cbn_grad_run_d(const double* dy, const double* x, double* dx, Py_ssize_t n, double m, double a,
                         double b, double s, double kx, double k0, int relu, int nt) noexcept nogil
     int cbn_scale_row_d(const double* dy, double* dx, Py_ssize_t n, const double* a,
-                          int nt) noexcept nogil
+                          int nt, Py_ssize_t period) noexcept nogil
     int cbn_scale_run_d(const double* dy, double* dx, Py_ssize_t n, double a, int nt) noexcept nogil
 
 
@@ -1605,28 +1737,30 @@ cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
 
 cdef inline int _affine_row(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
                             int k, const floating* m, const floating* a, const floating* b,
-                            bint relu, bint nt) noexcept nogil:
+                            bint relu, bint nt, Py_ssize_t period) noexcept nogil:
+    # period: the coefficient rows repeat every this many values (the channels
+    # of the rows; see cbn_periodic).
     if floating is float:
         if qs:
             return cbn_affine_rowk_f(x, y, n, qs, k, m, a, b, relu)
-        return cbn_affine_row_f(x, y, n, m, a, b, relu, nt)
+        return cbn_affine_row_f(x, y, n, m, a, b, relu, nt, period)
     else:
         if qs:
             return cbn_affine_rowk_d(x, y, n, qs, k, m, a, b, relu)
-        return cbn_affine_row_d(x, y, n, m, a, b, relu, nt)
+        return cbn_affine_row_d(x, y, n, m, a, b, relu, nt, period)
 
 
 cdef inline int _affine2_row(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t qs,
                              int k, const floating* a, const floating* c,
-                             bint nt) noexcept nogil:
+                             bint nt, Py_ssize_t period) noexcept nogil:
     if floating is float:
         if qs:
             return cbn_affine2_rowk_f(x, y, n, qs, k, a, c)
-        return cbn_affine2_row_f(x, y, n, a, c, nt)
+        return cbn_affine2_row_f(x, y, n, a, c, nt, period)
     else:
         if qs:
             return cbn_affine2_rowk_d(x, y, n, qs, k, a, c)
-        return cbn_affine2_row_d(x, y, n, a, c, nt)
+        return cbn_affine2_row_d(x, y, n, a, c, nt, period)
 
 
 cdef inline int _affine_run(const floating* x, floating* y, Py_ssize_t n, floating m,
@@ -1727,9 +1861,10 @@ cdef inline bint _one_row(const Geometry* g, size_t item_bytes, bint relu,
 
 cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
                          Py_ssize_t width, const floating* coef, Py_ssize_t cs,
-                         bint relu, bint two, bint nt, bint one,
+                         bint relu, bint two, bint nt, bint one, Py_ssize_t period,
                          const floating* rot=NULL, Py_ssize_t h=0) noexcept nogil:
-    """inner == 1: contiguous rows of `width` values, coefficient rows `cs` apart.
+    """inner == 1: contiguous rows of `width` values, coefficient rows `cs` apart
+    and repeating every `period` values (the channels; see cbn_periodic).
 
     two: the coefficient rows are a, c of cbn_uncentre (y = x*a + c), not m, a, b.
     Rows go whole, k at a time (_rows_at_once): r, r + q (, r + 2q, r + 3q), q
@@ -1749,15 +1884,16 @@ cdef int _normalize_rows(const floating* x, floating* y, Py_ssize_t rows,
     cdef Py_ssize_t q = 0 if nt or one else _row_stride(rows, width * sizeof(floating), at_once)
     cdef int bad = 0
     if nt and rot != NULL and rows > 0:
-        return _stream_rows_shifted(x, y, rows, width, coef, cs, rot, h, relu, two)
+        return _stream_rows_shifted(x, y, rows, width, coef, cs, rot, h, relu, two, period)
     for j in range(rows - (at_once - 1) * q):
         off = _block_row(j, q, at_once) * width
         qs = q * width if j < q else 0
         if two:
-            bad |= _affine2_row(x + off, y + off, width, qs, at_once, coef, coef + cs, nt)
+            bad |= _affine2_row(x + off, y + off, width, qs, at_once, coef, coef + cs, nt,
+                                period)
         else:
             bad |= _affine_row(x + off, y + off, width, qs, at_once, coef, coef + cs,
-                               coef + 2 * cs, relu, nt)
+                               coef + 2 * cs, relu, nt, period)
     if nt:
         cbn_store_fence()
     return bad
@@ -1784,17 +1920,17 @@ cdef inline Py_ssize_t _shifted_piece(Py_ssize_t p, Py_ssize_t rows, Py_ssize_t 
 
 cdef inline int _affine_piece(const floating* x, floating* y, Py_ssize_t n,
                               const floating* coef, Py_ssize_t cs, bint relu,
-                              bint two) noexcept nogil:
+                              bint two, Py_ssize_t period) noexcept nogil:
     """n values streamed, coefficient rows `cs` apart (see _normalize_rows)."""
     if two:
-        return _affine2_row(x, y, n, 0, 1, coef, coef + cs, True)
-    return _affine_row(x, y, n, 0, 1, coef, coef + cs, coef + 2 * cs, relu, True)
+        return _affine2_row(x, y, n, 0, 1, coef, coef + cs, True, period)
+    return _affine_row(x, y, n, 0, 1, coef, coef + cs, coef + 2 * cs, relu, True, period)
 
 
 cdef int _stream_rows_shifted(const floating* x, floating* y, Py_ssize_t rows,
                               Py_ssize_t width, const floating* coef, Py_ssize_t cs,
                               const floating* rot, Py_ssize_t h, bint relu,
-                              bint two) noexcept nogil:
+                              bint two, Py_ssize_t period) noexcept nogil:
     """Streamed rows of `width` values, a multiple of a 64-byte line, whose y
     starts h values before a line: taken as h values (with coef), rows - 1 rows
     of `width` from y + h (with rot, coef's rows rotated left by h; see
@@ -1814,7 +1950,7 @@ cdef int _stream_rows_shifted(const floating* x, floating* y, Py_ssize_t rows,
     cdef int bad = 0
     for p in range(rows + 1):
         off = _shifted_piece(p, rows, width, h, coef, cs, rot, &n, &cf, &stride)
-        bad |= _affine_piece(x + off, y + off, n, cf, stride, relu, two)
+        bad |= _affine_piece(x + off, y + off, n, cf, stride, relu, two, period)
     cbn_store_fence()
     return bad
 
@@ -1950,7 +2086,7 @@ cdef inline Py_ssize_t _chunk_items(Py_ssize_t item_bytes) noexcept nogil:
 
 cdef int _normalize_rows_back(const floating* x, floating* y, Py_ssize_t r0, Py_ssize_t r1,
                               Py_ssize_t wide, const floating* coef, bint relu, bint two,
-                              bint nt, bint one, const floating* rot,
+                              bint nt, bint one, Py_ssize_t period, const floating* rot,
                               Py_ssize_t h) noexcept nogil:
     """_normalize_rows over rows [r0, r1) in chunks, the last chunk first."""
     cdef Py_ssize_t step = _chunk_items(wide * sizeof(floating)), hi = r1, lo
@@ -1958,7 +2094,7 @@ cdef int _normalize_rows_back(const floating* x, floating* y, Py_ssize_t r0, Py_
     while hi > r0:
         lo = hi - step if hi - step > r0 else r0
         bad |= _normalize_rows(x + lo * wide, y + lo * wide, hi - lo, wide, coef, wide,
-                               relu, two, nt, one, rot, h)
+                               relu, two, nt, one, period, rot, h)
         hi = lo
     return bad
 
@@ -2029,12 +2165,12 @@ cdef int _normalize(const floating* x, floating* y, const Geometry* g,
             r1 = _share(folded, w + 1, n_work)
             if back:
                 bad += _normalize_rows_back(x, y, r0, r1, wide, ext, relu, two, nt, one,
-                                            rot, h)
+                                            C, rot, h)
             else:
                 bad += _normalize_rows(x + r0 * wide, y + r0 * wide, r1 - r0, wide, ext, wide,
-                                       relu, two, nt, one, rot, h)
+                                       relu, two, nt, one, C, rot, h)
         bad += _normalize_rows(x + folded * wide, y + folded * wide, g.outer - folded * k, C,
-                               ext, wide, relu, two, False, one)
+                               ext, wide, relu, two, False, one, C)
         free(widened)
         free(rot)
     else:
@@ -2267,7 +2403,7 @@ cdef void _sum_blocks(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1, const dou
 
 cdef inline int _grad_row(const floating* dy, const floating* x, floating* dx,
                           Py_ssize_t n, Py_ssize_t qs, const floating* coef, Py_ssize_t C,
-                          bint relu, bint fused, bint nt) noexcept nogil:
+                          bint relu, bint fused, bint nt, Py_ssize_t period) noexcept nogil:
     # qs as in _affine_row. fused: row 6 holds the slopes kx*s (cbn_backward_coefs),
     # read instead of rows s, kx.
     cdef const floating* s = coef + 3 * C
@@ -2280,13 +2416,13 @@ cdef inline int _grad_row(const floating* dy, const floating* x, floating* dx,
             return cbn_grad_row4_f(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
                                    coef + 5 * C, relu)
         return cbn_grad_row_f(dy, x, dx, n, coef, coef + C, coef + 2 * C, s, kx, coef + 5 * C,
-                              relu, nt)
+                              relu, nt, period)
     else:
         if qs:
             return cbn_grad_row4_d(dy, x, dx, n, qs, coef, coef + C, coef + 2 * C, s, kx,
                                    coef + 5 * C, relu)
         return cbn_grad_row_d(dy, x, dx, n, coef, coef + C, coef + 2 * C, s, kx, coef + 5 * C,
-                              relu, nt)
+                              relu, nt, period)
 
 
 cdef inline int _grad_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
@@ -2301,15 +2437,15 @@ cdef inline int _grad_run(const floating* dy, const floating* x, floating* dx, P
 
 
 cdef inline int _scale_row(const floating* dy, floating* dx, Py_ssize_t n, Py_ssize_t qs,
-                           const floating* a, bint nt) noexcept nogil:
+                           const floating* a, bint nt, Py_ssize_t period) noexcept nogil:
     if floating is float:
         if qs:
             return cbn_scale_row4_f(dy, dx, n, qs, a)
-        return cbn_scale_row_f(dy, dx, n, a, nt)
+        return cbn_scale_row_f(dy, dx, n, a, nt, period)
     else:
         if qs:
             return cbn_scale_row4_d(dy, dx, n, qs, a)
-        return cbn_scale_row_d(dy, dx, n, a, nt)
+        return cbn_scale_row_d(dy, dx, n, a, nt, period)
 
 
 cdef inline int _scale_run(const floating* dy, floating* dx, Py_ssize_t n,
@@ -2322,17 +2458,17 @@ cdef inline int _scale_run(const floating* dy, floating* dx, Py_ssize_t n,
 
 cdef inline int _apply_piece(const floating* dy, const floating* x, floating* dx,
                              Py_ssize_t n, const floating* coef, Py_ssize_t cs, bint relu,
-                             bint use_x, bint fused) noexcept nogil:
+                             bint use_x, bint fused, Py_ssize_t period) noexcept nogil:
     """n values of dx streamed, coefficient rows `cs` apart (see _apply_rows)."""
     if use_x:
-        return _grad_row(dy, x, dx, n, 0, coef, cs, relu, fused, True)
-    return _scale_row(dy, dx, n, 0, coef + cs, True)
+        return _grad_row(dy, x, dx, n, 0, coef, cs, relu, fused, True, period)
+    return _scale_row(dy, dx, n, 0, coef + cs, True, period)
 
 
 cdef int _apply_rows_shifted(const floating* dy, const floating* x, floating* dx,
                              Py_ssize_t rows, Py_ssize_t width, const floating* coef,
                              Py_ssize_t cs, const floating* rot, Py_ssize_t h, bint relu,
-                             bint use_x, bint fused) noexcept nogil:
+                             bint use_x, bint fused, Py_ssize_t period) noexcept nogil:
     """_apply_rows' streamed rows shifted by h values to start on a line, as
     _stream_rows_shifted does for normalize (rot: coef's rows rotated left by h).
     Both builds in one process, AMD EPYC (Zen 5), cold, dy, x and dx 16 bytes
@@ -2344,16 +2480,18 @@ cdef int _apply_rows_shifted(const floating* dy, const floating* x, floating* dx
     cdef int bad = 0
     for p in range(rows + 1):
         off = _shifted_piece(p, rows, width, h, coef, cs, rot, &n, &cf, &stride)
-        bad |= _apply_piece(dy + off, x + off, dx + off, n, cf, stride, relu, use_x, fused)
+        bad |= _apply_piece(dy + off, x + off, dx + off, n, cf, stride, relu, use_x, fused,
+                            period)
     cbn_store_fence()
     return bad
 
 
 cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,
                      Py_ssize_t C, const floating* coef, Py_ssize_t cs, bint relu,
-                     bint use_x, bint fused, bint nt, bint one,
+                     bint use_x, bint fused, bint nt, bint one, Py_ssize_t period,
                      const floating* rot=NULL, Py_ssize_t h=0) noexcept nogil:
     """inner == 1 rows of dx; without use_x (fixed statistics, no ReLU) dx = a*dy.
+    Coefficient rows repeat every `period` values (the channels; see cbn_periodic).
 
     Four rows at a time, about a quarter of the rows apart (_row_stride);
     with nt or `one`, one row at a time in memory order (see _one_row).
@@ -2364,14 +2502,16 @@ cdef int _apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssi
     cdef Py_ssize_t q = 0 if nt or one else _row_stride(rows, C * sizeof(floating), 4)
     cdef int bad = 0
     if nt and rot != NULL and rows > 0:
-        return _apply_rows_shifted(dy, x, dx, rows, C, coef, cs, rot, h, relu, use_x, fused)
+        return _apply_rows_shifted(dy, x, dx, rows, C, coef, cs, rot, h, relu, use_x, fused,
+                                   period)
     for j in range(rows - 3 * q):
         off = _block_row(j, q, 4) * C
         qs = q * C if j < q else 0
         if use_x:
-            bad |= _grad_row(dy + off, x + off, dx + off, C, qs, coef, cs, relu, fused, nt)
+            bad |= _grad_row(dy + off, x + off, dx + off, C, qs, coef, cs, relu, fused, nt,
+                             period)
         else:
-            bad |= _scale_row(dy + off, dx + off, C, qs, coef + cs, nt)
+            bad |= _scale_row(dy + off, dx + off, C, qs, coef + cs, nt, period)
     if nt:
         cbn_store_fence()
     return bad
@@ -2402,14 +2542,15 @@ cdef int _apply_runs(const floating* dy, const floating* x, floating* dx,
 cdef int _apply_rows_back(const floating* dy, const floating* x, floating* dx, Py_ssize_t r0,
                           Py_ssize_t r1, Py_ssize_t wide, const floating* coef, Py_ssize_t cs,
                           bint relu, bint use_x, bint fused, bint nt,
-                          bint one, const floating* rot, Py_ssize_t h) noexcept nogil:
+                          bint one, Py_ssize_t period, const floating* rot,
+                          Py_ssize_t h) noexcept nogil:
     """_apply_rows over rows [r0, r1) in chunks, the last chunk first."""
     cdef Py_ssize_t step = _chunk_items(wide * sizeof(floating)), hi = r1, lo
     cdef int bad = 0
     while hi > r0:
         lo = hi - step if hi - step > r0 else r0
         bad |= _apply_rows(dy + lo * wide, x + lo * wide, dx + lo * wide, hi - lo, wide,
-                           coef, cs, relu, use_x, fused, nt, one, rot, h)
+                           coef, cs, relu, use_x, fused, nt, one, period, rot, h)
         hi = lo
     return bad
 
@@ -2488,9 +2629,10 @@ cdef int _backward_apply(const floating* dy, const floating* x, floating* dx,
             r0 = _share(folded, w, n_work)
             r1 = _share(folded, w + 1, n_work)
             bad += _apply_rows_back(dy, x, dx, r0, r1, wide, ext, cs, relu, use_x, fused, nt,
-                                    one, rot, h)
+                                    one, C, rot, h)
         bad += _apply_rows(dy + folded * wide, x + folded * wide, dx + folded * wide,
-                           g.outer - folded * k, C, ext, cs, relu, use_x, fused, False, one)
+                           g.outer - folded * k, C, ext, cs, relu, use_x, fused, False, one,
+                           C)
         free(widened)
         free(rot)
     else:
