@@ -372,7 +372,8 @@ cdef extern from *:
     #define CBN_VSEL(mask, v) ((line_t)((mask) & (__typeof__(mask))(v)))
     #define CBN_VRELU(v) CBN_VSEL((v) > 0, v)
     /* With AVX-512 only: the coefficients of four lines of six rows take 24  */
-    /* of its 32 vector registers; AVX2's 16 would spill them.                */
+    /* of its 32 vector registers; AVX2's 16 would spill them (the loads this */
+    /* loop saves would come back as reloads). Not measured without AVX-512. */
     #if CBN_HAS_STREAM && defined(__AVX512F__)
     #define CBN_HAS_PERIODIC 1
     #define cbn_stream_vec(p, v) _mm512_stream_si512((__m512i*)(p), (__m512i)(v))
@@ -383,8 +384,22 @@ cdef extern from *:
     /* Whether a leaf over n values at dst, streamed as nt says (after        */
     /* cbn_lag), with coefficient rows that repeat every `period` values (0:  */
     /* unknown) takes CBN_EACH_PERIODIC with groups of L lines: the period    */
-    /* divides L lines and the row holds the L lines after its head. Against  */
-    /* CBN_EACH, which loads every coefficient of every line, ...             */
+    /* divides L lines and the row holds the L lines after its head. L is 4   */
+    /* (rows of up to 256 bytes), or 8 (512 bytes) for the leaves of up to   */
+    /* three coefficient rows. Why: on the Zen 4 EPYC of session 18 a        */
+    /* streamed loop ran at the speed of its loads, not its bytes: a plain   */
+    /* loop reloading one 64-byte coefficient vector per line from L1 ran    */
+    /* 1.1x slower than the same loop with it in a register, and CBN_EACH    */
+    /* (two coefficient loads per line) 1.17-1.24x slower than a streamed    */
+    /* copy (32x56x56x64 evaluation). Against CBN_EACH, both builds in one   */
+    /* process, three processes, cold data, one thread (two threads, where  */
+    /* memory paces both, 0.93-1.0x of the time): 65536x64 and 100352x64     */
+    /* float32, 131072x32 and 32768x128: evaluation 0.70-0.80x of the time,  */
+    /* training forward 0.85-0.91x, backward 0.89-0.94x, frozen backward     */
+    /* 0.87-0.89x; float64 65536x64 (L = 8) evaluation 0.72-0.74x, training  */
+    /* 0.84-0.88x; with ReLU, evaluation 0.64-0.70x, training 0.82-0.88x,    */
+    /* backward 0.83x. Backward with L = 8 (four or more rows: 32 registers  */
+    /* and spills) measured 0.93-1.09x: it keeps L = 4.                      */
     static inline int cbn_periodic(int nt, const void* dst, Py_ssize_t n, Py_ssize_t period,
                                    size_t size, int L) {
         Py_ssize_t held = (Py_ssize_t)(L * 64 / size);
@@ -559,6 +574,16 @@ cdef extern from *:
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_SAME, CBN_SAME)                                    \\
+        else if (cbn_periodic(nt, y, n, period, sizeof(T), 8) && relu)               \\
+            CBN_EACH_PERIODIC(T, n, y, 8, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
+                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
+                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
+                              CBN_RELU_##S, CBN_VRELU)                               \\
+        else if (cbn_periodic(nt, y, n, period, sizeof(T), 8))                       \\
+            CBN_EACH_PERIODIC(T, n, y, 8, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
+                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
+                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
+                              CBN_SAME, CBN_SAME)                                    \\
         else if (relu)                                                               \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_RELU_##S)  \\
         else                                                                         \\
@@ -596,6 +621,10 @@ cdef extern from *:
         nt = cbn_lag(nt, y, x, a, c, NULL, NULL, NULL, NULL, NULL);                  \\
         if (cbn_periodic(nt, y, n, period, sizeof(T), 4))                            \\
             CBN_EACH_PERIODIC(T, n, y, 4, chk, CBN_HOLD(4, a) CBN_HOLD(4, c),        \\
+                              x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
+                              CBN_SAME, CBN_SAME)                                    \\
+        else if (cbn_periodic(nt, y, n, period, sizeof(T), 8))                       \\
+            CBN_EACH_PERIODIC(T, n, y, 8, chk, CBN_HOLD(8, a) CBN_HOLD(8, c),        \\
                               x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
                               CBN_SAME, CBN_SAME)                                    \\
         else                                                                         \\
@@ -718,6 +747,9 @@ cdef extern from *:
         nt = cbn_lag(nt, dx, dy, a, NULL, NULL, NULL, NULL, NULL, NULL);             \\
         if (cbn_periodic(nt, dx, n, period, sizeof(T), 4))                           \\
             CBN_EACH_PERIODIC(T, n, dx, 4, chk, CBN_HOLD(4, a), a[i] * dy[i],        \\
+                              a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
+        else if (cbn_periodic(nt, dx, n, period, sizeof(T), 8))                      \\
+            CBN_EACH_PERIODIC(T, n, dx, 8, chk, CBN_HOLD(8, a), a[i] * dy[i],        \\
                               a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
         else                                                                         \\
             CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                      \\

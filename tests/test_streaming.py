@@ -258,12 +258,12 @@ def _periodic_batch(rng, rows, C, dtype, data):
     return tuple(a.astype(dtype) for a in (x, dy, gamma, beta))
 
 
-@pytest.mark.parametrize("C", [2, 8, 16, 32, 64])
+@pytest.mark.parametrize("C", [2, 8, 16, 32, 64, 128])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("data", ["plain", "offset", "tiny"])
 def test_streamed_rows_with_coefficients_in_registers(monkeypatch, C, dtype, data):
     """Streamed rows whose coefficient rows repeat within four 64-byte lines
-    (C * itemsize dividing 256 bytes; the kernels then hold the coefficients
+    (C * itemsize dividing 256 or 512 bytes; the kernels then hold the coefficients
     in registers, cbn_periodic where AVX-512 is built in), out= at a random
     offset in a line and rows not a multiple of the fold: training forward,
     evaluation and both backward passes, ReLU on and off, 1 and 2 threads, give
