@@ -174,9 +174,11 @@ def _at_page_offset(shape, dtype, offset):
 
 
 # Runs of several 1 KiB blocks (with partial lines), rows folded to whole lines
-# and rows of their own, shifted or not.
+# and rows of their own, shifted or not; rows of 16 and 64 channels take their
+# coefficients from registers (cbn_periodic), lagged only at 80 bytes ahead.
 NEAR_SHAPES = [((2, 3, 700), 1), ((3, 2, 1100), 1), ((4, 3, 37, 5), 1), ((300, 16), 1),
-               ((130, 24), 1), ((9, 1024), 1), ((5, 1100), 1), ((3, 10, 10, 16), -1)]
+               ((200, 64), 1), ((130, 24), 1), ((9, 1024), 1), ((5, 1100), 1),
+               ((3, 10, 10, 16), -1)]
 
 
 @pytest.mark.parametrize("shape,axis", NEAR_SHAPES)
