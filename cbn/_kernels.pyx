@@ -215,12 +215,13 @@ cdef extern from *:
         return nt;
     }
     /* The same for CBN_EACH_PERIODIC, whose lines load only their inputs     */
-    /* (x, and dy): lagged only with dst 80 bytes ahead of one of them (the  */
-    /* window below). Both ways, one process, cold 100352x64 rows, y at 0-512 */
-    /* bytes ahead of x modulo 4 KiB: evaluation and training forward ran    */
-    /* 0.62-0.91x of the lagged time unlagged at 48-144 bytes but 80, where  */
-    /* lagging still won (evaluation 1.16-1.45x, training 0.98-1.30x).      */
-    #define CBN_LAG_PERIODIC_MIN_BYTES 64  /* exclusive */
+    /* (x, and dy), in its own window: dst 48 or 80 bytes ahead (more than   */
+    /* CBN_LAG_PERIODIC_MIN_BYTES, less than ..._MAX, not a whole line). Both */
+    /* ways in one process, cold 100352x64 rows, dst 0-512 bytes ahead of x  */
+    /* (and dy) modulo 4 KiB: lagging won at 48 bytes (float32 1.02-1.09x,   */
+    /* float64 evaluation 1.24x) and 80 (1.06-1.60x), lost at 32, 64 and 96- */
+    /* 160 (0.53-0.97x; 144 mixed, 0.84-1.11x).                              */
+    #define CBN_LAG_PERIODIC_MIN_BYTES 32  /* exclusive */
     #define CBN_LAG_PERIODIC_MAX_BYTES 96  /* exclusive */
     static inline int cbn_lag_periodic(int nt, const void* dst, const void* p1,
                                        const void* p2) {
@@ -229,7 +230,7 @@ cdef extern from *:
             for (int k = 0; k < 2; k++) {
                 uintptr_t d = ((uintptr_t)dst - (uintptr_t)p[k]) & 4095;
                 if (p[k] != NULL && d > CBN_LAG_PERIODIC_MIN_BYTES
-                        && d < CBN_LAG_PERIODIC_MAX_BYTES)
+                        && d < CBN_LAG_PERIODIC_MAX_BYTES && d % 64 != 0)
                     return CBN_NT_LAGGED;
             }
         return nt;
@@ -342,43 +343,69 @@ cdef extern from *:
     /* VEXPR is EXPR on whole lines: inputs CBN_LINE(p) (p's line at i),      */\\
     /* coefficients c_v[l]; VSTORE is STORE on a line. The same arithmetic    */\\
     /* per element: the same bits as CBN_EACH. See cbn_periodic.              */\\
-    #define CBN_EACH_PERIODIC(T, n, dst, L, chk, HOLD, EXPR, VEXPR, STORE, VSTORE) \\
+    #define CBN_EACH_PERIODIC(T, n, dst, L, nt, chk, HOLD, EXPR, VEXPR, STORE, VSTORE) \\
     {                                                                             \\
         const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                        \\
         typedef T line_t __attribute__((vector_size(64)));                        \\
         line_t chk_v = {0};                                                       \\
-        const Py_ssize_t head_ = (Py_ssize_t)(((64 - ((uintptr_t)(dst) & 63)) & 63) / sizeof(T)); \\
+        T* const dst_ = (dst);                                                    \\
+        const Py_ssize_t head_ = (Py_ssize_t)(((64 - ((uintptr_t)dst_ & 63)) & 63) / sizeof(T)); \\
         Py_ssize_t i0;                                                            \\
         for (Py_ssize_t i = 0; i < head_; i++) {                                  \\
-            T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
+            T v = EXPR; chk += v - v; dst_[i] = STORE(v);                         \\
         }                                                                         \\
         HOLD                                                                      \\
-        for (i0 = head_; i0 + w <= (n); ) {                                       \\
-            Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
-            if (stop > (n)) stop = (n);                                           \\
-            for (; i0 + (L) * w <= stop; i0 += (L) * w) {                         \\
-                _Pragma("GCC unroll 8")                                           \\
-                for (int l = 0; l < (L); l++) {                                   \\
-                    const Py_ssize_t i = i0 + l * w;                              \\
-                    line_t v = VEXPR;                                             \\
-                    chk_v += v - v;                                               \\
-                    cbn_stream_vec((dst) + i, VSTORE(v));                         \\
-                }                                                                 \\
+        if ((nt) == CBN_NT_LAGGED) {                                              \\
+            /* As CBN_EACH's lagged loop: each block built in blk_[cur_],   */    \\
+            /* streamed out after the next block's loads.                   */    \\
+            T blk_[2][CBN_STREAM_BLOCK_BYTES / sizeof(T)] __attribute__((aligned(64))); \\
+            Py_ssize_t pend_at = 0, pend_n = 0;                                   \\
+            int cur_ = 0;                                                         \\
+            for (i0 = head_; i0 + w <= (n); ) {                                   \\
+                Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
+                const Py_ssize_t at_ = i0;                                        \\
+                if (stop > (n)) stop = (n);                                       \\
+                CBN_PERIODIC_BLOCK(L, stop, VEXPR, VSTORE, CBN_PUT_BLOCK)         \\
+                for (Py_ssize_t k = 0; k < pend_n; k += w)                        \\
+                    cbn_stream_line(dst_ + pend_at + k, &blk_[cur_ ^ 1][k]);      \\
+                pend_at = at_; pend_n = i0 - at_; cur_ ^= 1;                      \\
             }                                                                     \\
-            /* A block's last lines, fewer than L (at the end of the row). */     \\
-            for (int l = 0; i0 + w <= stop; i0 += w, l++) {                      \\
-                const Py_ssize_t i = i0;                                          \\
-                line_t v = VEXPR;                                                 \\
-                chk_v += v - v;                                                   \\
-                cbn_stream_vec((dst) + i, VSTORE(v));                             \\
+            for (Py_ssize_t k = 0; k < pend_n; k += w)                            \\
+                cbn_stream_line(dst_ + pend_at + k, &blk_[cur_ ^ 1][k]);          \\
+        } else                                                                    \\
+            for (i0 = head_; i0 + w <= (n); ) {                                   \\
+                Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
+                if (stop > (n)) stop = (n);                                       \\
+                CBN_PERIODIC_BLOCK(L, stop, VEXPR, VSTORE, CBN_PUT_STREAM)        \\
             }                                                                     \\
-        }                                                                         \\
         for (Py_ssize_t i = i0; i < (n); i++) {                                   \\
-            T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
+            T v = EXPR; chk += v - v; dst_[i] = STORE(v);                         \\
         }                                                                         \\
         if (cbn_any_bits(&chk_v, 64))                                             \\
             chk += 1;                                                             \\
     }
+    /* The lines of one block of CBN_EACH_PERIODIC, from i0 to stop, L at a   */
+    /* time, then the last ones (fewer than L, at the end of the row); PUT    */
+    /* writes each line.                                                      */
+    #define CBN_PERIODIC_BLOCK(L, stop, VEXPR, VSTORE, PUT)                       \\
+        for (; i0 + (L) * w <= (stop); i0 += (L) * w) {                           \\
+            _Pragma("GCC unroll 8")                                               \\
+            for (int l = 0; l < (L); l++) {                                       \\
+                const Py_ssize_t i = i0 + l * w;                                  \\
+                line_t v = VEXPR;                                                 \\
+                chk_v += v - v;                                                   \\
+                PUT(i, VSTORE(v));                                                \\
+            }                                                                     \\
+        }                                                                         \\
+        for (int l = 0; i0 + w <= (stop); i0 += w, l++) {                        \\
+            const Py_ssize_t i = i0;                                              \\
+            line_t v = VEXPR;                                                     \\
+            chk_v += v - v;                                                       \\
+            PUT(i, VSTORE(v));                                                    \\
+        }
+    #define CBN_PUT_STREAM(i, v) cbn_stream_vec(dst_ + (i), (v))
+    #define CBN_PUT_BLOCK(i, v)                                                   \\
+        do { line_t b_ = (v); memcpy(&blk_[cur_][(i) - at_], &b_, 64); } while (0)
     /* Coefficient row c's first L lines from head_, as vectors c_v (in       */
     /* CBN_EACH_PERIODIC).                                                    */
     #define CBN_HOLD(L, c)                                                        \\
@@ -419,12 +446,16 @@ cdef extern from *:
     /* 0.87-0.89x; float64 65536x64 (L = 8) evaluation 0.72-0.74x, training  */
     /* 0.84-0.88x; with ReLU, evaluation 0.64-0.70x, training 0.82-0.88x,    */
     /* backward 0.83x. Backward with L = 8 (four or more rows: 32 registers  */
-    /* and spills) measured 0.93-1.09x: it keeps L = 4.                      */
+    /* and spills) measured 0.93-1.09x: it keeps L = 4. With y 0, 48 or 80   */
+    /* bytes ahead of x modulo 4 KiB (as the heap and mmap place arrays; the */
+    /* latter two lagged, see cbn_lag_periodic), against the session's first */
+    /* build: evaluation 0.69-0.90x, training 0.81-0.94x, backward of float32 */
+    /* 0.87-1.02x.                                                           */
     static inline int cbn_periodic(int nt, const void* dst, Py_ssize_t n, Py_ssize_t period,
                                    size_t size, int L) {
         Py_ssize_t held = (Py_ssize_t)(L * 64 / size);
         Py_ssize_t head = (Py_ssize_t)(((64 - ((uintptr_t)dst & 63)) & 63) / size);
-        return CBN_HAS_PERIODIC && nt == 1 && period > 0 && held % period == 0
+        return CBN_HAS_PERIODIC && (nt == 1 || nt == CBN_NT_LAGGED) && period > 0 && held % period == 0
                && ((uintptr_t)dst % size) == 0 && n >= head + held;
     }
     /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
@@ -586,22 +617,22 @@ cdef extern from *:
         const int pnt = cbn_lag_periodic(nt, y, x, NULL);                            \\
         nt = cbn_lag(nt, y, x, m, a, b, NULL, NULL, NULL, NULL);                     \\
         if (cbn_periodic(pnt, y, n, period, sizeof(T), 4) && relu)                   \\
-            CBN_EACH_PERIODIC(T, n, y, 4, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_RELU_##S, CBN_VRELU)                               \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 4))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 4, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_SAME, CBN_SAME)                                    \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8) && relu)              \\
-            CBN_EACH_PERIODIC(T, n, y, 8, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_RELU_##S, CBN_VRELU)                               \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 8, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_SAME, CBN_SAME)                                    \\
@@ -642,11 +673,11 @@ cdef extern from *:
         const int pnt = cbn_lag_periodic(nt, y, x, NULL);                            \\
         nt = cbn_lag(nt, y, x, a, c, NULL, NULL, NULL, NULL, NULL);                  \\
         if (cbn_periodic(pnt, y, n, period, sizeof(T), 4))                           \\
-            CBN_EACH_PERIODIC(T, n, y, 4, chk, CBN_HOLD(4, a) CBN_HOLD(4, c),        \\
+            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, a) CBN_HOLD(4, c),        \\
                               x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
                               CBN_SAME, CBN_SAME)                                    \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 8, chk, CBN_HOLD(8, a) CBN_HOLD(8, c),        \\
+            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, a) CBN_HOLD(8, c),        \\
                               x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
                               CBN_SAME, CBN_SAME)                                    \\
         else                                                                         \\
@@ -677,7 +708,7 @@ cdef extern from *:
         nt = cbn_lag(nt, dx, dy, x, m, a, b, s, kx, k0);                             \\
         if (cbn_periodic(pnt, dx, n, period, sizeof(T), 4)) {                        \\
             if (s == NULL && relu)                                                   \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b) CBN_HOLD(4, kx)     \\
                     CBN_HOLD(4, k0),                                                 \\
                     a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)       \\
@@ -687,13 +718,13 @@ cdef extern from *:
                               + k0_v[l] + kx_v[l] * (CBN_LINE(x) - m_v[l])),         \\
                     CBN_SAME, CBN_SAME)                                              \\
             else if (s == NULL)                                                      \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, kx) CBN_HOLD(4, k0),   \\
                     a[i] * (dy[i] + k0[i] + kx[i] * (x[i] - m[i])),                  \\
                     a_v[l] * (CBN_LINE(dy) + k0_v[l] + kx_v[l] * (CBN_LINE(x) - m_v[l])), \\
                     CBN_SAME, CBN_SAME)                                              \\
             else if (relu)                                                           \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b) CBN_HOLD(4, s)      \\
                     CBN_HOLD(4, kx) CBN_HOLD(4, k0),                                 \\
                     a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)       \\
@@ -703,7 +734,7 @@ cdef extern from *:
                               + k0_v[l] + kx_v[l] * ((CBN_LINE(x) - m_v[l]) * s_v[l])), \\
                     CBN_SAME, CBN_SAME)                                              \\
             else                                                                     \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, s) CBN_HOLD(4, kx)     \\
                     CBN_HOLD(4, k0),                                                 \\
                     a[i] * (dy[i] + k0[i] + kx[i] * ((x[i] - m[i]) * s[i])),         \\
@@ -770,10 +801,10 @@ cdef extern from *:
         const int pnt = cbn_lag_periodic(nt, dx, dy, NULL);                          \\
         nt = cbn_lag(nt, dx, dy, a, NULL, NULL, NULL, NULL, NULL, NULL);             \\
         if (cbn_periodic(pnt, dx, n, period, sizeof(T), 4))                          \\
-            CBN_EACH_PERIODIC(T, n, dx, 4, chk, CBN_HOLD(4, a), a[i] * dy[i],        \\
+            CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk, CBN_HOLD(4, a), a[i] * dy[i],        \\
                               a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
         else if (cbn_periodic(pnt, dx, n, period, sizeof(T), 8))                     \\
-            CBN_EACH_PERIODIC(T, n, dx, 8, chk, CBN_HOLD(8, a), a[i] * dy[i],        \\
+            CBN_EACH_PERIODIC(T, n, dx, 8, pnt, chk, CBN_HOLD(8, a), a[i] * dy[i],        \\
                               a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
         else                                                                         \\
             CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                      \\
