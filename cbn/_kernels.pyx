@@ -335,7 +335,7 @@ cdef extern from *:
         if (cbn_any_bits(&chk_lo, 32))                                                \\
             chk += 1;                                                                 \\
     }
-    /* CBN_EACH's streamed loop (nt, not lagged) for rows whose coefficient   */\\
+    /* CBN_EACH's streamed loop (nt, lagged or not) for rows whose coefficient */\\
     /* rows repeat every `period` values, a divisor of L lines (L a literal). */\\
     /* HOLD declares copies of the coefficients of the first L whole lines    */\\
     /* (from head_, as vectors c_v[l], CBN_HOLD), which serve every later     */\\
@@ -440,8 +440,8 @@ cdef extern from *:
     /* (two coefficient loads per line) 1.17-1.24x slower than a streamed    */
     /* copy (32x56x56x64 evaluation). Against CBN_EACH, both builds in one   */
     /* process, three processes, cold data, one thread (two threads, where  */
-    /* memory paces both, 0.93-1.0x of the time): 65536x64 and 100352x64     */
-    /* float32, 131072x32 and 32768x128: evaluation 0.70-0.80x of the time,  */
+    /* memory paces both, 0.87-1.0x of the time): 65536x64 and 100352x64     */
+    /* float32, 131072x32 and 32768x128: evaluation 0.68-0.80x of the time,  */
     /* training forward 0.85-0.91x, backward 0.89-0.94x, frozen backward     */
     /* 0.87-0.89x; float64 65536x64 (L = 8) evaluation 0.72-0.74x, training  */
     /* 0.84-0.88x; with ReLU, evaluation 0.64-0.70x, training 0.82-0.88x,    */
@@ -455,8 +455,8 @@ cdef extern from *:
                                    size_t size, int L) {
         Py_ssize_t held = (Py_ssize_t)(L * 64 / size);
         Py_ssize_t head = (Py_ssize_t)(((64 - ((uintptr_t)dst & 63)) & 63) / size);
-        return CBN_HAS_PERIODIC && (nt == 1 || nt == CBN_NT_LAGGED) && period > 0 && held % period == 0
-               && ((uintptr_t)dst % size) == 0 && n >= head + held;
+        return CBN_HAS_PERIODIC && (nt == 1 || nt == CBN_NT_LAGGED) && period > 0
+               && held % period == 0 && ((uintptr_t)dst % size) == 0 && n >= head + held;
     }
     /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
        o = 0, qs (, 2qs, 3qs) of dst, where EXPR is a function of i and o. Each \\
@@ -617,22 +617,26 @@ cdef extern from *:
         const int pnt = cbn_lag_periodic(nt, y, x, NULL);                            \\
         nt = cbn_lag(nt, y, x, m, a, b, NULL, NULL, NULL, NULL);                     \\
         if (cbn_periodic(pnt, y, n, period, sizeof(T), 4) && relu)                   \\
-            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk,                                  \\
+                              CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b),          \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_RELU_##S, CBN_VRELU)                               \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 4))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk,                                  \\
+                              CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b),          \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_SAME, CBN_SAME)                                    \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8) && relu)              \\
-            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk,                                  \\
+                              CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b),          \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_RELU_##S, CBN_VRELU)                               \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b), \\
+            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk,                                  \\
+                              CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b),          \\
                               CBN_Z(x[i], m[i], a[i], b[i]),                         \\
                               CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
                               CBN_SAME, CBN_SAME)                                    \\
@@ -673,11 +677,11 @@ cdef extern from *:
         const int pnt = cbn_lag_periodic(nt, y, x, NULL);                            \\
         nt = cbn_lag(nt, y, x, a, c, NULL, NULL, NULL, NULL, NULL);                  \\
         if (cbn_periodic(pnt, y, n, period, sizeof(T), 4))                           \\
-            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, a) CBN_HOLD(4, c),        \\
+            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, a) CBN_HOLD(4, c),   \\
                               x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
                               CBN_SAME, CBN_SAME)                                    \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, a) CBN_HOLD(8, c),        \\
+            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, a) CBN_HOLD(8, c),   \\
                               x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
                               CBN_SAME, CBN_SAME)                                    \\
         else                                                                         \\
@@ -708,7 +712,7 @@ cdef extern from *:
         nt = cbn_lag(nt, dx, dy, x, m, a, b, s, kx, k0);                             \\
         if (cbn_periodic(pnt, dx, n, period, sizeof(T), 4)) {                        \\
             if (s == NULL && relu)                                                   \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                             \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b) CBN_HOLD(4, kx)     \\
                     CBN_HOLD(4, k0),                                                 \\
                     a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)       \\
@@ -718,13 +722,13 @@ cdef extern from *:
                               + k0_v[l] + kx_v[l] * (CBN_LINE(x) - m_v[l])),         \\
                     CBN_SAME, CBN_SAME)                                              \\
             else if (s == NULL)                                                      \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                             \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, kx) CBN_HOLD(4, k0),   \\
                     a[i] * (dy[i] + k0[i] + kx[i] * (x[i] - m[i])),                  \\
                     a_v[l] * (CBN_LINE(dy) + k0_v[l] + kx_v[l] * (CBN_LINE(x) - m_v[l])), \\
                     CBN_SAME, CBN_SAME)                                              \\
             else if (relu)                                                           \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                             \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b) CBN_HOLD(4, s)      \\
                     CBN_HOLD(4, kx) CBN_HOLD(4, k0),                                 \\
                     a[i] * ((CBN_Z(x[i], m[i], a[i], b[i]) > 0 ? dy[i] : (T)0)       \\
@@ -734,7 +738,7 @@ cdef extern from *:
                               + k0_v[l] + kx_v[l] * ((CBN_LINE(x) - m_v[l]) * s_v[l])), \\
                     CBN_SAME, CBN_SAME)                                              \\
             else                                                                     \\
-                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                                  \\
+                CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                             \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, s) CBN_HOLD(4, kx)     \\
                     CBN_HOLD(4, k0),                                                 \\
                     a[i] * (dy[i] + k0[i] + kx[i] * ((x[i] - m[i]) * s[i])),         \\
@@ -801,10 +805,10 @@ cdef extern from *:
         const int pnt = cbn_lag_periodic(nt, dx, dy, NULL);                          \\
         nt = cbn_lag(nt, dx, dy, a, NULL, NULL, NULL, NULL, NULL, NULL);             \\
         if (cbn_periodic(pnt, dx, n, period, sizeof(T), 4))                          \\
-            CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk, CBN_HOLD(4, a), a[i] * dy[i],        \\
+            CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk, CBN_HOLD(4, a), a[i] * dy[i],   \\
                               a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
         else if (cbn_periodic(pnt, dx, n, period, sizeof(T), 8))                     \\
-            CBN_EACH_PERIODIC(T, n, dx, 8, pnt, chk, CBN_HOLD(8, a), a[i] * dy[i],        \\
+            CBN_EACH_PERIODIC(T, n, dx, 8, pnt, chk, CBN_HOLD(8, a), a[i] * dy[i],   \\
                               a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
         else                                                                         \\
             CBN_EACH(T, n, dx, nt, chk, a[i] * dy[i], CBN_SAME)                      \\
