@@ -565,6 +565,13 @@ cdef extern from *:
         s2[jj] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                         \\
     }
 
+    /* cbn_affine_row's periodic loop over groups of L lines (its x, y, n, m, */
+    /* a, b, pnt and chk), with STORE and VSTORE (plain or ReLU).             */
+    #define CBN_AFFINE_PERIODIC(T, L, STORE, VSTORE)                              \\
+        CBN_EACH_PERIODIC(T, n, y, L, pnt, chk,                                   \\
+                          CBN_HOLD(L, m) CBN_HOLD(L, a) CBN_HOLD(L, b),           \\
+                          CBN_Z(x[i], m[i], a[i], b[i]),                          \\
+                          CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]), STORE, VSTORE)
     #define CBN_LEAVES(S, T)                                                         \\
     /* Shifted sums of four short rows p, p + q, p + 2q, p + 3q of n values    \\
        (n * sizeof(T) <= QUAD_ROW_BYTES) into s1[j], s2[j]. Four rows per update \\
@@ -617,29 +624,13 @@ cdef extern from *:
         const int pnt = cbn_lag_periodic(nt, y, x, NULL);                            \\
         nt = cbn_lag(nt, y, x, m, a, b, NULL, NULL, NULL, NULL);                     \\
         if (cbn_periodic(pnt, y, n, period, sizeof(T), 4) && relu)                   \\
-            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk,                                  \\
-                              CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b),          \\
-                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
-                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
-                              CBN_RELU_##S, CBN_VRELU)                               \\
+            CBN_AFFINE_PERIODIC(T, 4, CBN_RELU_##S, CBN_VRELU)                       \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 4))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk,                                  \\
-                              CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b),          \\
-                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
-                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
-                              CBN_SAME, CBN_SAME)                                    \\
+            CBN_AFFINE_PERIODIC(T, 4, CBN_SAME, CBN_SAME)                            \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8) && relu)              \\
-            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk,                                  \\
-                              CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b),          \\
-                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
-                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
-                              CBN_RELU_##S, CBN_VRELU)                               \\
+            CBN_AFFINE_PERIODIC(T, 8, CBN_RELU_##S, CBN_VRELU)                       \\
         else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8))                      \\
-            CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk,                                  \\
-                              CBN_HOLD(8, m) CBN_HOLD(8, a) CBN_HOLD(8, b),          \\
-                              CBN_Z(x[i], m[i], a[i], b[i]),                         \\
-                              CBN_Z(CBN_LINE(x), m_v[l], a_v[l], b_v[l]),            \\
-                              CBN_SAME, CBN_SAME)                                    \\
+            CBN_AFFINE_PERIODIC(T, 8, CBN_SAME, CBN_SAME)                            \\
         else if (relu)                                                               \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_RELU_##S)  \\
         else                                                                         \\

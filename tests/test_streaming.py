@@ -165,6 +165,23 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, axis, dtype):
                 F.batch_norm_backward(bad, x, mean, var, gamma, beta, axis=axis, out=out)
 
 
+def _four_passes(x, dy, mean, var, gamma, beta, out, relu, n, axis=1):
+    """Training forward, evaluation, and training and frozen backward, each into
+    `out` (filled with NaN first, so that a value left unwritten shows), copied."""
+    kw = {"axis": axis, "activation": "relu" if relu else None, "n_threads": n, "out": out}
+    results = []
+    for run in (lambda: F.batch_norm_train(x, gamma, beta, **kw)[0],
+                lambda: F.batch_norm_eval(x, mean, var, gamma, beta, **kw),
+                lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
+                                              training=True, **kw)[0],
+                lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
+                                              training=False, **kw)[0]):
+        if out is not None:
+            out.fill(np.nan)
+        results.append(run().copy())
+    return results
+
+
 def _at_page_offset(shape, dtype, offset):
     """An uninitialised array of `shape` starting `offset` bytes into a page."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
@@ -197,19 +214,7 @@ def test_streamed_output_a_little_ahead_of_its_inputs(monkeypatch, shape, axis, 
     pad = 64 // item
 
     def passes(x, dy, out, relu, n):
-        kw = {"axis": axis, "activation": "relu" if relu else None, "n_threads": n,
-              "out": out}
-        results = []
-        for run in (lambda: F.batch_norm_train(x, gamma, beta, **kw)[0],
-                    lambda: F.batch_norm_eval(x, mean, var, gamma, beta, **kw),
-                    lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
-                                                  training=True, **kw)[0],
-                    lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
-                                                  training=False, **kw)[0]):
-            if out is not None:
-                out.fill(np.nan)  # a value left unwritten shows
-            results.append(run().copy())
-        return results
+        return _four_passes(x, dy, mean, var, gamma, beta, out, relu, n, axis)
 
     monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
     want = {(relu, n): passes(x0, dy0, None, relu, n) for relu in (False, True)
@@ -278,18 +283,7 @@ def test_streamed_rows_with_coefficients_in_registers(monkeypatch, C, dtype, dat
     pad = 64 // np.dtype(dtype).itemsize
 
     def passes(out, relu, n):
-        kw = {"activation": "relu" if relu else None, "n_threads": n, "out": out}
-        results = []
-        for run in (lambda: F.batch_norm_train(x, gamma, beta, **kw)[0],
-                    lambda: F.batch_norm_eval(x, mean, var, gamma, beta, **kw),
-                    lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
-                                                  training=True, **kw)[0],
-                    lambda: F.batch_norm_backward(dy, x, mean, var, gamma, beta,
-                                                  training=False, **kw)[0]):
-            if out is not None:
-                out.fill(np.nan)  # a value left unwritten shows
-            results.append(run().copy())
-        return results
+        return _four_passes(x, dy, mean, var, gamma, beta, out, relu, n)
 
     monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
     want = {(relu, n): passes(None, relu, n) for relu in (False, True) for n in (1, 2)}
