@@ -130,6 +130,11 @@ cdef extern from *:
     static inline void cbn_stream_line(void* dst, const void* src) { (void)dst; (void)src; }
     static inline void cbn_store_fence(void) {}
     #endif
+    /* `bytes` (a multiple of 64) from src streamed to dst, a line at a time. */
+    static inline void cbn_stream_lines(void* dst, const void* src, size_t bytes) {
+        for (size_t k = 0; k < bytes; k += 64)
+            cbn_stream_line((char*)dst + k, (const char*)src + k);
+    }
 
     /* 1 if any of the `bytes` (32 or 64) at p is non-zero: a vector of      */
     /* checks v - v, all +0.0 unless some v was NaN or infinite.             */
@@ -282,12 +287,10 @@ cdef extern from *:
                         }                                                             \\
                         CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                   \\
                     }                                                                 \\
-                    for (Py_ssize_t l = 0; l < pend_n; l += w)                        \\
-                        cbn_stream_line((dst) + pend_at + l, &blk_[cur ^ 1][l]);      \\
+                    cbn_stream_lines((dst) + pend_at, blk_[cur ^ 1], pend_n * sizeof(T));\\
                     pend_at = at; pend_n = i0 - at; cur ^= 1;                         \\
                 }                                                                     \\
-                for (Py_ssize_t l = 0; l < pend_n; l += w)                            \\
-                    cbn_stream_line((dst) + pend_at + l, &blk_[cur ^ 1][l]);          \\
+                cbn_stream_lines((dst) + pend_at, blk_[cur ^ 1], pend_n * sizeof(T)); \\
             } else                                                                    \\
             for (i0 = head; i0 + w <= (n); ) {                                        \\
                 Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
@@ -366,12 +369,10 @@ cdef extern from *:
                 const Py_ssize_t at_ = i0;                                        \\
                 if (stop > (n)) stop = (n);                                       \\
                 CBN_PERIODIC_BLOCK(L, stop, VEXPR, VSTORE, CBN_PUT_BLOCK)         \\
-                for (Py_ssize_t k = 0; k < pend_n; k += w)                        \\
-                    cbn_stream_line(dst_ + pend_at + k, &blk_[cur_ ^ 1][k]);      \\
+                cbn_stream_lines(dst_ + pend_at, blk_[cur_ ^ 1], pend_n * sizeof(T));\\
                 pend_at = at_; pend_n = i0 - at_; cur_ ^= 1;                      \\
             }                                                                     \\
-            for (Py_ssize_t k = 0; k < pend_n; k += w)                            \\
-                cbn_stream_line(dst_ + pend_at + k, &blk_[cur_ ^ 1][k]);          \\
+            cbn_stream_lines(dst_ + pend_at, blk_[cur_ ^ 1], pend_n * sizeof(T)); \\
         } else                                                                    \\
             for (i0 = head_; i0 + w <= (n); ) {                                   \\
                 Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
