@@ -203,8 +203,12 @@ cdef extern from *:
     #define CBN_NT_LAGGED 2
     #define CBN_LAG_MIN_BYTES 32   /* exclusive: at 16, 32 the lag was mixed */
     #define CBN_LAG_MAX_BYTES 160  /* exclusive */
+    /* How far dst lies ahead of src modulo 4 KiB, in bytes. */
+    static inline uintptr_t cbn_ahead(const void* dst, const void* src) {
+        return ((uintptr_t)dst - (uintptr_t)src) & 4095;
+    }
     static inline int cbn_near_ahead(const void* dst, const void* src) {
-        uintptr_t d = ((uintptr_t)dst - (uintptr_t)src) & 4095;
+        uintptr_t d = cbn_ahead(dst, src);
         return src != NULL && d > CBN_LAG_MIN_BYTES && d < CBN_LAG_MAX_BYTES;
     }
     /* nt, or CBN_NT_LAGGED if streamed dst is near ahead of one of the      */
@@ -233,12 +237,31 @@ cdef extern from *:
         const void* p[2] = {p1, p2};
         if (nt)
             for (int k = 0; k < 2; k++) {
-                uintptr_t d = ((uintptr_t)dst - (uintptr_t)p[k]) & 4095;
+                uintptr_t d = cbn_ahead(dst, p[k]);
                 if (p[k] != NULL && d > CBN_LAG_PERIODIC_MIN_BYTES
                         && d < CBN_LAG_PERIODIC_MAX_BYTES && d % 64 != 0)
                     return CBN_NT_LAGGED;
             }
         return nt;
+    }
+    /* The lagged streamed loop of CBN_EACH and CBN_EACH_PERIODIC: from start, */
+    /* blocks of CBN_STREAM_BLOCK_BYTES, each built by BUILD (lines from i0 up */
+    /* to stop, into blk_[cur_] from at_) and streamed out after the next     */
+    /* block is built (see CBN_NT_LAGGED).                                    */
+    #define CBN_LAGGED_BLOCKS(T, n, dst, start, BUILD)                            \\
+    {                                                                             \\
+        T blk_[2][CBN_STREAM_BLOCK_BYTES / sizeof(T)] __attribute__((aligned(64))); \\
+        Py_ssize_t pend_at = 0, pend_n = 0;                                       \\
+        int cur_ = 0;                                                             \\
+        for (i0 = (start); i0 + w <= (n); ) {                                     \\
+            Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
+            const Py_ssize_t at_ = i0;                                            \\
+            if (stop > (n)) stop = (n);                                           \\
+            BUILD                                                                 \\
+            cbn_stream_lines((dst) + pend_at, blk_[cur_ ^ 1], pend_n * sizeof(T)); \\
+            pend_at = at_; pend_n = i0 - at_; cur_ ^= 1;                          \\
+        }                                                                         \\
+        cbn_stream_lines((dst) + pend_at, blk_[cur_ ^ 1], pend_n * sizeof(T));    \\
     }
     /* The one elementwise loop: v = EXPR (a function of i) for i in [0, n),  \\
        chk += v - v (0 unless some v is NaN/Inf), dst[i] = STORE(v). Whole     \\
@@ -267,30 +290,20 @@ cdef extern from *:
             }                                                                         \\
             line_t vs;                                                                \\
             if ((nt) == CBN_NT_LAGGED) {                                              \\
-                /* Each block built into blk_[cur] while the one before it is */      \\
-                /* streamed out (see CBN_NT_LAGGED).                          */      \\
-                T blk_[2][CBN_STREAM_BLOCK_BYTES / sizeof(T)] __attribute__((aligned(64))); \\
-                Py_ssize_t pend_at = 0, pend_n = 0;                                   \\
-                int cur = 0;                                                          \\
-                for (i0 = head; i0 + w <= (n); ) {                                    \\
-                    Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
-                    Py_ssize_t at = i0;                                               \\
-                    if (stop > (n)) stop = (n);                                       \\
+                /* Each block built into blk_[cur_] while the one before it */        \\
+                /* is streamed out (see CBN_NT_LAGGED).                     */        \\
+                CBN_LAGGED_BLOCKS(T, n, dst, head,                                    \\
                     _Pragma("GCC unroll 4")                                           \\
                     for (; i0 + w <= stop; i0 += w) {                                 \\
                         T z[64 / sizeof(T)];                                          \\
-                        T* line = &blk_[cur][i0 - at];                                \\
+                        T* line = &blk_[cur_][i0 - at_];                              \\
                         _Pragma("omp simd")                                           \\
                         for (Py_ssize_t k = 0; k < w; k++) {                          \\
                             Py_ssize_t i = i0 + k;                                    \\
                             T v = EXPR; z[k] = v; line[k] = STORE(v);                 \\
                         }                                                             \\
                         CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                   \\
-                    }                                                                 \\
-                    cbn_stream_lines((dst) + pend_at, blk_[cur ^ 1], pend_n * sizeof(T));\\
-                    pend_at = at; pend_n = i0 - at; cur ^= 1;                         \\
-                }                                                                     \\
-                cbn_stream_lines((dst) + pend_at, blk_[cur ^ 1], pend_n * sizeof(T)); \\
+                    })                                                                \\
             } else                                                                    \\
             for (i0 = head; i0 + w <= (n); ) {                                        \\
                 Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
@@ -359,20 +372,9 @@ cdef extern from *:
         }                                                                         \\
         HOLD                                                                      \\
         if ((nt) == CBN_NT_LAGGED) {                                              \\
-            /* As CBN_EACH's lagged loop: each block built in blk_[cur_],   */    \\
-            /* streamed out after the next block's loads.                   */    \\
-            T blk_[2][CBN_STREAM_BLOCK_BYTES / sizeof(T)] __attribute__((aligned(64))); \\
-            Py_ssize_t pend_at = 0, pend_n = 0;                                   \\
-            int cur_ = 0;                                                         \\
-            for (i0 = head_; i0 + w <= (n); ) {                                   \\
-                Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
-                const Py_ssize_t at_ = i0;                                        \\
-                if (stop > (n)) stop = (n);                                       \\
-                CBN_PERIODIC_BLOCK(L, stop, VEXPR, VSTORE, CBN_PUT_BLOCK)         \\
-                cbn_stream_lines(dst_ + pend_at, blk_[cur_ ^ 1], pend_n * sizeof(T));\\
-                pend_at = at_; pend_n = i0 - at_; cur_ ^= 1;                      \\
-            }                                                                     \\
-            cbn_stream_lines(dst_ + pend_at, blk_[cur_ ^ 1], pend_n * sizeof(T)); \\
+            /* As CBN_EACH's lagged loop (CBN_LAGGED_BLOCKS).              */     \\
+            CBN_LAGGED_BLOCKS(T, n, dst_, head_,                                  \\
+                CBN_PERIODIC_BLOCK(L, stop, VEXPR, VSTORE, CBN_PUT_BLOCK))        \\
         } else                                                                    \\
             for (i0 = head_; i0 + w <= (n); ) {                                   \\
                 Py_ssize_t stop = i0 + CBN_STREAM_BLOCK_BYTES / (Py_ssize_t)sizeof(T); \\
@@ -452,12 +454,22 @@ cdef extern from *:
     /* latter two lagged, see cbn_lag_periodic), against the session's first */
     /* build: evaluation 0.69-0.90x, training 0.81-0.94x, backward of float32 */
     /* 0.87-1.02x.                                                           */
-    static inline int cbn_periodic(int nt, const void* dst, Py_ssize_t n, Py_ssize_t period,
-                                   size_t size, int L) {
+    static inline int cbn_periodic_fits(int nt, const void* dst, Py_ssize_t n,
+                                        Py_ssize_t period, size_t size, int L) {
         Py_ssize_t held = (Py_ssize_t)(L * 64 / size);
         Py_ssize_t head = (Py_ssize_t)(((64 - ((uintptr_t)dst & 63)) & 63) / size);
         return CBN_HAS_PERIODIC && (nt == 1 || nt == CBN_NT_LAGGED) && period > 0
                && held % period == 0 && ((uintptr_t)dst % size) == 0 && n >= head + held;
+    }
+    /* The group of lines a leaf takes (4, or 8 where max_lines allows), or 0 */
+    /* for CBN_EACH.                                                          */
+    static inline int cbn_periodic(int nt, const void* dst, Py_ssize_t n, Py_ssize_t period,
+                                   size_t size, int max_lines) {
+        if (cbn_periodic_fits(nt, dst, n, period, size, 4))
+            return 4;
+        if (max_lines >= 8 && cbn_periodic_fits(nt, dst, n, period, size, 8))
+            return 8;
+        return 0;
     }
     /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
        o = 0, qs (, 2qs, 3qs) of dst, where EXPR is a function of i and o. Each \\
@@ -624,13 +636,14 @@ cdef extern from *:
         T chk = 0;                                                                   \\
         const int pnt = cbn_lag_periodic(nt, y, x, NULL);                            \\
         nt = cbn_lag(nt, y, x, m, a, b, NULL, NULL, NULL, NULL);                     \\
-        if (cbn_periodic(pnt, y, n, period, sizeof(T), 4) && relu)                   \\
+        const int group = cbn_periodic(pnt, y, n, period, sizeof(T), 8);             \\
+        if (group == 4 && relu)                                                      \\
             CBN_AFFINE_PERIODIC(T, 4, CBN_RELU_##S, CBN_VRELU)                       \\
-        else if (cbn_periodic(pnt, y, n, period, sizeof(T), 4))                      \\
+        else if (group == 4)                                                         \\
             CBN_AFFINE_PERIODIC(T, 4, CBN_SAME, CBN_SAME)                            \\
-        else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8) && relu)              \\
+        else if (group == 8 && relu)                                                 \\
             CBN_AFFINE_PERIODIC(T, 8, CBN_RELU_##S, CBN_VRELU)                       \\
-        else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8))                      \\
+        else if (group == 8)                                                         \\
             CBN_AFFINE_PERIODIC(T, 8, CBN_SAME, CBN_SAME)                            \\
         else if (relu)                                                               \\
             CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m[i], a[i], b[i]), CBN_RELU_##S)  \\
@@ -668,11 +681,12 @@ cdef extern from *:
         T chk = 0;                                                                   \\
         const int pnt = cbn_lag_periodic(nt, y, x, NULL);                            \\
         nt = cbn_lag(nt, y, x, a, c, NULL, NULL, NULL, NULL, NULL);                  \\
-        if (cbn_periodic(pnt, y, n, period, sizeof(T), 4))                           \\
+        const int group = cbn_periodic(pnt, y, n, period, sizeof(T), 8);             \\
+        if (group == 4)                                                              \\
             CBN_EACH_PERIODIC(T, n, y, 4, pnt, chk, CBN_HOLD(4, a) CBN_HOLD(4, c),   \\
                               x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
                               CBN_SAME, CBN_SAME)                                    \\
-        else if (cbn_periodic(pnt, y, n, period, sizeof(T), 8))                      \\
+        else if (group == 8)                                                         \\
             CBN_EACH_PERIODIC(T, n, y, 8, pnt, chk, CBN_HOLD(8, a) CBN_HOLD(8, c),   \\
                               x[i] * a[i] + c[i], CBN_LINE(x) * a_v[l] + c_v[l],     \\
                               CBN_SAME, CBN_SAME)                                    \\
@@ -702,7 +716,7 @@ cdef extern from *:
         T chk = 0;                                                                   \\
         const int pnt = cbn_lag_periodic(nt, dx, dy, x);                             \\
         nt = cbn_lag(nt, dx, dy, x, m, a, b, s, kx, k0);                             \\
-        if (cbn_periodic(pnt, dx, n, period, sizeof(T), 4)) {                        \\
+        if (cbn_periodic(pnt, dx, n, period, sizeof(T), 4) == 4) {                   \\
             if (s == NULL && relu)                                                   \\
                 CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk,                             \\
                     CBN_HOLD(4, m) CBN_HOLD(4, a) CBN_HOLD(4, b) CBN_HOLD(4, kx)     \\
@@ -796,10 +810,11 @@ cdef extern from *:
         T chk = 0;                                                                   \\
         const int pnt = cbn_lag_periodic(nt, dx, dy, NULL);                          \\
         nt = cbn_lag(nt, dx, dy, a, NULL, NULL, NULL, NULL, NULL, NULL);             \\
-        if (cbn_periodic(pnt, dx, n, period, sizeof(T), 4))                          \\
+        const int group = cbn_periodic(pnt, dx, n, period, sizeof(T), 8);            \\
+        if (group == 4)                                                              \\
             CBN_EACH_PERIODIC(T, n, dx, 4, pnt, chk, CBN_HOLD(4, a), a[i] * dy[i],   \\
                               a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
-        else if (cbn_periodic(pnt, dx, n, period, sizeof(T), 8))                     \\
+        else if (group == 8)                                                         \\
             CBN_EACH_PERIODIC(T, n, dx, 8, pnt, chk, CBN_HOLD(8, a), a[i] * dy[i],   \\
                               a_v[l] * CBN_LINE(dy), CBN_SAME, CBN_SAME)             \\
         else                                                                         \\
