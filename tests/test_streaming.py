@@ -83,6 +83,47 @@ def test_streamed_results_are_bit_identical(monkeypatch, shape, axis, dtype, rel
     np.testing.assert_allclose(streamed[0], y_ref, rtol=tol, atol=tol)
 
 
+# Runs of at least CBN_OR_CHECK_BYTES (2 KiB) that do not stream take one lean
+# loop over a thread's share of runs (cbn_affine_runs). With two threads the
+# first three split in two shares, the second starting at a channel other than
+# 0 (run 10 of 21, 19 of 39, 17 of 35); the last stays one share.
+LEAN_SHAPES = [(7, 3, 32, 32), (13, 3, 24, 24), (5, 7, 700), (2, 11, 17, 31)]
+
+
+@pytest.mark.parametrize("shape", LEAN_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_unstreamed_long_runs_in_one_loop(monkeypatch, shape, dtype, relu, n_threads):
+    """Evaluation and training forward over runs of 2 KiB and more, unstreamed:
+    the bits of the streamed pass (which goes run by run), the float64
+    reference, and a NaN in a random run of the second share named as such."""
+    rng = np.random.default_rng()
+    x, _, gamma, beta = _random_batch(rng, shape, 1, dtype)
+    C = shape[1]
+    mean, var = rng.standard_normal(C), rng.uniform(0.5, 4, C)
+    kw = dict(activation="relu" if relu else None, n_threads=n_threads)
+
+    def run():
+        return (F.batch_norm_eval(x, mean, var, gamma, beta, **kw),
+                F.batch_norm_train(x, gamma, beta, **kw)[0])
+
+    plain, streamed = _both(run, monkeypatch)
+    for a, b in zip(plain, streamed):
+        np.testing.assert_array_equal(a, b)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    want = R.forward_eval(x.astype(np.float64), mean, var, gamma, beta, 1e-5, 1, relu)
+    np.testing.assert_allclose(plain[0], want, rtol=tol, atol=tol)
+    want = R.forward_train(x.astype(np.float64), gamma, beta, 1e-5, 1, relu)[0]
+    np.testing.assert_allclose(plain[1], want, rtol=tol, atol=tol)
+    runs = x.reshape(-1, math.prod(shape[2:]))
+    u = rng.integers(runs.shape[0] // 2, runs.shape[0])
+    runs[u, rng.integers(runs.shape[1])] = rng.choice([np.nan, np.inf, -np.inf])
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    with pytest.raises(FloatingPointError):
+        F.batch_norm_eval(x, mean, var, gamma, beta, **kw)
+
+
 @pytest.mark.parametrize("offset", range(0, 17))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(3, 4, 45), (70, 12), (3, 1030)])
