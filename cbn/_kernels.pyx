@@ -2816,8 +2816,41 @@ cdef int _backward_coefficients(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1,
 # the (outer, C, inner) view; per-channel double arrays have length C.
 # ---------------------------------------------------------------------------
 
-cdef inline Geometry _geometry_of(const Py_ssize_t* shape) noexcept nogil:
-    return _geometry(shape[0], shape[1], shape[2])
+cdef Geometry _operands(str name, const Py_ssize_t* x, const Py_ssize_t* a=NULL,
+                        const Py_ssize_t* b=NULL) except *:
+    """The geometry of a primitive's (outer, C, inner) x, after checking that x
+    holds values and that the other 3-d operands a, b (NULL: none) match it.
+
+    The kernels take a batch as they find it: an empty one divides by zero (a
+    crash, not an exception) and a short output is written past its end.
+    cbn.functional and the layer check their arguments before they get here;
+    these checks keep a direct call of a primitive just as safe.
+    """
+    cdef const Py_ssize_t* others[2]
+    cdef const Py_ssize_t* other
+    cdef int k
+    if x[0] == 0 or x[1] == 0 or x[2] == 0:
+        raise ValueError(f"{name}: x is empty (shape ({x[0]}, {x[1]}, {x[2]}))")
+    others[0], others[1] = a, b
+    for k in range(2):
+        other = others[k]
+        if other != NULL and (other[0] != x[0] or other[1] != x[1] or other[2] != x[2]):
+            raise ValueError(f"{name}: arrays of shape ({other[0]}, {other[1]}, {other[2]}) "
+                             f"and ({x[0]}, {x[1]}, {x[2]}) do not match")
+    return _geometry(x[0], x[1], x[2])
+
+
+cdef int _per_channel(str name, Py_ssize_t C, lengths, const Py_ssize_t* coef=NULL,
+                      Py_ssize_t rows=0) except -1:
+    """Check that the per-channel arrays of a primitive (their lengths) have C
+    values each and that its coefficient array (shape coef) is (rows, C)."""
+    for n in lengths:
+        if n != C:
+            raise ValueError(f"{name}: per-channel arrays must have {C} values, got {n}")
+    if coef != NULL and (coef[0] != rows or coef[1] != C):
+        raise ValueError(f"{name}: coef must have shape ({rows}, {C}), "
+                         f"got ({coef[0]}, {coef[1]})")
+    return 0
 
 
 def batch_stats(const floating[:, :, ::1] x,    # IN  (outer, C, inner)
@@ -2828,7 +2861,8 @@ def batch_stats(const floating[:, :, ::1] x,    # IN  (outer, C, inner)
 
     Returns a status code (0: ok, 3: out of memory).
     """
-    cdef Geometry g = _geometry_of(x.shape)
+    cdef Geometry g = _operands("batch_stats", x.shape)
+    _per_channel("batch_stats", g.channels, (mean_out.shape[0], var_out.shape[0]))
     cdef int status
     with nogil:
         status = _batch_stats(&x[0, 0, 0], &g, &mean_out[0], &var_out[0], n_threads)
@@ -2845,7 +2879,8 @@ def normalize(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
     outputs too large to stay cached. Returns 0, or 2 if some pre-activation
     value is NaN or infinite.
     """
-    cdef Geometry g = _geometry_of(x.shape)
+    cdef Geometry g = _operands("normalize", x.shape, y_out.shape)
+    _per_channel("normalize", g.channels, (), coef.shape, 3)
     cdef int status
     with nogil:
         status = _normalize(&x[0, 0, 0], &y_out[0, 0, 0], &g, &coef[0, 0], relu, False,
@@ -2864,7 +2899,9 @@ def backward_reduce(const floating[:, :, ::1] dy,   # IN  (outer, C, inner)
 
     Returns 0, or 3 if out of memory.
     """
-    cdef Geometry g = _geometry_of(x.shape)
+    cdef Geometry g = _operands("backward_reduce", x.shape, dy.shape)
+    _per_channel("backward_reduce", g.channels,
+                 (mean.shape[0], sum_g_out.shape[0], sum_gd_out.shape[0]), coef.shape, 3)
     cdef int status
     with nogil:
         status = _backward_reduce(&dy[0, 0, 0], &x[0, 0, 0], &g, &mean[0], &coef[0, 0],
@@ -2881,7 +2918,8 @@ def backward_apply(const floating[:, :, ::1] dy,    # IN  (outer, C, inner)
 
     ``stream``: write dx with non-temporal stores, as in ``normalize``.
     """
-    cdef Geometry g = _geometry_of(x.shape)
+    cdef Geometry g = _operands("backward_apply", x.shape, dy.shape, dx_out.shape)
+    _per_channel("backward_apply", g.channels, (), coef.shape, 6)
     cdef int status
     with nogil:
         status = _backward_apply(&dy[0, 0, 0], &x[0, 0, 0], &dx_out[0, 0, 0], &g,
@@ -3264,7 +3302,9 @@ def forward_train(const floating[:, :, ::1] x,     # IN  (outer, C, inner)
     channel groups, see _group_channels, the groups with finite ones are);
     2 if the coefficients or the output are non-finite; 3 if out of memory.
     """
-    cdef Geometry g = _geometry_of(x.shape)
+    cdef Geometry g = _operands("forward_train", x.shape, y_out.shape)
+    _per_channel("forward_train", g.channels,
+                 (gamma.shape[0], beta.shape[0], mean_out.shape[0], var_out.shape[0]))
     cdef int status
     with nogil:
         status = _forward(&x[0, 0, 0], &y_out[0, 0, 0], &g, &mean_out[0], &var_out[0],
@@ -3285,7 +3325,9 @@ def forward_eval(const floating[:, :, ::1] x,      # IN  (outer, C, inner)
     Returns 0; 2 if the coefficients or the output are non-finite; 3 if out of memory;
     4 if some ``var`` is negative (y is not written).
     """
-    cdef Geometry g = _geometry_of(x.shape)
+    cdef Geometry g = _operands("forward_eval", x.shape, y_out.shape)
+    _per_channel("forward_eval", g.channels,
+                 (mean.shape[0], var.shape[0], gamma.shape[0], beta.shape[0]))
     cdef int status
     with nogil:
         status = _forward(&x[0, 0, 0], &y_out[0, 0, 0], &g, <double*>&mean[0],
@@ -3316,7 +3358,10 @@ def backward(const floating[:, :, ::1] dy,         # IN  (outer, C, inner)
     Returns 0; 2 if the sums or dx are non-finite; 3 if out of memory; 4 if some
     ``var`` is negative (nothing is written).
     """
-    cdef Geometry g = _geometry_of(x.shape)
+    cdef Geometry g = _operands("backward", x.shape, dy.shape, dx_out.shape)
+    _per_channel("backward", g.channels,
+                 (mean.shape[0], var.shape[0], gamma.shape[0], beta.shape[0],
+                  dgamma_out.shape[0], dbeta_out.shape[0]))
     cdef int status
     with nogil:
         status = _backward(&dy[0, 0, 0], &x[0, 0, 0], &g, &mean[0], &var[0], &gamma[0],

@@ -1,6 +1,7 @@
 """Tests of the compiled kernels, ``cbn._kernels``, against the NumPy oracle.
 
-The kernels check nothing, so every call here builds exactly the arguments the
+The primitives check only that their arrays are not empty and agree in shape
+(the last test), so every call here builds exactly the arguments the
 functional layer would: a C-contiguous ``(outer, C, inner)`` view, float64
 per-channel vectors and the coefficient table. The shapes are chosen to visit
 every branch of the block geometry: ``inner == 1`` (rows, channel blocks of
@@ -1301,3 +1302,70 @@ def test_relu_backward_masks_where_the_forward_clipped(dtype, geometry):
         err = np.abs(dx - want)
         assert err.max() <= tol, (n, np.argwhere(err > tol)[:5], err.max(), tol)
         np.testing.assert_allclose(db, dbeta, rtol=0, atol=tol * M)
+
+
+def _primitive_calls(shape, dtype=np.float32, y_shape=None, C_vec=None, coef_rows=None):
+    """Each primitive called on x of `shape`, with its 3-d outputs of `y_shape` and
+    its per-channel arrays of `C_vec` values (both default to x's), the
+    coefficient tables of `coef_rows` rows (default: what each takes)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal(shape).astype(dtype)
+    y = np.empty(y_shape or shape, dtype)
+    n = shape[1] if C_vec is None else C_vec
+    vec = lambda: rng.uniform(0.5, 2, n)  # noqa: E731
+    par = lambda: vec().astype(dtype)  # noqa: E731
+    coef = lambda rows: rng.standard_normal((coef_rows or rows, shape[1])).astype(dtype)  # noqa: E731
+    return {
+        "batch_stats": lambda: K.batch_stats(x, vec(), vec()),
+        "normalize": lambda: K.normalize(x, y, coef(3)),
+        "backward_reduce": lambda: K.backward_reduce(x, x, vec(), coef(3), vec(), vec()),
+        "backward_apply": lambda: K.backward_apply(x, x, coef(6), y),
+        "forward_train": lambda: K.forward_train(x, y, par(), par(), EPS, vec(), vec()),
+        "forward_eval": lambda: K.forward_eval(x, y, vec(), vec(), par(), par(), EPS),
+        "backward": lambda: K.backward(x, x, vec(), vec(), par(), par(), EPS, y, par(), par(),
+                                       True),
+    }
+
+
+PRIMITIVES = list(_primitive_calls((2, 3, 4)))
+WITH_3D_OUTPUT = ["normalize", "backward_apply", "forward_train", "forward_eval", "backward"]
+WITH_VECTORS = ["batch_stats", "backward_reduce", "forward_train", "forward_eval", "backward"]
+
+
+@pytest.mark.parametrize("name", PRIMITIVES)
+@pytest.mark.parametrize("shape", [(2, 0, 600), (0, 3, 600), (2, 3, 0), (2, 0, 1), (0, 3, 1)])
+def test_primitives_refuse_an_empty_batch(name, shape):
+    """An empty x is refused by name (the kernels would divide by zero: a crash)."""
+    with pytest.raises(ValueError, match=rf"{name}: x is empty"):
+        _primitive_calls(shape)[name]()
+
+
+@pytest.mark.parametrize("name", WITH_3D_OUTPUT)
+@pytest.mark.parametrize("y_shape", [(4, 3, 599), (3, 3, 600), (4, 2, 600), (2, 3, 1200)])
+def test_primitives_refuse_an_output_of_another_shape(name, y_shape):
+    """A 3-d output that does not match x, even of as many or more values, is refused
+    before anything is written (the kernels would write past a short one)."""
+    calls = _primitive_calls((4, 3, 600), y_shape=y_shape)
+    with pytest.raises(ValueError, match=rf"{name}: arrays of shape .* do not match"):
+        calls[name]()
+
+
+@pytest.mark.parametrize("name", WITH_VECTORS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_primitives_refuse_per_channel_arrays_of_another_length(name, n):
+    with pytest.raises(ValueError, match=rf"{name}: per-channel arrays must have 3 values"):
+        _primitive_calls((4, 3, 5), C_vec=n)[name]()
+
+
+@pytest.mark.parametrize("name", ["normalize", "backward_reduce", "backward_apply"])
+@pytest.mark.parametrize("rows", [2, 7])
+def test_primitives_refuse_a_coefficient_table_of_another_shape(name, rows):
+    with pytest.raises(ValueError, match=rf"{name}: coef must have shape"):
+        _primitive_calls((4, 3, 5), coef_rows=rows)[name]()
+
+
+@pytest.mark.parametrize("name", PRIMITIVES)
+def test_primitives_take_matching_arrays(name):
+    """The checks let through what they should: every primitive runs (status 0)."""
+    assert _primitive_calls((4, 3, 5))[name]() == 0
+
