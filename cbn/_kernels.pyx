@@ -1250,8 +1250,6 @@ cdef extern from *:
                        const double* beta, double* coef) noexcept nogil
     int cbn_affine_row_f(const float* x, float* y, Py_ssize_t n, const float* m, const float* a,
                           const float* b, int relu, int nt, Py_ssize_t period) noexcept nogil
-    int cbn_affine_run_f(const float* x, float* y, Py_ssize_t n, float m, float a, float b,
-                          int relu, int nt) noexcept nogil
     int cbn_affine_runs_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, Py_ssize_t u0,
                           Py_ssize_t u1, const float* m, const float* a, const float* b,
                           int relu, int nt) noexcept nogil
@@ -1278,8 +1276,6 @@ cdef extern from *:
                               const double* b, int relu, double* s1, double* s2) noexcept nogil
     int cbn_affine_row_d(const double* x, double* y, Py_ssize_t n, const double* m, const double* a,
                           const double* b, int relu, int nt, Py_ssize_t period) noexcept nogil
-    int cbn_affine_run_d(const double* x, double* y, Py_ssize_t n, double m, double a, double b,
-                          int relu, int nt) noexcept nogil
     int cbn_affine_runs_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, Py_ssize_t u0,
                           Py_ssize_t u1, const double* m, const double* a, const double* b,
                           int relu, int nt) noexcept nogil
