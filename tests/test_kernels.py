@@ -1312,9 +1312,16 @@ def _primitive_calls(shape, dtype=np.float32, y_shape=None, C_vec=None, coef_row
     x = rng.standard_normal(shape).astype(dtype)
     y = np.empty(y_shape or shape, dtype)
     n = shape[1] if C_vec is None else C_vec
-    vec = lambda: rng.uniform(0.5, 2, n)  # noqa: E731
-    par = lambda: vec().astype(dtype)  # noqa: E731
-    coef = lambda rows: rng.standard_normal((coef_rows or rows, shape[1])).astype(dtype)  # noqa: E731
+
+    def vec():
+        return rng.uniform(0.5, 2, n)
+
+    def par():
+        return vec().astype(dtype)
+
+    def coef(rows):
+        return rng.standard_normal((coef_rows or rows, shape[1])).astype(dtype)
+
     return {
         "batch_stats": lambda: K.batch_stats(x, vec(), vec()),
         "normalize": lambda: K.normalize(x, y, coef(3)),

@@ -102,7 +102,7 @@ def test_unstreamed_long_runs_in_one_loop(monkeypatch, shape, dtype, relu, n_thr
     x, _, gamma, beta = _random_batch(rng, shape, 1, dtype)
     C = shape[1]
     mean, var = rng.standard_normal(C), rng.uniform(0.5, 4, C)
-    kw = dict(activation="relu" if relu else None, n_threads=n_threads)
+    kw = {"activation": "relu" if relu else None, "n_threads": n_threads}
 
     def run():
         return (F.batch_norm_eval(x, mean, var, gamma, beta, **kw),
