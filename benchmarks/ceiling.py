@@ -1,0 +1,296 @@
+"""Bandwidth ceilings: the fastest passes this machine's memory allows, and what they bound.
+
+Batch norm is memory-bound, so the least time any implementation can take is
+the least memory traffic it must cause over the fastest rate the machine moves
+it at. This script compiles minimal C loops of each pass's traffic (OpenMP,
+256-bit vectors, 64-byte aligned buffers rotated past the last-level cache, as
+``bench.py`` rotates its inputs) and times them on one and two threads, for
+every array size of 4 MiB and more in the benchmark's shapes:
+
+* ``read``: sum x (reading alone, for reference);
+* ``affine``: y = x*a + b with streaming stores: read x once, write y once,
+  no read-for-ownership of y. The least traffic of an evaluation, and of a
+  training forward (which must read x for its statistics before it can
+  write y: at best the second read comes from cache);
+* ``affine-cached``: the same with ordinary stores, for reference;
+* ``grad``: dx = dy*a + x*b with streaming stores: read dy and x once, write
+  dx once. The least traffic of a backward (whose second reads of dy and x
+  come from cache at best).
+
+Given a ``bench.py`` JSON (``--bench``, best from the same sitting: the
+machine's bandwidth moves from hour to hour), it then bounds three targets of
+issue 4 for every case of 4 MiB and more:
+
+* ``cbn / floor``: the floor's time (the least traffic at the ceiling's rate)
+  over cbn's, on the case's thread count: how close cbn runs to the limit;
+* ``2T / 1T at most``: cbn's one-thread time over the two-thread floor, the
+  most a second thread could add to cbn as it runs on one (the target: 1.6);
+* ``x PyTorch at most`` (training forward of NCHW maps): PyTorch's time over
+  the floor, the most any implementation could gain on it (the target: 3).
+
+A bound under a target shows that target out of reach on this machine, for
+any implementation; a bound over it says only that memory does not forbid it.
+
+Needs an x86-64 C compiler with AVX2, FMA and OpenMP (``$CC`` or ``cc``).
+
+Usage (unset the OpenBLAS variables for the run, as for bench.py):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ceiling.py \\
+        [--bench results.json] [--json FILE]
+"""
+
+import ctypes
+import platform
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+from cbn import benchmark as B
+
+SOURCE = r"""
+#include <stddef.h>
+#include <immintrin.h>
+#include <omp.h>
+/* Thread t's share [lo, hi) of n floats, split on 64-byte lines, so that each
+   share of a 64-byte aligned array starts aligned. */
+static void share(ptrdiff_t n, ptrdiff_t* lo, ptrdiff_t* hi) {
+    ptrdiff_t lines = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *lo = lines * t / nt * 16;
+    *hi = t == nt - 1 ? n : lines * (t + 1) / nt * 16;
+}
+double read_sum(const float* x, ptrdiff_t n, int threads) {
+    double total = 0;
+    #pragma omp parallel num_threads(threads) reduction(+:total)
+    {
+        ptrdiff_t lo, hi, i;
+        share(n, &lo, &hi);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (i = lo; i + 32 <= hi; i += 32) {
+            s0 = _mm256_add_ps(s0, _mm256_load_ps(x + i));
+            s1 = _mm256_add_ps(s1, _mm256_load_ps(x + i + 8));
+            s2 = _mm256_add_ps(s2, _mm256_load_ps(x + i + 16));
+            s3 = _mm256_add_ps(s3, _mm256_load_ps(x + i + 24));
+        }
+        float v[8];
+        _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+        double part = 0;
+        for (int k = 0; k < 8; k++) part += v[k];
+        for (; i < hi; i++) part += x[i];
+        total += part;
+    }
+    return total;
+}
+#define AFFINE(NAME, STORE, FENCE)                                              \
+void NAME(const float* x, float* y, ptrdiff_t n, float a, float b, int threads) { \
+    _Pragma("omp parallel num_threads(threads)")                                \
+    {                                                                           \
+        ptrdiff_t lo, hi, i;                                                    \
+        share(n, &lo, &hi);                                                     \
+        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);            \
+        for (i = lo; i + 8 <= hi; i += 8)                                       \
+            STORE(y + i, _mm256_fmadd_ps(_mm256_load_ps(x + i), va, vb));       \
+        for (; i < hi; i++) y[i] = x[i] * a + b;                                \
+        FENCE;                                                                  \
+    }                                                                           \
+}
+AFFINE(affine_stream, _mm256_stream_ps, _mm_sfence())
+AFFINE(affine_cached, _mm256_store_ps, (void)0)
+void grad_stream(const float* dy, const float* x, float* dx, ptrdiff_t n, float a,
+                 float b, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        ptrdiff_t lo, hi, i;
+        share(n, &lo, &hi);
+        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+        for (i = lo; i + 8 <= hi; i += 8)
+            _mm256_stream_ps(dx + i, _mm256_fmadd_ps(_mm256_load_ps(dy + i), va,
+                                                     _mm256_mul_ps(_mm256_load_ps(x + i), vb)));
+        for (; i < hi; i++) dx[i] = dy[i] * a + x[i] * b;
+        _mm_sfence();
+    }
+}
+"""
+
+# Kernel -> (arrays it reads, arrays it writes): its traffic in array sizes.
+KERNELS = {"read": (1, 0), "affine": (1, 1), "affine-cached": (1, 1), "grad": (2, 1)}
+# The ceiling that bounds each benchmark op, and the op's least traffic in array sizes.
+FLOOR_OF = {"fwd-train": ("affine", 2), "fwd-eval": ("affine", 2), "backward": ("grad", 3)}
+THREADS = (1, 2)
+MIN_BYTES = 4 << 20  # the sizes issue 4's two-thread target covers
+A, B_ = 1.5, 0.25   # the loops' coefficients (any values; these are exact in float32)
+
+
+def compile_loops(workdir):
+    """Compile SOURCE into ``workdir``; return the loaded library, or raise RuntimeError."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the loops are x86-64 code; this is {platform.machine()}")
+    lib = B.compile_c(workdir, "ceiling", SOURCE, ["-O2", "-mavx2", "-mfma", "-fopenmp"],
+                      "the ceiling loops")
+    p, n, f, i = ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_float, ctypes.c_int
+    lib.read_sum.argtypes, lib.read_sum.restype = [p, n, i], ctypes.c_double
+    for name in ("affine_stream", "affine_cached"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [p, p, n, f, f, i], None
+    lib.grad_stream.argtypes, lib.grad_stream.restype = [p, p, p, n, f, f, i], None
+    return lib
+
+
+def aligned(n, rng=None):
+    """A float32 array of n values starting on a 64-byte line (streaming stores need
+    32-byte alignment), random if ``rng`` is given, else uninitialized."""
+    raw = np.empty(n * 4 + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    a = raw[skip:skip + n * 4].view(np.float32)
+    if rng is not None:
+        a[:] = rng.standard_normal(n)
+    return a
+
+
+def kernel_call(lib, kernel, arrays, threads):
+    """``fn()`` running ``kernel`` once over ``arrays`` (x; x, y; or dy, x, dx) on
+    ``threads`` threads, its pointers made once (the timing should not include them)."""
+    n = arrays[0].size
+    p = [ctypes.c_void_p(a.ctypes.data) for a in arrays]
+    if kernel == "read":
+        return lambda: lib.read_sum(p[0], n, threads)
+    if kernel == "grad":
+        return lambda: lib.grad_stream(p[0], p[1], p[2], n, A, B_, threads)
+    fn = lib.affine_stream if kernel == "affine" else lib.affine_cached
+    return lambda: fn(p[0], p[1], n, A, B_, threads)
+
+
+def measure_size(lib, nbytes, config):
+    """Median GB/s of every kernel on one and two threads, arrays of ``nbytes`` (rounded
+    down to 64 bytes) rotated past the cache, all in alternating rounds.
+    Returns ``{(kernel, threads): gbps}``."""
+    n = nbytes // 64 * 16
+    k = B._n_buffers(n * 4, config)
+    rng = np.random.default_rng(0)
+    sets = [[aligned(n, rng), aligned(n, rng), aligned(n)] for _ in range(k)]
+    fns = {}
+    for kernel in KERNELS:
+        for t in THREADS:
+            calls = [kernel_call(lib, kernel, s if kernel == "grad" else s[:1] if kernel == "read"
+                                 else [s[0], s[2]], t) for s in sets]
+            fns[(kernel, t)] = ((lambda i, calls=calls: calls[i]()), None)
+    named = {f"{kern} {t}": f for (kern, t), f in fns.items()}
+    timing = B.time_interleaved(named, k, rounds=config.rounds, target_time=config.target_time,
+                                min_repeats=config.min_repeats, max_repeats=config.max_repeats)
+    out = {}
+    for (kernel, t) in fns:
+        traffic = sum(KERNELS[kernel]) * n * 4
+        out[(kernel, t)] = traffic / timing[f"{kernel} {t}"].median / 1e9
+    return out
+
+
+def bounds(bench, ceilings):
+    """The floor of every case of ``bench`` (a ``bench.py`` result) of MIN_BYTES and more,
+    from ``ceilings`` (``{nbytes: {(kernel, threads): gbps}}``), and what it bounds.
+
+    Returns one dict per case: ``case``, ``floor_s`` (least traffic / ceiling),
+    ``cbn_over_floor`` (the floor's time over cbn's: 1 is the limit), and where they
+    apply ``two_threads_at_most`` (cbn's one-thread time over the two-thread floor:
+    the most a second thread could give) and ``torch_at_most`` (PyTorch's time over
+    the floor, for training forwards of NCHW maps)."""
+    cases = {(c["shape_name"], c["dtype"], c["op"], c["threads"]): c for c in bench["cases"]}
+    rows = []
+    for (shape, dtype, op, t), c in cases.items():
+        if c["nbytes"] < MIN_BYTES or op not in FLOOR_OF or c["nbytes"] not in ceilings:
+            continue
+        kernel, arrays = FLOOR_OF[op]
+        rate = ceilings[c["nbytes"]]
+        least = arrays * c["nbytes"]  # bytes any implementation must move
+
+        def floor(threads, least=least, rate=rate, kernel=kernel):
+            return least / (rate[(kernel, threads)] * 1e9)
+
+        times = c["times"]
+        row = {"case": f"{shape} {dtype} {op} {t}T", "nbytes": c["nbytes"],
+               "floor_s": floor(t), "cbn_over_floor": floor(t) / times["cbn"]["median_s"]}
+        if t == 1 and (shape, dtype, op, 2) in cases:
+            row["two_threads_at_most"] = times["cbn"]["median_s"] / floor(2)
+        if op == "fwd-train" and c["layout"] == "NCHW" and "torch" in times:
+            row["torch_at_most"] = times["torch"]["median_s"] / floor(t)
+        rows.append(row)
+    return rows
+
+
+def _options(p):
+    p.add_argument("--bench", metavar="FILE",
+                   help="a bench.py JSON to bound (best from the same sitting)")
+    p.add_argument("--target-time", type=float, default=B.BenchConfig.target_time,
+                   help="seconds of timed calls per loop and size")
+
+
+def _sizes(bench):
+    """Array sizes (bytes) to measure: those of ``bench``'s cases, else of the default shapes."""
+    if bench is not None:
+        sizes = {c["nbytes"] for c in bench["cases"]}
+    else:
+        sizes = {B.parse_shape(s).nbytes(d) for s in B.DEFAULT_SHAPES for d in B.DTYPES}
+    return sorted(s for s in sizes if s >= MIN_BYTES)
+
+
+def _show_bounds(rows):
+    print("\ncase                                  cbn/floor  2T/1T at most  x PyTorch at most")
+    for r in rows:
+        two = r.get("two_threads_at_most")
+        tor = r.get("torch_at_most")
+        print(f"{r['case']:38} {r['cbn_over_floor']:9.2f}  "
+              f"{'' if two is None else f'{two:13.2f}':>13}  "
+              f"{'' if tor is None else f'{tor:17.2f}':>17}")
+    for key, target, what in (("two_threads_at_most", 1.6, "two threads >= 1.6x one"),
+                              ("torch_at_most", 3.0, ">= 3x PyTorch, NCHW training forward")):
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            under = sum(v < target for v in vals)
+            print(f"{what}: out of reach (bound under {target}) in {under} of {len(vals)}")
+
+
+def main(argv=None):
+    """Measure the ceilings (and bound ``--bench``'s cases); returns the exit status."""
+    save = B.side_measurement(__doc__, "write the ceilings (and bounds) as JSON", argv, _options)
+    args = save.args
+    bench = None
+    if args.bench:
+        import json
+        with open(args.bench) as f:
+            bench = json.load(f)
+    config = B.BenchConfig(shapes=[], target_time=args.target_time,
+                           cache_bytes=B._last_level_cache_bytes())
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            lib = compile_loops(d)
+            ceilings = {}
+            print("GB/s (traffic over median time), arrays rotated past the cache")
+            print(f"{'MiB':>6} " + " ".join(f"{k + ' ' + str(t) + 'T':>16}"
+                                           for k in KERNELS for t in THREADS))
+            for nbytes in _sizes(bench):
+                ceilings[nbytes] = measure_size(lib, nbytes, config)
+                print(f"{nbytes / 2**20:6.1f} " + " ".join(
+                    f"{ceilings[nbytes][(k, t)]:16.1f}" for k in KERNELS for t in THREADS),
+                    flush=True)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    gain = {k: statistics.median(c[(k, 2)] / c[(k, 1)] for c in ceilings.values())
+            for k in KERNELS}
+    print("two threads over one, median over the sizes: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in gain.items()))
+    if any(v < 1 for v in gain.values()):
+        # A team of two waits for its slower thread: a core taken by another
+        # process halves what both threads can do.
+        print("warning: two threads slower than one; was another process using a core?",
+              file=sys.stderr)
+    rows = bounds(bench, ceilings) if bench is not None else []
+    if rows:
+        _show_bounds(rows)
+    save(ceilings=[{"nbytes": s, "kernel": k, "threads": t, "gbps": v}
+                   for s, c in ceilings.items() for (k, t), v in c.items()],
+         bench=args.bench, bounds=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
