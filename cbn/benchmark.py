@@ -1368,11 +1368,28 @@ def _csv(kind, choices=None):
     return parse
 
 
+def _physical_memory():
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _shape_list(text):
     try:
-        return [parse_shape(t) for t in text.split(";" if ";" in text else ",") if t.strip()]
+        specs = [parse_shape(t) for t in text.split(";" if ";" in text else ",") if t.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    memory = _physical_memory()
+    for spec in specs:
+        # A case holds x, dy and an output at least (float64 the largest dtype).
+        need = 3 * spec.nbytes("float64")
+        if memory and need > memory:
+            raise argparse.ArgumentTypeError(
+                f"shape {spec.name} needs {need / 2**30:.3g} GiB for its arrays; "
+                f"this machine has {memory / 2**30:.3g} GiB")
+    return specs
 
 
 def _thread_list(text):

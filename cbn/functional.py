@@ -236,7 +236,10 @@ def check_activation(activation):
 
 def _abbrev(value, limit=80):
     """``repr(value)``, cut to ``limit`` characters for an error message."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts (10**5000)
+        text = f"an {type(value).__name__} too long to print"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -391,7 +394,12 @@ def _stats_vectors(mean, var, channels):
 
     A negative ``var`` is found by the kernel, in the pass that reads it
     anyway (status ``NEGATIVE_VAR``), which saves a NumPy comparison per call.
+    None is refused: unlike gamma and beta, statistics have no neutral default
+    (mean 0 and var 1 would silently normalize with made-up numbers).
     """
+    if mean is None or var is None:
+        missing = " and ".join(n for n, v in (("mean", mean), ("var", var)) if v is None)
+        raise TypeError(f"{missing} must be given (the statistics to normalize with), got None")
     mean = _channel_vector(mean, "mean", channels, np.float64, 0.0)
     var = _channel_vector(var, "var", channels, np.float64, 1.0)
     return mean, var
@@ -837,10 +845,13 @@ def _real_number(value, name):
     """``value`` as a float, refusing bools and non-numbers by name."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range: 2**2000
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {_abbrev(value, 40)}")
+    return number
 
 
 def _result(out, x_c, x3, name="out", sources=()):

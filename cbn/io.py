@@ -51,7 +51,7 @@ def save_arrays(path, kind, arrays):
     arrays : dict
         Names to arrays or scalars; no object arrays (nothing is pickled).
     """
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))  # bytes too, as np.load takes them
     if os.path.isdir(path):  # before the temporary file goes into its parent
         raise IsADirectoryError(errno.EISDIR, "cannot save over a directory", path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -61,7 +61,11 @@ def save_arrays(path, kind, arrays):
         if arr.dtype == object:
             raise TypeError(f"cannot save {name!r}: object arrays would need pickle")
         payload[name] = arr
-    fd, tmp = tempfile.mkstemp(prefix=".cbn-", suffix=".npz.tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cbn-", suffix=".npz.tmp", dir=folder)
+    except OSError as exc:
+        # The temporary file's name means nothing to the caller: name their path.
+        raise type(exc)(exc.errno, f"cannot write beside it ({exc.strerror})", path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **payload)

@@ -126,7 +126,8 @@ class BatchNorm:
         Channel axis of the input: 1 for ``(N, C, *)``, -1 for channels-last
         ``(N, *, C)``; inputs of any rank >= 2.
     dtype : numpy.float32 or numpy.float64, default float32
-        Dtype of the parameters, of the running statistics and of every input.
+        Dtype of the parameters, of the running statistics and of every input
+        (None: float32, as PyTorch's ``dtype=None`` takes its default).
     activation : None or "relu"
         Fuse a ReLU into the layer: ``forward`` returns ``max(y, 0)`` and
         ``backward`` masks the gradient, recomputing the mask from x, so no
@@ -182,6 +183,8 @@ class BatchNorm:
         self._num_features = int(num_features)
         self._affine = _check_flag(affine, "affine")
         self._track_running_stats = _check_flag(track_running_stats, "track_running_stats")
+        if dtype is None:  # the default, as PyTorch's dtype=None (np.dtype(None) is float64)
+            dtype = np.float32
         try:
             self._dtype = np.dtype(dtype)
         except TypeError:
@@ -195,6 +198,21 @@ class BatchNorm:
         self.activation = activation
         self.n_threads = n_threads
 
+        try:
+            self._allocate_state()
+        except (MemoryError, ValueError) as exc:  # numpy: "array is too big"
+            raise type(exc)(
+                f"num_features={self.num_features}: cannot allocate the layer's per-channel "
+                f"arrays ({exc})") from None
+        self._num_batches_tracked = 0 if self.track_running_stats else None
+        self._training = True
+        self._frozen = False
+        self._cache = None
+        self._stale = None  # gamma or beta, if assigned after the cached forward
+        self._busy = threading.Lock()
+
+    def _allocate_state(self):
+        """The parameters, their gradients and the running statistics, as initialized."""
         C, dt = self.num_features, self.dtype
         self._unit = None  # affine=False: see _unit_params
         self._gamma = np.ones(C, dt) if self.affine else None
@@ -203,12 +221,6 @@ class BatchNorm:
         self._dbeta = np.zeros(C, dt) if self.affine else None
         self._running_mean = np.zeros(C, dt) if self.track_running_stats else None
         self._running_var = np.ones(C, dt) if self.track_running_stats else None
-        self._num_batches_tracked = 0 if self.track_running_stats else None
-        self._training = True
-        self._frozen = False
-        self._cache = None
-        self._stale = None  # gamma or beta, if assigned after the cached forward
-        self._busy = threading.Lock()
 
     # -- configuration: fixed at construction, or checked when set (a value
     # set later goes to the kernels as it is, so it is checked here).
@@ -793,7 +805,13 @@ _BUSY = (
 
 
 def _to_numpy(value):
-    """An ndarray from an array, a list or a CPU tensor (PyTorch state dicts)."""
+    """An ndarray from an array, a list or a CPU tensor (PyTorch state dicts).
+
+    Masked arrays are refused: np.asarray would keep the values under the mask,
+    as forward refuses to normalize over them (see functional._as_float_array)."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError("a masked array is not taken (its masked values would be used "
+                        "as they are); pass .filled(...) of it")
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)

@@ -276,6 +276,9 @@ def _checked_params(params, state, owner):
             f"{owner}: state keys {sorted(state, key=str)} != expected {sorted(params)}")
     checked = {}
     for key, arr in params.items():
+        if isinstance(state[key], np.ma.MaskedArray):
+            # np.asarray would load the values under the mask.
+            raise TypeError(f"{owner}: state[{key!r}] is a masked array; pass .filled(...) of it")
         src = np.asarray(state[key])
         if src.shape != arr.shape:
             raise ValueError(f"{owner}: state[{key!r}] has shape {src.shape}, expected {arr.shape}")

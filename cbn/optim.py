@@ -43,7 +43,10 @@ def _nonneg_float(value, name, *, positive=False, below_one=False):
     """Validate a real hyper-parameter."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range: 10**400
+        value = float("inf")
     if not np.isfinite(value) or value < 0 or (positive and value == 0):
         kind = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {kind}, got {value}")
@@ -163,6 +166,9 @@ def _check_weight_decay(opt, value, name):
 
 
 def _check_decay_bn(opt, value, name):
+    # A flag, not a truth value: bool("no") is True.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     value = bool(value)
     weight_decay = getattr(opt, "_weight_decay", 0.0)  # unset while constructing
     if value and weight_decay > 0:

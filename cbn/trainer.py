@@ -168,6 +168,10 @@ def _model_dtype(model):
 
 def _check_data(model, X, y, name="X"):
     """Validate ``X``/``y`` and convert ``X`` once to the model's dtype."""
+    for what, arr in ((name, X), (f"labels for {name}", y)):
+        if isinstance(arr, np.ma.MaskedArray):
+            # np.asarray would train on the values under the mask.
+            raise TypeError(f"{what} is a masked array; pass .filled(...) or the unmasked rows")
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, features), got shape {X.shape}")

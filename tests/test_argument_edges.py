@@ -1,0 +1,151 @@
+"""Arguments at the edges, found by a fuzzing audit: each is refused by name, never
+read as something else, and a refused call changes nothing."""
+
+import os
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import functional as F
+from cbn import nn, optim, trainer
+from cbn.__main__ import main as cli
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
+
+
+def batch(rng, dtype=np.float64):
+    N, C = int(rng.integers(4, 20)), int(rng.integers(2, 9))
+    return (rng.standard_normal((N, C)) * 3 + rng.normal(size=C)).astype(dtype)
+
+
+@pytest.mark.parametrize("missing", ["mean", "var", "both"])
+def test_statistics_have_no_default(rng, missing):
+    """Mean 0 and var 1 are no neutral statistics: None for either is refused by
+    evaluation and by backward (which took it as 0 and 1 and gave a wrong gradient)."""
+    x = batch(rng)
+    dy = rng.standard_normal(x.shape)
+    mean, var = F.batch_stats(x)
+    m = None if missing in ("mean", "both") else mean
+    v = None if missing in ("var", "both") else var
+    names = ["mean", "var"] if missing == "both" else [missing]
+    for call in (lambda: F.batch_norm_eval(x, m, v),
+                 lambda: F.batch_norm_backward(dy, x, m, v),
+                 lambda: F.batch_norm_backward(dy, x, m, v, training=False)):
+        with pytest.raises(TypeError, match=" and ".join(names) + " must be given"):
+            call()
+    # Given, they work, and match the float64 reference.
+    y = F.batch_norm_eval(x, mean, var)
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-10)
+
+
+@pytest.mark.parametrize("huge", [2**2000, 10**5000], ids=["2**2000", "10**5000"])
+def test_huge_integers_are_refused_by_name(rng, huge):
+    """float() overflows on them: the error names the argument (no bare OverflowError)."""
+    x = batch(rng)
+    mean, var = F.batch_stats(x)
+    running = (rng.standard_normal(x.shape[1]), rng.uniform(0.5, 2, x.shape[1]))
+    before = [a.copy() for a in running]
+    for name, args in (("count", (huge, 0.1)), ("factor", (x.shape[0], huge))):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            F.update_running_stats(*running, mean, var, *args)
+    for a, b in zip(running, before):
+        np.testing.assert_array_equal(a, b)
+    params, grads = {"w": rng.standard_normal(3)}, {"w": rng.standard_normal(3)}
+    for cls, name in ((optim.SGD, "lr"), (optim.Adam, "lr"), (optim.Momentum, "beta")):
+        kwargs = {"lr": 0.1, name: huge}
+        with pytest.raises(ValueError, match=name):
+            cls(params, grads, **kwargs)
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, [True]])
+def test_decay_bn_is_a_flag(rng, value):
+    """bool("no") is True: decay_bn takes True or False only, as the layer's flags."""
+    params = {"0.W": rng.standard_normal((2, 3)), "1.gamma": rng.uniform(0.5, 1.5, 3)}
+    grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    with pytest.raises(TypeError, match="decay_bn must be True or False"):
+        optim.SGD(params, grads, lr=0.1, weight_decay=0.1, decay_bn=value)
+    opt = optim.SGD(params, grads, lr=0.1, weight_decay=0.1, decay_bn=np.True_)
+    assert opt.decay_bn is True
+    with pytest.raises(TypeError, match="decay_bn"):
+        opt.decay_bn = "no"
+    assert opt.decay_bn is True
+
+
+def _masked(rng, n):
+    values = rng.uniform(0.5, 1.5, n)
+    return np.ma.masked_array(values, mask=rng.random(n) < 0.5)
+
+
+@pytest.mark.parametrize("name", ["gamma", "beta", "running_mean", "running_var"])
+def test_masked_vectors_are_refused_and_change_nothing(rng, name):
+    """np.asarray would take the values under the mask: setters refuse a masked array."""
+    C = int(rng.integers(2, 9))
+    bn = cbn.BatchNorm(C, dtype=np.float64)
+    bn(batch(rng)[:, :1].repeat(C, axis=1) + rng.standard_normal((1, C)))
+    state = {k: np.array(v) for k, v in bn.state_dict().items()}
+    with pytest.raises(TypeError, match="masked array"):
+        setattr(bn, name, _masked(rng, C))
+    with pytest.raises(TypeError, match="masked array"):
+        bn.load_state_dict({**state, name: _masked(rng, C)})
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+
+
+def test_masked_state_and_data_are_refused_by_models_and_the_trainer(rng):
+    model = nn.mlp([4, 5, 3], rng=rng, dtype=np.float64)
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("W"))
+    before = {k: np.array(v) for k, v in state.items()}
+    bad = dict(state)
+    bad[key] = np.ma.masked_array(state[key], mask=np.zeros(state[key].shape, bool))
+    with pytest.raises(TypeError, match="masked array"):
+        model.load_state_dict(bad)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    X = rng.standard_normal((12, 4))
+    y = rng.integers(0, 3, 12)
+    opt = optim.SGD(model.params, model.grads, lr=0.1)
+    for Xb, yb, what in ((np.ma.masked_array(X, mask=X > 1), y, "X"),
+                         (X, np.ma.masked_array(y, mask=y == 0), "labels for X")):
+        with pytest.raises(TypeError, match=f"{what} is a masked array"):
+            trainer.fit(model, Xb, yb, epochs=1, batch_size=4, optimizer=opt)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_too_many_features_is_named():
+    with pytest.raises(ValueError, match=r"num_features=4611686018427387904"):
+        cbn.BatchNorm(2**62)
+
+
+def test_dtype_none_is_the_default_float32(rng):
+    """As PyTorch's dtype=None (np.dtype(None) would be float64)."""
+    bn = cbn.BatchNorm(3, dtype=None)
+    assert bn.dtype == np.float32 and bn.gamma.dtype == np.float32
+    assert bn(batch(rng, np.float32)[:, :3]).dtype == np.float32
+
+
+def test_save_takes_bytes_paths_and_names_the_path_it_cannot_write(rng, tmp_path):
+    bn = cbn.BatchNorm(4, dtype=np.float64)
+    bn(rng.standard_normal((8, 4)))
+    path = os.fsencode(tmp_path / "layer.npz")
+    bn.save(path)
+    loaded = cbn.BatchNorm.load(path)
+    np.testing.assert_array_equal(loaded.running_mean, bn.running_mean)
+    missing = tmp_path / "no-such-folder" / "layer.npz"
+    with pytest.raises(FileNotFoundError) as err:
+        bn.save(missing)
+    assert err.value.filename == str(missing) and ".tmp" not in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["layer.npz"]
+
+
+def test_bench_refuses_a_shape_larger_than_memory(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["bench", "--shapes", "99999999999x99999999999"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "99999999999x99999999999 needs" in err
