@@ -17,12 +17,15 @@ every array size of 4 MiB and more in the benchmark's shapes:
   dx once. The least traffic of a backward (whose second reads of dy and x
   come from cache at best).
 
-Given a ``bench.py`` JSON (``--bench``, best from the same sitting: the
-machine's bandwidth moves from hour to hour), it then bounds three targets of
-issue 4 for every case of 4 MiB and more:
+It then bounds three targets of issue 4 on every case of 4 MiB and more of
+``bench.py``'s shapes, timing the case's floor loop (``affine`` for the
+forwards, ``grad`` for the backward, on buffers of the case's size) in the
+same alternating rounds as cbn and PyTorch, so that the ratios do not mix
+minutes of different bandwidth:
 
-* ``cbn / floor``: the floor's time (the least traffic at the ceiling's rate)
-  over cbn's, on the case's thread count: how close cbn runs to the limit;
+* ``cbn / floor``: the floor's time, scaled to the case's least traffic (two
+  arrays forward, three backward), over cbn's, on the case's thread count:
+  how close cbn runs to the limit;
 * ``2T / 1T at most``: cbn's one-thread time over the two-thread floor, the
   most a second thread could add to cbn as it runs on one (the target: 1.6);
 * ``x PyTorch at most`` (training forward of NCHW maps): PyTorch's time over
@@ -35,8 +38,7 @@ Needs an x86-64 C compiler with AVX2, FMA and OpenMP (``$CC`` or ``cc``).
 
 Usage (unset the OpenBLAS variables for the run, as for bench.py):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ceiling.py \\
-        [--bench results.json] [--json FILE]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ceiling.py [--json FILE]
 """
 
 import ctypes
@@ -184,80 +186,129 @@ def measure_size(lib, nbytes, config):
     return out
 
 
-def bounds(bench, ceilings):
-    """The floor of every case of ``bench`` (a ``bench.py`` result) of MIN_BYTES and more,
-    from ``ceilings`` (``{nbytes: {(kernel, threads): gbps}}``), and what it bounds.
+def _floor_sets(op, nbytes, k, rng):
+    """k rotated sets of the arrays a case's floor loop runs on, each of ``nbytes``."""
+    n = nbytes // 64 * 16
+    arrays = 3 if op == "backward" else 2
+    return [[aligned(n, rng) for _ in range(arrays - 1)] + [aligned(n)] for _ in range(k)]
 
-    Returns one dict per case: ``case``, ``floor_s`` (least traffic / ceiling),
-    ``cbn_over_floor`` (the floor's time over cbn's: 1 is the limit), and where they
-    apply ``two_threads_at_most`` (cbn's one-thread time over the two-thread floor:
-    the most a second thread could give) and ``torch_at_most`` (PyTorch's time over
-    the floor, for training forwards of NCHW maps)."""
-    cases = {(c["shape_name"], c["dtype"], c["op"], c["threads"]): c for c in bench["cases"]}
+
+def measure_case(lib, torch, spec, dtype, op, config):
+    """Median seconds of cbn, PyTorch (if given) and the case's floor loop, on one and
+    two threads, in alternating rounds: ``{"cbn": {1: s, 2: s}, "torch": ..., "floor": ...}``.
+
+    One-thread cbn and PyTorch alternate with the floor on both thread counts (the
+    two-thread bound is cbn's one-thread time over the two-thread floor); two-thread
+    cbn and PyTorch with the two-thread floor again."""
+    nbytes = spec.nbytes(dtype)
+    k = B._n_buffers(nbytes, config)
+    buf = B._Buffers(spec, dtype, k, torch)
+    kernel, _ = FLOOR_OF[op]
+    sets = _floor_sets(op, nbytes, k, np.random.default_rng(0))
+
+    def floor(t):
+        calls = [kernel_call(lib, kernel, arrays, t) for arrays in sets]
+        return (lambda i: calls[i]()), None
+
+    out = {"cbn": {}, "floor": {}, "torch": {}}
+    for t in THREADS:
+        fns = {("cbn", t): B._case_functions("cbn", op, spec, buf, t, torch),
+               ("floor", t): floor(t)}
+        if t == 1:
+            fns[("floor", 2)] = floor(2)
+        if torch is not None:
+            fns[("torch", t)] = B._case_functions("torch", op, spec, buf, t, torch)
+        named = {f"{impl} {threads}": fn for (impl, threads), fn in fns.items()}
+        with B._Threads(t, torch):
+            timing = B.time_interleaved(named, k, rounds=config.rounds,
+                                        target_time=config.target_time,
+                                        min_repeats=config.min_repeats,
+                                        max_repeats=config.max_repeats)
+        for (impl, threads) in fns:
+            if impl == "floor" and threads in out["floor"]:
+                continue  # the two-thread floor of the one-thread rounds
+            out[impl][threads] = timing[f"{impl} {threads}"].median
+    if torch is None:
+        del out["torch"]
+    return out
+
+
+def bounds(case, times, nbytes):
+    """What a case's floor bounds, from :func:`measure_case`'s ``times``.
+
+    The floor loop moves ``KERNELS[kernel]`` arrays of ``nbytes``; the case's least
+    traffic is ``FLOOR_OF[op]`` arrays, so the floor is the loop's time scaled by the
+    ratio (the same for both passes: 2/2 forward, 3/3 backward). Returns one dict per
+    thread count: ``case``, ``floor_s``, ``cbn_over_floor`` (1 is the limit), and where
+    they apply ``two_threads_at_most`` (one thread: cbn's time over the two-thread
+    floor) and ``torch_at_most`` (NCHW training forward: PyTorch's over the floor)."""
+    spec, dtype, op = case
+    kernel, least = FLOOR_OF[op]
+    scale = least / sum(KERNELS[kernel])
     rows = []
-    for (shape, dtype, op, t), c in cases.items():
-        if c["nbytes"] < MIN_BYTES or op not in FLOOR_OF or c["nbytes"] not in ceilings:
-            continue
-        kernel, arrays = FLOOR_OF[op]
-        rate = ceilings[c["nbytes"]]
-        least = arrays * c["nbytes"]  # bytes any implementation must move
-
-        def floor(threads, least=least, rate=rate, kernel=kernel):
-            return least / (rate[(kernel, threads)] * 1e9)
-
-        times = c["times"]
-        row = {"case": f"{shape} {dtype} {op} {t}T", "nbytes": c["nbytes"],
-               "floor_s": floor(t), "cbn_over_floor": floor(t) / times["cbn"]["median_s"]}
-        if t == 1 and (shape, dtype, op, 2) in cases:
-            row["two_threads_at_most"] = times["cbn"]["median_s"] / floor(2)
-        if op == "fwd-train" and c["layout"] == "NCHW" and "torch" in times:
-            row["torch_at_most"] = times["torch"]["median_s"] / floor(t)
+    for t in THREADS:
+        floor = times["floor"][t] * scale
+        row = {"case": f"{spec.name} {dtype} {op} {t}T", "nbytes": nbytes,
+               "threads": t, "floor_s": floor, "cbn_s": times["cbn"][t],
+               "cbn_over_floor": floor / times["cbn"][t]}
+        if t == 1:
+            row["two_threads_at_most"] = times["cbn"][1] / (times["floor"][2] * scale)
+        if "torch" in times:
+            row["torch_s"] = times["torch"][t]
+            if op == "fwd-train" and spec.layout == "NCHW":
+                row["torch_at_most"] = times["torch"][t] / floor
         rows.append(row)
     return rows
 
 
 def _options(p):
-    p.add_argument("--bench", metavar="FILE",
-                   help="a bench.py JSON to bound (best from the same sitting)")
+    p.add_argument("--shapes", type=B._shape_list, metavar="LIST",
+                   default=[B.parse_shape(s) for s in B.DEFAULT_SHAPES],
+                   help="comma-separated shapes (default: bench.py's); cases under 4 MiB "
+                        "are skipped")
+    p.add_argument("--dtypes", type=B._csv("dtype", B.DTYPES), metavar="LIST",
+                   default=list(B.DTYPES), help="float32,float64")
+    p.add_argument("--ops", type=B._csv("op", tuple(FLOOR_OF)), metavar="LIST",
+                   default=list(FLOOR_OF), help="fwd-train,fwd-eval,backward")
     p.add_argument("--target-time", type=float, default=B.BenchConfig.target_time,
-                   help="seconds of timed calls per loop and size")
+                   help="seconds of timed calls per contender and case")
 
 
-def _sizes(bench):
-    """Array sizes (bytes) to measure: those of ``bench``'s cases, else of the default shapes."""
-    if bench is not None:
-        sizes = {c["nbytes"] for c in bench["cases"]}
-    else:
-        sizes = {B.parse_shape(s).nbytes(d) for s in B.DEFAULT_SHAPES for d in B.DTYPES}
-    return sorted(s for s in sizes if s >= MIN_BYTES)
+def _sizes(shapes, dtypes):
+    """Array sizes (bytes) of MIN_BYTES and more among ``shapes`` x ``dtypes``, sorted."""
+    return sorted({s.nbytes(d) for s in shapes for d in dtypes if s.nbytes(d) >= MIN_BYTES})
 
 
 def _show_bounds(rows):
     print("\ncase                                  cbn/floor  2T/1T at most  x PyTorch at most")
+    _show_bounds_rows(rows)
+
+
+def _show_bounds_rows(rows):
     for r in rows:
         two = r.get("two_threads_at_most")
         tor = r.get("torch_at_most")
         print(f"{r['case']:38} {r['cbn_over_floor']:9.2f}  "
               f"{'' if two is None else f'{two:13.2f}':>13}  "
-              f"{'' if tor is None else f'{tor:17.2f}':>17}")
+              f"{'' if tor is None else f'{tor:17.2f}':>17}", flush=True)
+
+
+def _summary(rows):
     for key, target, what in (("two_threads_at_most", 1.6, "two threads >= 1.6x one"),
                               ("torch_at_most", 3.0, ">= 3x PyTorch, NCHW training forward")):
-        vals = [r[key] for r in rows if key in r]
+        vals = [r for r in rows if key in r]
         if vals:
-            under = sum(v < target for v in vals)
-            print(f"{what}: out of reach (bound under {target}) in {under} of {len(vals)}")
+            under = [r["case"] for r in vals if r[key] < target]
+            print(f"{what}: out of reach (bound under {target}) in {len(under)} of "
+                  f"{len(vals)}" + (f": {', '.join(under)}" if under else ""))
 
 
 def main(argv=None):
-    """Measure the ceilings (and bound ``--bench``'s cases); returns the exit status."""
-    save = B.side_measurement(__doc__, "write the ceilings (and bounds) as JSON", argv, _options)
+    """Measure the ceilings, then bound every case; returns the exit status."""
+    save = B.side_measurement(__doc__, "write the ceilings and bounds as JSON", argv, _options)
     args = save.args
-    bench = None
-    if args.bench:
-        import json
-        with open(args.bench) as f:
-            bench = json.load(f)
-    config = B.BenchConfig(shapes=[], target_time=args.target_time,
+    torch = B._import_torch()
+    config = B.BenchConfig(shapes=args.shapes, dtypes=args.dtypes, target_time=args.target_time,
                            cache_bytes=B._last_level_cache_bytes())
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -266,29 +317,39 @@ def main(argv=None):
             print("GB/s (traffic over median time), arrays rotated past the cache")
             print(f"{'MiB':>6} " + " ".join(f"{k + ' ' + str(t) + 'T':>16}"
                                            for k in KERNELS for t in THREADS))
-            for nbytes in _sizes(bench):
+            for nbytes in _sizes(args.shapes, args.dtypes):
                 ceilings[nbytes] = measure_size(lib, nbytes, config)
                 print(f"{nbytes / 2**20:6.1f} " + " ".join(
                     f"{ceilings[nbytes][(k, t)]:16.1f}" for k in KERNELS for t in THREADS),
                     flush=True)
+            if ceilings:
+                gain = {k: statistics.median(c[(k, 2)] / c[(k, 1)] for c in ceilings.values())
+                        for k in KERNELS}
+                print("two threads over one, median over the sizes: "
+                      + ", ".join(f"{k} {v:.2f}x" for k, v in gain.items()))
+                if any(v < 1 for v in gain.values()):
+                    # A team of two waits for its slower thread: a core taken by
+                    # another process halves what both threads can do.
+                    print("warning: two threads slower than one; was another process "
+                          "using a core?", file=sys.stderr)
+            rows = []
+            _show_bounds([])
+            for spec in args.shapes:
+                for dtype in args.dtypes:
+                    if spec.nbytes(dtype) < MIN_BYTES:
+                        continue
+                    for op in args.ops:
+                        times = measure_case(lib, torch, spec, dtype, op, config)
+                        new = bounds((spec, dtype, op), times, spec.nbytes(dtype))
+                        _show_bounds_rows(new)
+                        rows.extend(new)
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1
-    gain = {k: statistics.median(c[(k, 2)] / c[(k, 1)] for c in ceilings.values())
-            for k in KERNELS}
-    print("two threads over one, median over the sizes: "
-          + ", ".join(f"{k} {v:.2f}x" for k, v in gain.items()))
-    if any(v < 1 for v in gain.values()):
-        # A team of two waits for its slower thread: a core taken by another
-        # process halves what both threads can do.
-        print("warning: two threads slower than one; was another process using a core?",
-              file=sys.stderr)
-    rows = bounds(bench, ceilings) if bench is not None else []
-    if rows:
-        _show_bounds(rows)
+    _summary(rows)
     save(ceilings=[{"nbytes": s, "kernel": k, "threads": t, "gbps": v}
                    for s, c in ceilings.items() for (k, t), v in c.items()],
-         bench=args.bench, bounds=rows)
+         torch=None if torch is None else torch.__version__, bounds=rows)
     return 0
 
 

@@ -62,51 +62,58 @@ def test_measures_every_loop_on_both_thread_counts(ceiling, loops):
     assert all(np.isfinite(v) and v > 0 for v in rates.values())
 
 
-def _case(shape, layout, dtype, op, threads, nbytes, cbn_s, torch_s=None):
-    times = {"cbn": {"median_s": cbn_s}}
-    if torch_s is not None:
-        times["torch"] = {"median_s": torch_s}
-    return {"shape_name": shape, "layout": layout, "dtype": dtype, "op": op,
-            "threads": threads, "nbytes": nbytes, "times": times}
-
-
 def test_bounds_from_the_least_traffic(ceiling):
-    """Floors are the least traffic (2 arrays forward, 3 backward) at the matching
-    ceiling; the two-thread bound is cbn's one-thread time over the two-thread
-    floor; the PyTorch bound only on NCHW training forwards; small arrays skipped."""
-    S = 8 * MIB
-    rates = {("affine", 1): 20.0, ("affine", 2): 25.0, ("grad", 1): 18.0, ("grad", 2): 24.0,
-             ("read", 1): 15.0, ("read", 2): 20.0, ("affine-cached", 1): 12.0,
-             ("affine-cached", 2): 14.0}
-    bench = {"cases": [
-        _case("a", "NCHW", "float64", "fwd-train", 1, S, 2e-3, torch_s=4e-3),
-        _case("a", "NCHW", "float64", "fwd-train", 2, S, 1.5e-3, torch_s=2e-3),
-        _case("a", "NCHW", "float64", "backward", 1, S, 3e-3),
-        _case("b", "NC", "float32", "fwd-eval", 1, S, 1e-3, torch_s=1e-3),
-        _case("c", "NC", "float32", "fwd-eval", 1, MIB, 1e-4, torch_s=1e-4),
-    ]}
-    rows = {r["case"]: r for r in ceiling.bounds(bench, {S: rates, MIB: rates})}
-    assert set(rows) == {"a float64 fwd-train 1T", "a float64 fwd-train 2T",
-                         "a float64 backward 1T", "b float32 fwd-eval 1T"}
-    floor1, floor2 = 2 * S / 20e9, 2 * S / 25e9
-    r = rows["a float64 fwd-train 1T"]
-    assert r["floor_s"] == pytest.approx(floor1)
-    assert r["cbn_over_floor"] == pytest.approx(floor1 / 2e-3)
-    assert r["two_threads_at_most"] == pytest.approx(2e-3 / floor2)
-    assert r["torch_at_most"] == pytest.approx(4e-3 / floor1)
-    r = rows["a float64 fwd-train 2T"]
-    assert "two_threads_at_most" not in r
-    assert r["torch_at_most"] == pytest.approx(2e-3 / floor2)
-    r = rows["a float64 backward 1T"]
-    assert r["floor_s"] == pytest.approx(3 * S / 18e9)
-    assert "two_threads_at_most" not in r and "torch_at_most" not in r
-    assert "torch_at_most" not in rows["b float32 fwd-eval 1T"]
+    """Floors are the floor loop's time (its traffic is the least of the case: two
+    arrays forward, three backward); the two-thread bound is cbn's one-thread time
+    over the two-thread floor; the PyTorch bound only on NCHW training forwards."""
+    nchw, rows = B.parse_shape("8x4x32x32"), B.parse_shape("4096x256")
+    times = {"cbn": {1: 2e-3, 2: 1.5e-3}, "floor": {1: 1e-3, 2: 0.8e-3},
+             "torch": {1: 6e-3, 2: 4e-3}}
+    one, two = ceiling.bounds((nchw, "float64", "fwd-train"), times, 123)
+    assert one["case"] == "8x4x32x32 float64 fwd-train 1T" and one["nbytes"] == 123
+    assert one["floor_s"] == pytest.approx(1e-3)
+    assert one["cbn_over_floor"] == pytest.approx(0.5)
+    assert one["two_threads_at_most"] == pytest.approx(2e-3 / 0.8e-3)
+    assert one["torch_at_most"] == pytest.approx(6.0)
+    assert "two_threads_at_most" not in two
+    assert two["cbn_over_floor"] == pytest.approx(0.8e-3 / 1.5e-3)
+    assert two["torch_at_most"] == pytest.approx(4e-3 / 0.8e-3)
+    for op in ("fwd-eval", "backward"):
+        one, two = ceiling.bounds((nchw, "float32", op), times, 1)
+        assert "torch_at_most" not in one and "torch_at_most" not in two
+        assert one["floor_s"] == pytest.approx(1e-3)  # loop traffic = least traffic
+    one, _ = ceiling.bounds((rows, "float32", "fwd-train"), times, 1)
+    assert "torch_at_most" not in one
+    no_torch = {k: v for k, v in times.items() if k != "torch"}
+    one, _ = ceiling.bounds((nchw, "float32", "fwd-train"), no_torch, 1)
+    assert "torch_at_most" not in one and "torch_s" not in one
 
 
-def test_sizes_are_those_of_the_bench_or_the_default_shapes(ceiling):
-    bench = {"cases": [_case("a", "NC", "float32", "fwd-eval", 1, n, 1.0)
-                       for n in (MIB, 4 * MIB, 9 * MIB, 4 * MIB)]}
-    assert ceiling._sizes(bench) == [4 * MIB, 9 * MIB]
-    default = ceiling._sizes(None)
-    assert default == sorted(set(default)) and min(default) >= 4 * MIB
-    assert 49 * MIB in default  # 32x64x56x56 float64
+def test_the_floor_loop_moves_the_least_traffic_of_each_op(ceiling):
+    for op, (kernel, least) in ceiling.FLOOR_OF.items():
+        assert sum(ceiling.KERNELS[kernel]) == least
+        assert ceiling.KERNELS[kernel][1] == 1  # writes its one output once
+        sets = ceiling._floor_sets(op, 4096 + 100, 3, np.random.default_rng())
+        assert len(sets) == 3 and all(len(a) == least for a in sets)
+        assert all(a.size == 1040 and a.ctypes.data % 64 == 0 for s in sets for a in s)
+
+
+def test_sizes_of_four_mib_and_more(ceiling):
+    shapes = [B.parse_shape(s) for s in ("256x1024", "4096x256", "32x64x56x56")]
+    assert ceiling._sizes(shapes, ["float32", "float64"]) == [
+        4 * MIB, 8 * MIB, 32 * 64 * 56 * 56 * 4, 32 * 64 * 56 * 56 * 8]
+    assert ceiling._sizes(shapes[:1], ["float32"]) == []
+
+
+@pytest.mark.parametrize("op", ["fwd-train", "fwd-eval", "backward"])
+def test_measures_a_case_against_its_floor(ceiling, loops, op):
+    torch = B._import_torch()
+    config = B.BenchConfig(shapes=[], target_time=0.002, rounds=2, cache_bytes=1 << 16)
+    spec = B.parse_shape("4x8x16x16")
+    times = ceiling.measure_case(loops, torch, spec, "float32", op, config)
+    expected = {"cbn", "floor"} | ({"torch"} if torch is not None else set())
+    assert set(times) == expected
+    for impl in expected:
+        assert set(times[impl]) == set(ceiling.THREADS)
+        assert all(np.isfinite(v) and v > 0 for v in times[impl].values())
+    assert len(ceiling.bounds((spec, "float32", op), times, spec.nbytes("float32"))) == 2
