@@ -98,8 +98,22 @@ def _env_bytes(name, default):
     return value
 
 
+def _stream_share(vendor, family, model):
+    """``(numerator, denominator)``: the share of the last-level cache from which
+    outputs stream on this CPU (see STREAM_MIN_BYTES).
+
+    Three eighths on the AMD EPYC of Zen 4 (family 25, models 0x10-0x1F), where
+    streaming 12 MiB outputs measured faster in every setting, with a next layer
+    reading an allocated y too; half elsewhere (on Zen 5 and a Xeon, 12 MiB
+    outputs streamed lost 0.86-0.87x with a next layer)."""
+    if vendor == "AuthenticAMD" and family == 25 and model is not None and 0x10 <= model <= 0x1F:
+        return 3, 8
+    return 1, 2
+
+
 def _stream_min_bytes():
-    return _env_bytes("CBN_STREAM_MIN_BYTES", _last_level_cache_bytes() // 2)
+    num, den = _stream_share(*_cpu_model())
+    return _env_bytes("CBN_STREAM_MIN_BYTES", _last_level_cache_bytes() * num // den)
 
 
 def _group_bytes(default_l2=1 << 20):
@@ -111,25 +125,28 @@ def _one_row_bytes(default_l2=1 << 20):
 
 
 def _cpu_model(path="/proc/cpuinfo"):
-    """``(vendor_id, cpu family)`` of the first CPU Linux lists, else ``(None, None)``."""
-    vendor = family = None
+    """``(vendor_id, cpu family, model)`` of the first CPU Linux lists (each None
+    where it does not say)."""
+    vendor = family = model = None
     try:
         with open(path) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key, value = key.strip(), value.strip()
+                if key == "processor" and vendor is not None:
+                    break  # the next CPU: the first one said all it says
                 if key == "vendor_id" and vendor is None:
                     vendor = value
                 elif key == "cpu family" and family is None and value.isdigit():
                     family = int(value)
-                if vendor is not None and family is not None:
-                    break
+                elif key == "model" and model is None and value.isdigit():
+                    model = int(value)
     except (OSError, UnicodeDecodeError):
         pass
-    return vendor, family
+    return vendor, family, model
 
 
-def _forward_one_row_wins(vendor, family):
+def _forward_one_row_wins(vendor, family, model=None):
     """Whether forward's normalize was measured faster one row at a time on this CPU:
     AMD family 26 (Zen 5) and later, not Zen 4 (family 25; see _kernels._one_row)."""
     return vendor == "AuthenticAMD" and family is not None and family >= 26
@@ -148,8 +165,10 @@ def _forward_one_row_bytes():
 # cached, which streaming would forfeit: with an allocated y and a next layer
 # that reads it, streaming ran 0.88-1.01x on 1-12 MiB outputs, though 1.07-1.33x
 # into cold out= buffers (benchmarks/stream_threshold.py). Default: half the
-# last-level cache, as input and output together then exceed it; the environment
-# variable CBN_STREAM_MIN_BYTES overrides it (0: always, a huge value: never).
+# last-level cache, as input and output together then exceed it, or three
+# eighths on the CPUs where 12 MiB outputs streamed faster even with a next
+# layer (_stream_share); the environment variable CBN_STREAM_MIN_BYTES
+# overrides it (0: always, a huge value: never).
 STREAM_MIN_BYTES = _stream_min_bytes()
 
 

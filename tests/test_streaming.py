@@ -419,7 +419,8 @@ def test_layer_streams_the_same_numbers(monkeypatch):
 
 @pytest.mark.parametrize("name, read, default", [
     ("CBN_STREAM_MIN_BYTES", lambda: F._stream_min_bytes(),
-     lambda: F._last_level_cache_bytes() // 2),
+     lambda: (F._last_level_cache_bytes() * F._stream_share(*F._cpu_model())[0]
+              // F._stream_share(*F._cpu_model())[1])),
     ("CBN_GROUP_BYTES", lambda: F._group_bytes(),
      lambda: F._cache_sizes().get(2, 1 << 20) // 8),
     ("CBN_ONE_ROW_BYTES", lambda: F._one_row_bytes(),
@@ -452,21 +453,24 @@ def test_forward_one_row_budget_follows_the_cpu(monkeypatch, tmp_path):
     it, refused by name when it is not a byte count."""
     info, read = tmp_path / "cpuinfo", F._cpu_model
     for text, model, wins in [
-            (("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
-              "processor\t: 1\nvendor_id\t: Other\ncpu family\t: 6\n"), ("AuthenticAMD", 26), True),
-            ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\n", ("AuthenticAMD", 25), False),
-            ("vendor_id\t: GenuineIntel\ncpu family\t: 6\n", ("GenuineIntel", 6), False),
-            ("vendor_id : AuthenticAMD\ncpu family : unknown\n", ("AuthenticAMD", None), False),
-            ("", (None, None), False)]:
+            (("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+              "model name\t: AMD EPYC\nprocessor\t: 1\nvendor_id\t: Other\ncpu family\t: 6\n"
+              "model\t\t: 85\n"), ("AuthenticAMD", 26, 2), True),
+            ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n",
+             ("AuthenticAMD", 25, 17), False),
+            ("vendor_id\t: GenuineIntel\ncpu family\t: 6\n", ("GenuineIntel", 6, None), False),
+            ("vendor_id : AuthenticAMD\ncpu family : unknown\n", ("AuthenticAMD", None, None),
+             False),
+            ("", (None, None, None), False)]:
         info.write_text(text)
         assert read(str(info)) == model
         assert F._forward_one_row_wins(*model) is wins
         monkeypatch.setattr(F, "_cpu_model", lambda model=model: model)
         monkeypatch.delenv("CBN_FORWARD_ONE_ROW_BYTES", raising=False)
         assert F._forward_one_row_bytes() == (F._one_row_bytes() if wins else 0)
-    assert read(str(tmp_path / "missing")) == (None, None)
+    assert read(str(tmp_path / "missing")) == (None, None, None)
     info.write_bytes(b"vendor_id\t: \xff\xfe\n")
-    assert read(str(info)) == (None, None)
+    assert read(str(info)) == (None, None, None)
     value = int(np.random.default_rng().integers(0, 1 << 30))
     monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", str(value))
     assert F._forward_one_row_bytes() == value
@@ -474,6 +478,25 @@ def test_forward_one_row_budget_follows_the_cpu(monkeypatch, tmp_path):
         monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", bad)
         with pytest.raises(ValueError, match="CBN_FORWARD_ONE_ROW_BYTES"):
             F._forward_one_row_bytes()
+
+
+def test_stream_threshold_follows_the_cpu(monkeypatch):
+    """Outputs stream from three eighths of the last-level cache on the Zen 4 EPYC
+    (AMD family 25, models 0x10-0x1F, where it was measured), from half elsewhere
+    (Zen 3 and Zen 5, Intel, unknown); CBN_STREAM_MIN_BYTES overrides either."""
+    llc = F._last_level_cache_bytes()
+    monkeypatch.delenv("CBN_STREAM_MIN_BYTES", raising=False)
+    for model, share in [(("AuthenticAMD", 25, 0x11), (3, 8)), (("AuthenticAMD", 25, 0x10), (3, 8)),
+                         (("AuthenticAMD", 25, 0x1F), (3, 8)), (("AuthenticAMD", 25, 0x01), (1, 2)),
+                         (("AuthenticAMD", 25, 0x21), (1, 2)), (("AuthenticAMD", 25, None), (1, 2)),
+                         (("AuthenticAMD", 26, 0x11), (1, 2)), (("GenuineIntel", 6, 0x11), (1, 2)),
+                         ((None, None, None), (1, 2))]:
+        assert F._stream_share(*model) == share
+        monkeypatch.setattr(F, "_cpu_model", lambda model=model: model)
+        assert F._stream_min_bytes() == llc * share[0] // share[1]
+        monkeypatch.setenv("CBN_STREAM_MIN_BYTES", "12345")
+        assert F._stream_min_bytes() == 12345
+        monkeypatch.delenv("CBN_STREAM_MIN_BYTES")
 
 
 def test_cache_sizes_read_sysfs(tmp_path):
