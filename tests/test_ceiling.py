@@ -62,26 +62,36 @@ def test_measures_every_loop_on_both_thread_counts(ceiling, loops):
     assert all(np.isfinite(v) and v > 0 for v in rates.values())
 
 
-def test_bounds_from_the_least_traffic(ceiling):
-    """Floors are the floor loop's time (its traffic is the least of the case: two
-    arrays forward, three backward); the two-thread bound is cbn's one-thread time
-    over the two-thread floor; the PyTorch bound only on NCHW training forwards."""
+def test_bounds_from_the_floors(ceiling):
+    """The floor is the floor loop's time (its traffic is the case's least); the
+    two-pass floor adds the read loop's; the two-thread bounds are cbn's one-thread
+    time over the two-thread floors of the one-thread rounds; the PyTorch bounds
+    only on NCHW training forwards; evaluation has no two-pass floor."""
     nchw, rows = B.parse_shape("8x4x32x32"), B.parse_shape("4096x256")
     times = {"cbn": {1: 2e-3, 2: 1.5e-3}, "floor": {1: 1e-3, 2: 0.8e-3},
-             "torch": {1: 6e-3, 2: 4e-3}}
+             "read": {1: 0.5e-3, 2: 0.4e-3}, "torch": {1: 6e-3, 2: 4e-3},
+             "with_one": {"floor": 0.7e-3, "read": 0.3e-3}}
     one, two = ceiling.bounds((nchw, "float64", "fwd-train"), times, 123)
     assert one["case"] == "8x4x32x32 float64 fwd-train 1T" and one["nbytes"] == 123
     assert one["floor_s"] == pytest.approx(1e-3)
     assert one["cbn_over_floor"] == pytest.approx(0.5)
-    assert one["two_threads_at_most"] == pytest.approx(2e-3 / 0.8e-3)
+    assert one["two_pass_s"] == pytest.approx(1.5e-3)
+    assert one["cbn_over_two_pass"] == pytest.approx(0.75)
+    assert one["two_threads_at_most"] == pytest.approx(2e-3 / 0.7e-3)
+    assert one["two_threads_two_pass"] == pytest.approx(2e-3 / 1.0e-3)
     assert one["torch_at_most"] == pytest.approx(6.0)
-    assert "two_threads_at_most" not in two
+    assert one["torch_two_pass"] == pytest.approx(4.0)
+    assert "two_threads_at_most" not in two and "two_threads_two_pass" not in two
     assert two["cbn_over_floor"] == pytest.approx(0.8e-3 / 1.5e-3)
+    assert two["cbn_over_two_pass"] == pytest.approx(1.2e-3 / 1.5e-3)
     assert two["torch_at_most"] == pytest.approx(4e-3 / 0.8e-3)
-    for op in ("fwd-eval", "backward"):
-        one, two = ceiling.bounds((nchw, "float32", op), times, 1)
-        assert "torch_at_most" not in one and "torch_at_most" not in two
-        assert one["floor_s"] == pytest.approx(1e-3)  # loop traffic = least traffic
+    back, _ = ceiling.bounds((nchw, "float32", "backward"), times, 1)
+    assert back["cbn_over_two_pass"] == pytest.approx(0.75) and "torch_at_most" not in back
+    no_read = {k: v for k, v in times.items() if k != "read"}
+    no_read["with_one"] = {"floor": 0.7e-3}
+    for r in ceiling.bounds((nchw, "float32", "fwd-eval"), no_read, 1):
+        assert "two_pass_s" not in r and "torch_at_most" not in r
+        assert "two_threads_two_pass" not in r
     one, _ = ceiling.bounds((rows, "float32", "fwd-train"), times, 1)
     assert "torch_at_most" not in one
     no_torch = {k: v for k, v in times.items() if k != "torch"}
@@ -111,9 +121,12 @@ def test_measures_a_case_against_its_floor(ceiling, loops, op):
     config = B.BenchConfig(shapes=[], target_time=0.002, rounds=2, cache_bytes=1 << 16)
     spec = B.parse_shape("4x8x16x16")
     times = ceiling.measure_case(loops, torch, spec, "float32", op, config)
-    expected = {"cbn", "floor"} | ({"torch"} if torch is not None else set())
-    assert set(times) == expected
+    loops = {"floor", "read"} if op in ceiling.TWO_PASS else {"floor"}
+    expected = {"cbn"} | loops | ({"torch"} if torch is not None else set())
+    assert set(times) == expected | {"with_one"}
     for impl in expected:
         assert set(times[impl]) == set(ceiling.THREADS)
         assert all(np.isfinite(v) and v > 0 for v in times[impl].values())
+    assert set(times["with_one"]) == loops
+    assert all(np.isfinite(v) and v > 0 for v in times["with_one"].values())
     assert len(ceiling.bounds((spec, "float32", op), times, spec.nbytes("float32"))) == 2
