@@ -151,6 +151,7 @@ class Module:
         if not isinstance(dy, np.ndarray) or dy.shape != like.shape:
             got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
             raise ValueError(f"dy must be an ndarray of shape {like.shape}, got {got}")
+        _check_float_array(dy, "dy")
 
 
 class Linear(Module):
@@ -222,6 +223,8 @@ class Linear(Module):
             got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
             raise ValueError(
                 f"dy must be an ndarray of shape {(x.shape[0], self.out_features)}, got {got}")
+        if dy.dtype != self.dtype:  # dW would be cast silently, dx come out in dy's dtype
+            raise TypeError(f"dy must have the layer's dtype {self.dtype}, got {dy.dtype}")
         np.matmul(x.T, dy, out=self.dW)
         if self.db is not None:
             np.sum(dy, axis=0, out=self.db)

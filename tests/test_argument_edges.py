@@ -149,3 +149,26 @@ def test_bench_refuses_a_shape_larger_than_memory(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "99999999999x99999999999 needs" in err
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradients_into_the_model_layers_keep_their_dtype(rng, dtype):
+    """Linear takes dy of its own dtype only (a float64 dy into a float32 layer came
+    out as a float64 dx); the activations take float dy only (complex, object, int)."""
+    other = np.float64 if dtype == np.float32 else np.float32
+    layer = nn.Linear(4, 3, rng=rng, dtype=dtype)
+    x = rng.standard_normal((5, 4)).astype(dtype)
+    layer(x)
+    dW = layer.dW.copy()
+    dy = rng.standard_normal((5, 3))
+    with pytest.raises(TypeError, match="dy must have the layer's dtype"):
+        layer.backward(dy.astype(other))
+    np.testing.assert_array_equal(layer.dW, dW)
+    dx = layer.backward(dy.astype(dtype))
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(dx, dy @ layer.W.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+    for act in (nn.ReLU(), nn.Sigmoid(), nn.Tanh()):
+        act(x)
+        for bad in (dy[:, :1].repeat(4, 1) + 0j, np.ones((5, 4), dtype=np.int64)):
+            with pytest.raises(TypeError, match="dy must have dtype float32 or float64"):
+                act.backward(bad)
