@@ -685,8 +685,8 @@ class SoftmaxCrossEntropy:
         y : ndarray of shape (N,), integer labels in ``[0, K)``
         """
         _check_float_array(logits, "logits")
-        if logits.ndim != 2 or logits.shape[0] == 0:
-            raise ValueError(f"logits must have shape (N, K) with N >= 1, got {logits.shape}")
+        if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ValueError(f"logits must have shape (N, K) with N, K >= 1, got {logits.shape}")
         y = _check_labels(y, logits.shape[0], logits.shape[1])
         z = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(z)

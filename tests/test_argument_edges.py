@@ -172,3 +172,15 @@ def test_gradients_into_the_model_layers_keep_their_dtype(rng, dtype):
         for bad in (dy[:, :1].repeat(4, 1) + 0j, np.ones((5, 4), dtype=np.int64)):
             with pytest.raises(TypeError, match="dy must have dtype float32 or float64"):
                 act.backward(bad)
+
+
+def test_logits_need_a_class(rng):
+    crit = nn.SoftmaxCrossEntropy()
+    with pytest.raises(ValueError, match=r"N, K >= 1, got \(4, 0\)"):
+        crit(np.empty((4, 0)), np.zeros(4, dtype=np.int64))
+    logits = rng.standard_normal((4, 3))
+    y = rng.integers(0, 3, 4)
+    loss, _ = crit(logits, y)
+    z = logits - logits.max(axis=1, keepdims=True)
+    expected = np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(4), y])
+    assert loss == pytest.approx(expected, rel=1e-12)
