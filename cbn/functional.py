@@ -104,8 +104,8 @@ def _stream_share(vendor, family, model):
 
     Three eighths on the AMD EPYC of Zen 4 (family 25, models 0x10-0x1F), where
     streaming 12 MiB outputs measured faster in every setting, with a next layer
-    reading an allocated y too; half elsewhere (on Zen 5 and a Xeon, 12 MiB
-    outputs streamed lost 0.86-0.87x with a next layer)."""
+    reading an allocated y too; half elsewhere (on the Zen 5 EPYC and a Xeon,
+    12 MiB outputs streamed measured 0.86-1.05x with a next layer)."""
     if vendor == "AuthenticAMD" and family == 25 and model is not None and 0x10 <= model <= 0x1F:
         return 3, 8
     return 1, 2
