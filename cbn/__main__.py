@@ -133,7 +133,7 @@ def build_parser():
                    help="report test accuracy after this many steps")
     d.add_argument("--eval-every", type=_positive(int), default=None,
                    help="evaluate the test set every N steps; default: 4 times per epoch")
-    d.add_argument("--threads", type=_positive(int), default=1, help="BatchNorm n_threads")
+    d.add_argument("--threads", type=_positive(int), default=1, help="BatchNorm n_threads (a positive count)")
     d.add_argument("--blas-threads", type=_nonnegative_int, default=1,
                    help="limit NumPy's BLAS to N threads with threadpoolctl, if installed "
                         "(the small matrix products here run fastest on one); 0: no limit")
@@ -141,7 +141,7 @@ def build_parser():
                    help="instead of one run, train both models at each learning rate and "
                         "print one row per rate")
     d.add_argument("--plot", metavar="FILE.png", help="write loss and accuracy curves "
-                   "(needs matplotlib: pip install 'cbn[plot]')")
+                   "(needs matplotlib: the plot extra, or pip install matplotlib)")
     d.add_argument("--json", metavar="FILE", help="write the configuration, histories and summary")
     d.add_argument("--quiet", action="store_true", help="no progress on standard error")
     sub.add_parser("bench", help="run the kernel benchmarks (arguments go to cbn.benchmark)",

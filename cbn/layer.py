@@ -131,7 +131,9 @@ class BatchNorm:
     activation : None or "relu"
         Fuse a ReLU into the layer: ``forward`` returns ``max(y, 0)`` and
         ``backward`` masks the gradient, recomputing the mask from x, so no
-        second activation array is stored.
+        second activation array is stored. On rows ((N, C) and channels-last)
+        y is then computed as ``(x - mean) * a + b`` where the plain layer may
+        use ``x * a + c``: the two can differ in the last bit.
     n_threads : int or None, default 1
         Threads for the kernels: -1 uses all OpenMP allows, None picks by
         input size (:func:`cbn.functional.default_threads`). Results are

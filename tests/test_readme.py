@@ -25,6 +25,21 @@ def test_layer_example_runs():
     assert namespace["dW"].shape == namespace["W"].shape
 
 
+def test_functional_example_runs_after_the_layer_example():
+    """It uses the layer example's rng and bn, as a reader running both would."""
+    namespace = {}
+    exec(compile(_block("bn = cbn.BatchNorm(100)"), str(README), "exec"), namespace)
+    exec(compile(_block("from cbn import functional as F"), str(README), "exec"), namespace)
+    x, y = namespace["x"], namespace["y"]
+    mean, var = namespace["mean"], namespace["var"]
+    # The last lines: batch_stats' statistics, and the running ones they were folded into.
+    np = namespace["np"]
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(axis=0), rtol=1e-5)
+    assert y.shape == x.shape and namespace["dx"].shape == x.shape
+    assert not np.array_equal(namespace["running_mean"], namespace["bn"].running_mean)
+
+
 def test_trainer_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example saves digits.npz in the working directory
     namespace = {}
