@@ -28,8 +28,9 @@ def test_layer_example_runs():
 def test_functional_example_runs_after_the_layer_example():
     """It uses the layer example's rng and bn, as a reader running both would."""
     namespace = {}
-    exec(compile(_block("bn = cbn.BatchNorm(100)"), str(README), "exec"), namespace)
-    exec(compile(_block("from cbn import functional as F"), str(README), "exec"), namespace)
+    exec(compile(_block("bn = cbn.BatchNorm(100)"), str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(_block("from cbn import functional as F"), str(README), "exec"),  # noqa: S102
+         namespace)
     x, y = namespace["x"], namespace["y"]
     mean, var = namespace["mean"], namespace["var"]
     # The last lines: batch_stats' statistics, and the running ones they were folded into.
