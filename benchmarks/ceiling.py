@@ -169,35 +169,38 @@ def kernel_call(lib, kernel, arrays, threads):
     return lambda: fn(p[0], p[1], n, A, B_, threads)
 
 
+def _rotated_sets(reads, nbytes, k, rng):
+    """k sets of ``reads`` random input arrays and one output, each of ``nbytes``
+    rounded down to a 64-byte line."""
+    n = nbytes // 64 * 16
+    return [[aligned(n, rng) for _ in range(reads)] + [aligned(n)] for _ in range(k)]
+
+
+def _loop_arrays(kernel, arrays):
+    """The arrays of a set (inputs, then the output) that ``kernel`` runs on."""
+    reads, writes = KERNELS[kernel]
+    return arrays[:reads] + (arrays[-1:] if writes else [])
+
+
 def measure_size(lib, nbytes, config):
     """Median GB/s of every kernel on one and two threads, arrays of ``nbytes`` (rounded
     down to 64 bytes) rotated past the cache, all in alternating rounds.
     Returns ``{(kernel, threads): gbps}``."""
-    n = nbytes // 64 * 16
-    k = B._n_buffers(n * 4, config)
-    rng = np.random.default_rng(0)
-    sets = [[aligned(n, rng), aligned(n, rng), aligned(n)] for _ in range(k)]
+    k = B._n_buffers(nbytes, config)
+    sets = _rotated_sets(2, nbytes, k, np.random.default_rng(0))
     fns = {}
     for kernel in KERNELS:
         for t in THREADS:
-            calls = [kernel_call(lib, kernel, s if kernel == "grad" else s[:1] if kernel == "read"
-                                 else [s[0], s[2]], t) for s in sets]
+            calls = [kernel_call(lib, kernel, _loop_arrays(kernel, s), t) for s in sets]
             fns[(kernel, t)] = ((lambda i, calls=calls: calls[i]()), None)
     named = {f"{kern} {t}": f for (kern, t), f in fns.items()}
     timing = B.time_interleaved(named, k, rounds=config.rounds, target_time=config.target_time,
                                 min_repeats=config.min_repeats, max_repeats=config.max_repeats)
     out = {}
     for (kernel, t) in fns:
-        traffic = sum(KERNELS[kernel]) * n * 4
+        traffic = sum(KERNELS[kernel]) * sets[0][0].nbytes
         out[(kernel, t)] = traffic / timing[f"{kernel} {t}"].median / 1e9
     return out
-
-
-def _floor_sets(op, nbytes, k, rng):
-    """k rotated sets of the arrays a case's floor loop runs on, each of ``nbytes``."""
-    n = nbytes // 64 * 16
-    arrays = 3 if op == "backward" else 2
-    return [[aligned(n, rng) for _ in range(arrays - 1)] + [aligned(n)] for _ in range(k)]
 
 
 def _read_call(lib, arrays, threads):
@@ -218,9 +221,9 @@ def measure_case(lib, torch, spec, dtype, op, config):
     nbytes = spec.nbytes(dtype)
     k = B._n_buffers(nbytes, config)
     buf = B._Buffers(spec, dtype, k, torch)
-    kernel, least = FLOOR_OF[op]
-    sets = _floor_sets(op, nbytes, k, np.random.default_rng(0))
-    inputs = least - 1  # x; or dy and x
+    kernel, _ = FLOOR_OF[op]
+    inputs = KERNELS[kernel][0]  # x; or dy and x
+    sets = _rotated_sets(inputs, nbytes, k, np.random.default_rng(0))
 
     def floor(t):
         calls = [kernel_call(lib, kernel, arrays, t) for arrays in sets]
@@ -257,7 +260,7 @@ def measure_case(lib, torch, spec, dtype, op, config):
     return out
 
 
-def bounds(case, times, nbytes):
+def bounds(case, times):
     """What a case's floors bound, from :func:`measure_case`'s ``times``.
 
     The floor loop moves the case's least traffic (two arrays forward, three
@@ -276,7 +279,8 @@ def bounds(case, times, nbytes):
     rows = []
     for t in THREADS:
         floor = times["floor"][t]
-        row = {"case": f"{spec.name} {dtype} {op} {t}T", "nbytes": nbytes, "threads": t,
+        row = {"case": f"{spec.name} {dtype} {op} {t}T", "nbytes": spec.nbytes(dtype),
+               "threads": t,
                "floor_s": floor, "cbn_s": times["cbn"][t],
                "cbn_over_floor": floor / times["cbn"][t]}
         if two_pass:
@@ -319,9 +323,8 @@ COLUMNS = (("cbn_over_floor", "cbn/floor"), ("cbn_over_two_pass", "cbn/2-pass"),
            ("torch_at_most", "xPyTorch max"), ("torch_two_pass", "2-pass"))
 
 
-def _show_bounds(rows):
+def _show_header():
     print("\n" + f"{'case':38}" + "".join(f"{title:>13}" for _, title in COLUMNS))
-    _show_bounds_rows(rows)
 
 
 def _show_bounds_rows(rows):
@@ -372,14 +375,14 @@ def main(argv=None):
                     print("warning: two threads slower than one; was another process "
                           "using a core?", file=sys.stderr)
             rows = []
-            _show_bounds([])
+            _show_header()
             for spec in args.shapes:
                 for dtype in args.dtypes:
                     if spec.nbytes(dtype) < MIN_BYTES:
                         continue
                     for op in args.ops:
                         times = measure_case(lib, torch, spec, dtype, op, config)
-                        new = bounds((spec, dtype, op), times, spec.nbytes(dtype))
+                        new = bounds((spec, dtype, op), times)
                         _show_bounds_rows(new)
                         rows.extend(new)
     except RuntimeError as exc:

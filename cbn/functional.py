@@ -279,14 +279,20 @@ def check_eps(eps):
     return value
 
 
-def _as_float_array(x, name, dtype=None):
-    """``x`` as an ndarray of float32/float64 (or exactly ``dtype`` if given)."""
-    if isinstance(x, np.ma.MaskedArray):
-        # Normalizing would count the masked values; refuse rather than guess.
+def refuse_masked(value, name):
+    """Raise TypeError if ``value`` is a masked array: np.asarray would keep the
+    values under the mask, and batch norm (or a parameter, a state, training data)
+    would use them as they are. The one check for every public entry point."""
+    if isinstance(value, np.ma.MaskedArray):
         raise TypeError(
             f"{name} is a masked array; batch norm has no notion of masked values: "
             f"pass {name}.filled(...) or the unmasked rows"
         )
+
+
+def _as_float_array(x, name, dtype=None):
+    """``x`` as an ndarray of float32/float64 (or exactly ``dtype`` if given)."""
+    refuse_masked(x, name)
     if type(x) is not np.ndarray:
         try:
             # Subclasses (numpy.matrix, memmap) as plain arrays: matrix keeps

@@ -807,13 +807,7 @@ _BUSY = (
 
 
 def _to_numpy(value):
-    """An ndarray from an array, a list or a CPU tensor (PyTorch state dicts).
-
-    Masked arrays are refused: np.asarray would keep the values under the mask,
-    as forward refuses to normalize over them (see functional._as_float_array)."""
-    if isinstance(value, np.ma.MaskedArray):
-        raise TypeError("a masked array is not taken (its masked values would be used "
-                        "as they are); pass .filled(...) of it")
+    """An ndarray from an array, a list or a CPU tensor (PyTorch state dicts)."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -821,6 +815,7 @@ def _to_numpy(value):
 
 def _checked_vector(value, name, channels, dtype):
     """A finite (C,) float vector cast to ``dtype``, or a clear error."""
+    F.refuse_masked(value, name)
     try:
         arr = _to_numpy(value)
     except Exception as exc:
@@ -844,6 +839,7 @@ def _checked_vector(value, name, channels, dtype):
 
 
 def _checked_count(value):
+    F.refuse_masked(value, "num_batches_tracked")
     try:
         arr = _to_numpy(value)
     except Exception as exc:

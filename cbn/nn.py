@@ -25,7 +25,7 @@ import numpy as np
 
 from . import io
 from . import layer as bn_layer
-from .functional import _abbrev
+from .functional import _abbrev, refuse_masked
 from .layer import BatchNorm
 
 __all__ = [
@@ -279,9 +279,7 @@ def _checked_params(params, state, owner):
             f"{owner}: state keys {sorted(state, key=str)} != expected {sorted(params)}")
     checked = {}
     for key, arr in params.items():
-        if isinstance(state[key], np.ma.MaskedArray):
-            # np.asarray would load the values under the mask.
-            raise TypeError(f"{owner}: state[{key!r}] is a masked array; pass .filled(...) of it")
+        refuse_masked(state[key], f"{owner}: state[{key!r}]")
         src = np.asarray(state[key])
         if src.shape != arr.shape:
             raise ValueError(f"{owner}: state[{key!r}] has shape {src.shape}, expected {arr.shape}")

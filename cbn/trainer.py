@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from .functional import refuse_masked
 from .layer import BatchNorm
 from .nn import Linear, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
 
@@ -168,10 +169,8 @@ def _model_dtype(model):
 
 def _check_data(model, X, y, name="X"):
     """Validate ``X``/``y`` and convert ``X`` once to the model's dtype."""
-    for what, arr in ((name, X), (f"labels for {name}", y)):
-        if isinstance(arr, np.ma.MaskedArray):
-            # np.asarray would train on the values under the mask.
-            raise TypeError(f"{what} is a masked array; pass .filled(...) or the unmasked rows")
+    refuse_masked(X, name)
+    refuse_masked(y, f"labels for {name}")
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, features), got shape {X.shape}")

@@ -22,24 +22,33 @@ def batch(rng, dtype=np.float64):
     return (rng.standard_normal((N, C)) * 3 + rng.normal(size=C)).astype(dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((13, 5), 1), ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1)])
 @pytest.mark.parametrize("missing", ["mean", "var", "both"])
-def test_statistics_have_no_default(rng, missing):
+def test_statistics_have_no_default(rng, missing, shape, axis, dtype):
     """Mean 0 and var 1 are no neutral statistics: None for either is refused by
-    evaluation and by backward (which took it as 0 and 1 and gave a wrong gradient)."""
-    x = batch(rng)
-    dy = rng.standard_normal(x.shape)
-    mean, var = F.batch_stats(x)
+    evaluation and by backward (which took it as 0 and 1 and gave a wrong gradient),
+    with nothing written into out=."""
+    x = (rng.standard_normal(shape) * 3 + rng.normal()).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mean, var = F.batch_stats(x, axis=axis)
     m = None if missing in ("mean", "both") else mean
     v = None if missing in ("var", "both") else var
     names = ["mean", "var"] if missing == "both" else [missing]
-    for call in (lambda: F.batch_norm_eval(x, m, v),
-                 lambda: F.batch_norm_backward(dy, x, m, v),
-                 lambda: F.batch_norm_backward(dy, x, m, v, training=False)):
+    out = np.full_like(x, 7.0)
+    for call in (lambda: F.batch_norm_eval(x, m, v, axis=axis, out=out),
+                 lambda: F.batch_norm_backward(dy, x, m, v, axis=axis, out=out),
+                 lambda: F.batch_norm_backward(dy, x, m, v, axis=axis, training=False, out=out)):
         with pytest.raises(TypeError, match=" and ".join(names) + " must be given"):
             call()
+    assert (out == 7.0).all()
     # Given, they work, and match the float64 reference.
-    y = F.batch_norm_eval(x, mean, var)
-    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-10)
+    y = F.batch_norm_eval(x, mean, var, axis=axis)
+    others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    x64 = x.astype(np.float64)
+    expected = (x64 - x64.mean(others, keepdims=True)) / np.sqrt(
+        x64.var(others, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, expected, atol=2e-5 if dtype == np.float32 else 1e-10)
 
 
 @pytest.mark.parametrize("huge", [2**2000, 10**5000], ids=["2**2000", "10**5000"])
@@ -80,17 +89,20 @@ def _masked(rng, n):
     return np.ma.masked_array(values, mask=rng.random(n) < 0.5)
 
 
-@pytest.mark.parametrize("name", ["gamma", "beta", "running_mean", "running_var"])
-def test_masked_vectors_are_refused_and_change_nothing(rng, name):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["gamma", "beta", "running_mean", "running_var",
+                                  "num_batches_tracked"])
+def test_masked_vectors_are_refused_and_change_nothing(rng, name, dtype):
     """np.asarray would take the values under the mask: setters refuse a masked array."""
     C = int(rng.integers(2, 9))
-    bn = cbn.BatchNorm(C, dtype=np.float64)
-    bn(batch(rng)[:, :1].repeat(C, axis=1) + rng.standard_normal((1, C)))
+    bn = cbn.BatchNorm(C, dtype=dtype)
+    bn(rng.standard_normal((int(rng.integers(3, 9)), C, 4)).astype(dtype) * 2 + 1)
     state = {k: np.array(v) for k, v in bn.state_dict().items()}
+    bad = np.ma.masked_array(5, mask=True) if name == "num_batches_tracked" else _masked(rng, C)
+    with pytest.raises(TypeError, match=name):  # the count's setter: not an int
+        setattr(bn, name, bad)
     with pytest.raises(TypeError, match="masked array"):
-        setattr(bn, name, _masked(rng, C))
-    with pytest.raises(TypeError, match="masked array"):
-        bn.load_state_dict({**state, name: _masked(rng, C)})
+        bn.load_state_dict({**state, name: bad})
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
 
