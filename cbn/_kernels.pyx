@@ -31,6 +31,8 @@
 # Trust runs one way: these functions check nothing. cbn.functional validates
 # shapes, dtypes, contiguity and values before calling them.
 
+import os
+
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
@@ -1364,15 +1366,28 @@ def build_info():
     """
     return {
         "openmp": bool(cbn_has_openmp()),
-        "max_threads": int(cbn_max_threads()),
+        "max_threads": int(_max_threads()),
         "debug": bool(cbn_debug_build()),
         "sanitized": bool(cbn_sanitized()),
     }
 
 
+# Whether this process has planned a parallel region (a team of 2 or more),
+# and whether it is a child forked after one did (see _after_fork_in_child).
+cdef bint _teams_started = False
+cdef bint _forked_serial = False
+
+
+cdef int _max_threads() noexcept nogil:
+    """Threads OpenMP would use now; 1 without OpenMP or in a child forked
+    after a parallel region (see _after_fork_in_child)."""
+    return 1 if _forked_serial else cbn_max_threads()
+
+
 def max_threads():
-    """Number of threads OpenMP would use now (1 without OpenMP)."""
-    return int(cbn_max_threads())
+    """Number of threads OpenMP would use now (1 without OpenMP, and 1 in a
+    process forked after its parent ran a pass on several threads)."""
+    return int(_max_threads())
 
 
 # ---------------------------------------------------------------------------
@@ -1433,12 +1448,42 @@ cdef inline int _team(int n_threads, Py_ssize_t tasks) noexcept nogil:
     accepted value) made libgomp fail to create its threads, which exits the
     process or crashes it. Results do not depend on the count.
     """
+    global _teams_started
     cdef Py_ssize_t n = n_threads
     if n > tasks:
         n = tasks
     if n > _team_cap:
         n = _team_cap
-    return <int>n if n > 1 else 1
+    if n > 1:
+        _teams_started = True
+        return <int>n
+    return 1
+
+
+def _after_fork_in_child():
+    """In a child forked after this process ran a parallel region: one thread.
+
+    GNU OpenMP (libgomp) keeps its worker threads in a pool that a fork does
+    not copy: a child that starts a parallel region after its parent did
+    waits forever for them (GCC bug 60035; multiprocessing's default start
+    method on Linux before Python 3.14 forks). Such a child runs every pass on
+    one thread instead, with the same bits (results do not depend on the
+    thread count), as MXNet does; a child of a parent that never started a
+    team keeps its threads.
+    """
+    global _team_cap, _forked_serial
+    if _teams_started:
+        _team_cap = 1
+        _forked_serial = True
+
+
+def teams_started():
+    """Whether this process has run a pass on two or more threads (for the tests)."""
+    return bool(_teams_started)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 cdef inline bint _spreads(const Geometry* g, size_t item_bytes, size_t run_bytes) noexcept nogil:
@@ -3580,13 +3625,13 @@ cdef object _param_grad(object out, int typenum, cnp.npy_intp C):
 cdef int _threads(object n_threads, Py_ssize_t size, Py_ssize_t parallel_min):
     """``cbn.functional.resolve_threads`` for plain arguments; 0 to decline."""
     if n_threads is None:
-        return 1 if size < parallel_min else cbn_max_threads()
+        return 1 if size < parallel_min else _max_threads()
     if type(n_threads) is not int:
         return 0
     if n_threads == 1:
         return 1
     if n_threads == -1:
-        return cbn_max_threads()
+        return _max_threads()
     if 1 < n_threads <= THREADS_MAX:
         return n_threads
     return 0

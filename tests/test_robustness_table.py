@@ -595,3 +595,70 @@ def test_gamma_or_beta_inside_out():
     y, _, _ = F.batch_norm_train(x, g, b, out=out)
     assert y is out
     assert out.tobytes() == want.tobytes()
+
+
+_FORK_SCRIPT = r"""
+import os, sys, warnings
+import numpy as np
+import cbn
+from cbn import _kernels
+from cbn import functional as F
+
+warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork of a threaded process
+rng = np.random.default_rng(int(sys.argv[1]))
+x = rng.standard_normal((16, 8, 32, 32)) * rng.uniform(0.5, 2, (1, 8, 1, 1))
+gamma, beta = rng.standard_normal(8), rng.standard_normal(8)
+parent_threads = int(sys.argv[2])
+y0 = F.batch_norm_train(x, gamma, beta, axis=1, n_threads=parent_threads)[0]
+before = _kernels.max_threads()
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # the child: a pass on two threads, and one on all of them
+    y2 = F.batch_norm_train(x, gamma, beta, axis=1, n_threads=2)[0]
+    y_all = F.batch_norm_train(x, gamma, beta, axis=1, n_threads=-1)[0]
+    same = y2.tobytes() == y0.tobytes() and y_all.tobytes() == y0.tobytes()
+    os.write(w, f"{int(same)} {_kernels.max_threads()} {cbn.build_info()['max_threads']}".encode())
+    os._exit(0)
+os.close(w)
+report = os.read(r, 100).decode()
+os.waitpid(pid, 0)
+print(int(_kernels.teams_started()), before, report)
+"""
+
+
+@pytest.mark.parametrize("parent_threads", [2, 1])
+def test_fork_after_a_parallel_pass(tmp_path, parent_threads):
+    """GNU OpenMP's pool does not survive fork: a child that starts a parallel
+    region after its parent did hung forever (multiprocessing forks by default
+    on Linux before Python 3.14). Such a child now runs on one thread, with the
+    parent's bits; a child whose parent never ran a team keeps its threads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    if not cbn.build_info()["openmp"]:
+        pytest.skip("built without OpenMP")
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    seed = int(np.random.default_rng().integers(2**31))
+    # Its own process group, so that a hung grandchild is killed with it.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FORK_SCRIPT, str(seed), str(parent_threads)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the forked child hung in its parallel pass")
+    assert proc.returncode == 0, stderr
+    started, before, same, child_max, child_info = map(int, stdout.split())
+    assert same == 1, "the forked child's result differs from the parent's"
+    if parent_threads > 1:
+        assert started == 1
+        assert child_max == child_info == 1
+    else:
+        assert started == 0
+        assert child_max == child_info == before
