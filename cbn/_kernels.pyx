@@ -38,6 +38,7 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 cimport numpy as cnp
 
@@ -3570,6 +3571,40 @@ cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
     cdef cnp.ndarray arr = cnp.PyArray_SimpleNewFromData(nd, dims, typenum, base + start)
     cnp.set_array_base(arr, raw)
     return arr
+
+
+cdef enum:
+    SAMPLE_POINTS = 8           # values sample_bits reads, spread over the array
+
+
+def sample_bits(cnp.ndarray a):
+    """The bytes of SAMPLE_POINTS values spread over ``a`` in C order (the
+    first and the last among them): a fingerprint that costs eight reads.
+
+    A layer keeps it with the input it caches for backward, and compares it
+    there: an input rewritten in place in between (a loader refilling its
+    buffer with the next batch, ``x *= 2``) would otherwise be differentiated
+    silently as if it were the forward's. PyTorch raises likewise, from a
+    version counter that NumPy arrays do not have; a change that spares all
+    eight values goes unnoticed.
+    """
+    cdef Py_ssize_t n = a.size, item = a.itemsize, nd = a.ndim, k, d, p, q, off
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp* strides = cnp.PyArray_STRIDES(a)
+    cdef const char* base = <const char*>cnp.PyArray_DATA(a)
+    cdef bytearray out = bytearray(SAMPLE_POINTS * item if n else 0)
+    cdef char* dst = out
+    if n == 0:
+        return bytes(out)
+    for k in range(SAMPLE_POINTS):
+        p = k * (n - 1) // (SAMPLE_POINTS - 1)
+        off = 0
+        for d in range(nd - 1, -1, -1):  # the C-order index p as a byte offset
+            q = p % dims[d]
+            p //= dims[d]
+            off += q * strides[d]
+        memcpy(dst + k * item, base + off, item)
+    return bytes(out)
 
 
 def empty_near(like, x3, other=None):

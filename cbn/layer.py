@@ -449,7 +449,8 @@ class BatchNorm:
                 return self._checked_forward(x)
         # What backward differentiates: the settings this forward ran with,
         # whatever is assigned to the layer before backward is called.
-        self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation)
+        self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
+                       _kernels.sample_bits(x))
         self._stale = None
         return y
 
@@ -502,7 +503,7 @@ class BatchNorm:
                 self.dtype,
             )
         self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
-                       self._activation)
+                       self._activation, _kernels.sample_bits(x_c))
         self._stale = None
         return y
 
@@ -568,7 +569,9 @@ class BatchNorm:
             raise RuntimeError(
                 f"{self._stale} was assigned after the forward pass that backward would "
                 "differentiate; run forward again (an optimizer step belongs after backward)")
-        x_c, mean, var, batch_stats, axis, eps, activation = self._cache
+        x_c, mean, var, batch_stats, axis, eps, activation, sample = self._cache
+        if _kernels.sample_bits(x_c) != sample:
+            raise RuntimeError(_REWRITTEN)
         if self.affine:
             gamma, beta = self._gamma, self._beta
             dgamma, dbeta = self._dgamma, self._dbeta
@@ -584,7 +587,7 @@ class BatchNorm:
         return self._checked_backward(dy, self._cache, (gamma, beta, dgamma, dbeta))
 
     def _checked_backward(self, dy, cache, params):
-        x_c, mean, var, batch_stats, axis, eps, activation = cache
+        x_c, mean, var, batch_stats, axis, eps, activation, _ = cache
         gamma, beta, dgamma, dbeta = params
         x3 = channel_view(x_c, axis)[1]
         dy = dy if isinstance(dy, np.ndarray) else np.asarray(dy)
@@ -803,6 +806,11 @@ def state_shapes(config):
 _BUSY = (
     "this BatchNorm is being used by another thread; a layer holds the state of one "
     "forward/backward at a time, so give each thread its own layer"
+)
+_REWRITTEN = (
+    "the input of the forward pass was modified in place after it (a sample of its values "
+    "changed): backward would differentiate other data than the forward normalized. Run "
+    "forward again, or pass a copy if the buffer is reused"
 )
 
 

@@ -23,7 +23,7 @@ import numbers
 
 import numpy as np
 
-from . import io
+from . import _kernels, io
 from . import layer as bn_layer
 from .functional import _abbrev, refuse_masked
 from .layer import BatchNorm
@@ -197,6 +197,7 @@ class Linear(Module):
         self.b = np.zeros(self.out_features, self.dtype) if bias else None
         self.db = np.zeros_like(self.b) if bias else None
         self._x = None
+        self._x_sample = None
 
     @property
     def bias(self):
@@ -211,6 +212,7 @@ class Linear(Module):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (N, {self.in_features}), got {x.shape}")
         self._x = x
+        self._x_sample = _kernels.sample_bits(x)  # see BatchNorm's: x must not change before backward
         y = x @ self.W
         if self.b is not None:
             y += self.b
@@ -225,6 +227,11 @@ class Linear(Module):
                 f"dy must be an ndarray of shape {(x.shape[0], self.out_features)}, got {got}")
         if dy.dtype != self.dtype:  # dW would be cast silently, dx come out in dy's dtype
             raise TypeError(f"dy must have the layer's dtype {self.dtype}, got {dy.dtype}")
+        if _kernels.sample_bits(x) != self._x_sample:
+            raise RuntimeError(
+                "Linear's input was modified in place after its forward pass (a sample of its "
+                "values changed): dW would be computed from other data. Run forward again, or "
+                "pass a copy if the buffer is reused")
         np.matmul(x.T, dy, out=self.dW)
         if self.db is not None:
             np.sum(dy, axis=0, out=self.db)

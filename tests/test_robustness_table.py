@@ -323,6 +323,19 @@ def test_backward_before_forward():
     assert_unchanged(layer, before)
 
 
+def test_input_modified_between_forward_and_backward():
+    # More layouts, dtypes, rewrites and nn.Linear in tests/test_input_rewritten.py.
+    rng = np.random.default_rng()
+    layer = trained_layer(rng)
+    x = data(rng, (8, 3))
+    layer.forward(x)
+    before = snapshot(layer)
+    x *= 2  # e.g. a loader refilling its buffer before backward
+    with pytest.raises(RuntimeError, match="modified in place"):
+        layer.backward(rng.standard_normal(x.shape).astype(np.float32))
+    assert_unchanged(layer, before)
+
+
 def test_dy_with_nan():
     rng = np.random.default_rng(13)
     layer = trained_layer(rng)

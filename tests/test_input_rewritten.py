@@ -1,0 +1,118 @@
+"""An input rewritten in place between forward and backward is refused.
+
+BatchNorm and nn.Linear keep their forward's input by reference for backward
+(as autograd saves tensors). Rewritten in place in between (a loader refilling
+its buffer with the next batch, ``x *= 2``), it used to be differentiated
+silently as if it were the forward's data. Both now compare a sample of eight
+of its values (``cbn._kernels.sample_bits``) and raise ``RuntimeError``, as
+PyTorch does from its version counters; nothing is written on refusal.
+"""
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import _kernels
+from cbn.nn import Linear
+
+DTYPES = (np.float32, np.float64)
+
+
+def _positions(n):
+    return [k * (n - 1) // 7 for k in range(8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (np.int16, np.complex128))
+def test_sample_bits_reads_eight_values_spread_in_c_order(dtype):
+    rng = np.random.default_rng()
+    for _ in range(20):
+        shape = tuple(rng.integers(1, 7, rng.integers(1, 5)))
+        a = (rng.standard_normal(shape) * 100).astype(dtype)
+        views = [a, np.asfortranarray(a), a[..., ::-1], a.T]
+        if a.ndim >= 2 and a.shape[0] > 1:
+            views.append(a[::2])
+        for v in views:
+            flat = np.ascontiguousarray(v).reshape(-1)
+            want = flat[_positions(flat.size)].tobytes()
+            assert _kernels.sample_bits(v) == want, (shape, v.strides)
+    assert _kernels.sample_bits(np.empty((0, 3), np.float32)) == b""
+
+
+def _batch(rng, shape, axis, dtype):
+    C = shape[axis]
+    scale = rng.uniform(0.5, 2.0, C)
+    x = rng.standard_normal(shape) * np.moveaxis(
+        scale.reshape((C,) + (1,) * (len(shape) - 1)), 0, axis)
+    return x.astype(dtype)
+
+
+REWRITES = {
+    "refilled": lambda x, rng: x.__setitem__(..., rng.standard_normal(x.shape)),
+    "scaled": lambda x, rng: x.__imul__(x.dtype.type(2)),
+    "shifted": lambda x, rng: x.__iadd__(x.dtype.type(1)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((16, 5), 1), ((4, 3, 6, 5), 1), ((4, 6, 5, 3), -1)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("how", sorted(REWRITES))
+def test_batchnorm_refuses_a_rewritten_input(dtype, shape, axis, training, how):
+    rng = np.random.default_rng()
+    C = shape[axis]
+    layer = cbn.BatchNorm(C, axis=axis, dtype=dtype)
+    layer.gamma = rng.uniform(0.5, 1.5, C)
+    layer.beta = rng.uniform(-0.5, 0.5, C)
+    layer.forward(_batch(rng, shape, axis, dtype))  # running statistics off their start
+    layer.train(training)
+    x = _batch(rng, shape, axis, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    ref = cbn.BatchNorm(C, axis=axis, dtype=dtype)
+    ref.load_state_dict(layer.state_dict())
+    ref.train(training)
+    ref.forward(x.copy())
+    want = ref.backward(dy)
+
+    layer.forward(x)
+    dgamma, dbeta = layer.dgamma.copy(), layer.dbeta.copy()
+    kept = x.copy()
+    REWRITES[how](x, rng)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        layer.backward(dy)
+    assert layer.dgamma.tobytes() == dgamma.tobytes()
+    assert layer.dbeta.tobytes() == dbeta.tobytes()
+    # Put back, the forward's data is differentiated as before.
+    x[...] = kept
+    assert layer.backward(dy).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_copies_a_non_contiguous_input_so_rewriting_it_is_harmless(dtype):
+    rng = np.random.default_rng()
+    x = np.asfortranarray(_batch(rng, (12, 4), 1, dtype))
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    a, b = cbn.BatchNorm(4, dtype=dtype), cbn.BatchNorm(4, dtype=dtype)
+    b.forward(x.copy())
+    a.forward(x)
+    x[...] = 0  # the layer normalized (and keeps) its own C-ordered copy
+    assert a.backward(dy).tobytes() == b.backward(dy).tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("how", sorted(REWRITES))
+def test_linear_refuses_a_rewritten_input(dtype, how):
+    rng = np.random.default_rng()
+    lin = Linear(6, 3, dtype=dtype)
+    x = rng.standard_normal((10, 6)).astype(dtype)
+    dy = rng.standard_normal((10, 3)).astype(dtype)
+    lin.forward(x)
+    dW = lin.dW.copy()
+    kept = x.copy()
+    REWRITES[how](x, rng)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        lin.backward(dy)
+    assert lin.dW.tobytes() == dW.tobytes()
+    x[...] = kept
+    dx = lin.backward(dy)
+    np.testing.assert_allclose(lin.dW, kept.astype(np.float64).T @ dy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy.astype(np.float64) @ lin.W.T, rtol=1e-5, atol=1e-5)
