@@ -450,7 +450,7 @@ class BatchNorm:
         # What backward differentiates: the settings this forward ran with,
         # whatever is assigned to the layer before backward is called.
         self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
-                       _kernels.sample_bits(x))
+                       _kernels.sample_bits(x), self._param_bits())
         self._stale = None
         return y
 
@@ -503,9 +503,17 @@ class BatchNorm:
                 self.dtype,
             )
         self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
-                       self._activation, _kernels.sample_bits(x_c))
+                       self._activation, _kernels.sample_bits(x_c), self._param_bits())
         self._stale = None
         return y
+
+    def _param_bits(self):
+        """A sample of gamma's and beta's values (``_kernels.sample_bits``), which
+        backward compares with its forward's: optimizers update them in place,
+        which assignment checks do not see. Empty when ``affine=False``."""
+        if not self._affine:
+            return b""
+        return _kernels.sample_bits(self._gamma) + _kernels.sample_bits(self._beta)
 
     def _update_running_stats(self, mean, var, count):
         # Saturates where state_dict()'s int64 (PyTorch's type) ends.
@@ -569,9 +577,14 @@ class BatchNorm:
             raise RuntimeError(
                 f"{self._stale} was assigned after the forward pass that backward would "
                 "differentiate; run forward again (an optimizer step belongs after backward)")
-        x_c, mean, var, batch_stats, axis, eps, activation, sample = self._cache
+        x_c, mean, var, batch_stats, axis, eps, activation, sample, param_bits = self._cache
         if _kernels.sample_bits(x_c) != sample:
             raise RuntimeError(_REWRITTEN)
+        if self._param_bits() != param_bits:
+            raise RuntimeError(
+                "gamma or beta was modified in place after the forward pass that backward "
+                "would differentiate (a sample of its values changed); run forward again "
+                "(an optimizer step belongs after backward)")
         if self.affine:
             gamma, beta = self._gamma, self._beta
             dgamma, dbeta = self._dgamma, self._dbeta
@@ -587,7 +600,7 @@ class BatchNorm:
         return self._checked_backward(dy, self._cache, (gamma, beta, dgamma, dbeta))
 
     def _checked_backward(self, dy, cache, params):
-        x_c, mean, var, batch_stats, axis, eps, activation, _ = cache
+        x_c, mean, var, batch_stats, axis, eps, activation = cache[:7]
         gamma, beta, dgamma, dbeta = params
         x3 = channel_view(x_c, axis)[1]
         dy = dy if isinstance(dy, np.ndarray) else np.asarray(dy)

@@ -116,3 +116,43 @@ def test_linear_refuses_a_rewritten_input(dtype, how):
     dx = lin.backward(dy)
     np.testing.assert_allclose(lin.dW, kept.astype(np.float64).T @ dy, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, dy.astype(np.float64) @ lin.W.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_an_optimizer_step_between_forward_and_backward_is_refused(dtype, optimizer,
+                                                                  activation):
+    """Optimizers update gamma and beta in place, which assignment checks do
+    not see; backward would mix the forward's statistics with the new gamma
+    (and, with the fused ReLU, a mask recomputed from the new gamma and beta)."""
+    from cbn import optim
+
+    rng = np.random.default_rng()
+    C = int(rng.integers(2, 12))
+    layer = cbn.BatchNorm(C, dtype=dtype, activation=activation)
+    x = _batch(rng, (16, C), 1, dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    layer.forward(x)
+    layer.backward(dy)  # gradients for the step to use
+    kind = optim.SGD if optimizer == "sgd" else optim.Adam
+    opt = kind(layer.params, layer.grads, lr=0.1)
+    layer.forward(x)
+    dgamma, dbeta = layer.dgamma.copy(), layer.dbeta.copy()
+    opt.step()  # in place, before the backward of this forward
+    with pytest.raises(RuntimeError, match="gamma or beta was modified in place"):
+        layer.backward(dy)
+    assert layer.dgamma.tobytes() == dgamma.tobytes()
+    assert layer.dbeta.tobytes() == dbeta.tobytes()
+    layer.forward(x)  # a new forward differentiates again
+    layer.backward(dy)
+
+
+def test_beta_alone_modified_in_place_is_refused_too():
+    rng = np.random.default_rng()
+    layer = cbn.BatchNorm(5)
+    x = _batch(rng, (8, 5), 1, np.float32)
+    layer.forward(x)
+    layer.params["beta"] += np.float32(0.5)
+    with pytest.raises(RuntimeError, match="gamma or beta"):
+        layer.backward(rng.standard_normal(x.shape).astype(np.float32))
