@@ -1318,6 +1318,8 @@ cdef enum:
                                 # shorter rows two at a time, longer ones four
     ELEMENTS_PER_BLOCK = 16384  # inner > 1: target values per reduction block
     RUN_SHIFT_ITEMS = 8192      # inner > 1: values summed around one shift (_stats_runs)
+    RUNS_STACK_CHANNELS = 256   # inner > 1: channels whose sums _stats_runs keeps on
+                                # the stack at once (16 KiB; see _stats_runs)
     BACK_CHUNK_BYTES = 1048576  # second passes over the data go backwards in
                                 # chunks of this many bytes (see _chunk_items)
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
@@ -1746,7 +1748,26 @@ cdef inline void _add_run(const floating* run, Py_ssize_t inner, Moments* a) noe
 cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
                       Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
                       double* mean_out, double* m2_out, double* lo_out) noexcept nogil:
-    """Mean and M2 of the runs (n, c, :), n in [n0, n1), c in [c0, c1) (inner > 1).
+    """Mean and M2 of the runs (n, c, :), n in [n0, n1), c in [c0, c1) (inner > 1),
+    RUNS_STACK_CHANNELS channels at a time (see _stats_runs_part).
+
+    The accumulators live on the stack of the thread that runs the block: for
+    CHANNELS_PER_BLOCK channels at once they took 128 KiB, more than a whole
+    thread stack where that is 128 KiB (musl's default, which libgomp's
+    workers get on Alpine): a segfault, seen with OMP_STACKSIZE=64K. Each
+    channel sums the same runs in the same order either way: the same bits.
+    """
+    cdef Py_ssize_t k = c0
+    while k < c1:
+        _stats_runs_part(x, g, n0, n1, k, _min(k + RUNS_STACK_CHANNELS, c1), mean_out,
+                         m2_out, lo_out)
+        k += RUNS_STACK_CHANNELS
+
+
+cdef void _stats_runs_part(const floating* x, const Geometry* g, Py_ssize_t n0,
+                           Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
+                           double* mean_out, double* m2_out, double* lo_out) noexcept nogil:
+    """_stats_runs for at most RUNS_STACK_CHANNELS channels [c0, c1).
 
     The runs are visited in memory order, one stream through the block. Each
     channel's values are summed in pieces, each shifted by an estimate of the
@@ -1760,7 +1781,7 @@ cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
     on float64 data whose first value was an outlier (images of 1000 + N(0, 1)
     with a zero corner: 7e-11; now 4e-14).
     """
-    cdef Moments acc[CHANNELS_PER_BLOCK]
+    cdef Moments acc[RUNS_STACK_CHANNELS]
     cdef Py_ssize_t inner = g.inner, n, c
     cdef const floating* run
     cdef Moments* a

@@ -395,3 +395,43 @@ def test_the_largest_thread_count_runs_and_gives_the_same_bits(tmp_path, stream_
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
     assert out.stdout.strip() == "ok"
+
+
+_SMALL_STACK_SCRIPT = r"""
+import sys
+import numpy as np
+from cbn import functional as F
+
+rng = np.random.default_rng(int(sys.argv[1]))
+for shape, axis, dt in [((4, 4096, 2, 2), 1, np.float64), ((64, 32, 16, 16), 1, np.float32),
+                        ((512, 2048), 1, np.float64), ((8, 600, 7, 7), 1, np.float32),
+                        ((16, 9, 9, 300), -1, np.float64)]:
+    C = shape[axis]
+    x = rng.standard_normal(shape).astype(dt)
+    g, b = rng.standard_normal(C).astype(dt), rng.standard_normal(C).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    y, m, v = F.batch_norm_train(x, g, b, axis=axis, n_threads=2)
+    F.batch_norm_eval(x, m, v, g, b, axis=axis, n_threads=2)
+    F.batch_norm_backward(dy, x, m, v, g, b, axis=axis, n_threads=2)
+    F.batch_norm_train(x, g, b, axis=axis, n_threads=2, activation="relu")
+print("ok")
+"""
+
+
+def test_passes_fit_the_thread_stacks_of_musl(tmp_path):
+    """OpenMP workers get the C library's default thread stack, 128 KiB on musl
+    (Alpine): the statistics of (n, c, :) runs kept 128 KiB of accumulators on
+    it and the process died of a segfault there. OMP_STACKSIZE=128K gives
+    glibc's workers the same stacks."""
+    import os
+    import subprocess
+    import sys
+
+    if not cbn.build_info()["openmp"]:
+        pytest.skip("built without OpenMP: no worker threads")
+    seed = int(np.random.default_rng().integers(2**31))
+    env = {**os.environ, "OMP_STACKSIZE": "128K"}
+    out = subprocess.run([sys.executable, "-c", _SMALL_STACK_SCRIPT, str(seed)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() == "ok"
