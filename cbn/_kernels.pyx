@@ -51,10 +51,84 @@ cdef extern from *:
     static int cbn_max_threads(void) { return omp_get_max_threads(); }
     static int cbn_num_procs(void) { return omp_get_num_procs(); }
     static int cbn_has_openmp(void) { return 1; }
+
+    /* GNU OpenMP ends the process (exit status 1, "Thread creation failed")
+       when it cannot create a team's threads: an address-space limit without
+       room for their stacks, a limit on processes or threads. So a team
+       larger than any this thread has started is tried first with plain
+       threads of the stack size libgomp would give them; if fewer can be
+       made, the team is that much smaller (the same bits: results do not
+       depend on the thread count). libgomp keeps a pool of idle threads per
+       master thread, so only growth needs the trial. */
+    #include <pthread.h>
+    #include <stdlib.h>
+    #include <ctype.h>
+    static __thread int cbn_team_ok = 1;  /* the largest team this thread started */
+
+    /* OMP_STACKSIZE (or GOMP_STACKSIZE) in bytes, as libgomp reads it: a
+       size with an optional B, K, M or G (K without one); 0 if unset. */
+    static size_t cbn_omp_stacksize(void) {
+        const char* s = getenv("OMP_STACKSIZE");
+        char* end;
+        unsigned long long v;
+        if (s == NULL) s = getenv("GOMP_STACKSIZE");
+        if (s == NULL) return 0;
+        while (isspace((unsigned char)*s)) s++;
+        v = strtoull(s, &end, 10);
+        if (end == s) return 0;
+        while (isspace((unsigned char)*end)) end++;
+        switch (tolower((unsigned char)*end)) {
+            case 'b': break;
+            case 'm': v <<= 20; break;
+            case 'g': v <<= 30; break;
+            default: v <<= 10; break;
+        }
+        return (size_t)v;
+    }
+
+    typedef struct { pthread_mutex_t mu; pthread_cond_t cv; int go; } cbn_gate;
+
+    static void* cbn_wait_gate(void* arg) {
+        cbn_gate* g = (cbn_gate*)arg;
+        pthread_mutex_lock(&g->mu);
+        while (!g->go) pthread_cond_wait(&g->cv, &g->mu);
+        pthread_mutex_unlock(&g->mu);
+        return NULL;
+    }
+
+    /* The size of team, up to n, whose threads can exist now (see above). */
+    static int cbn_team_size(int n) {
+        int want, made = 0, i;
+        pthread_t* ids;
+        pthread_attr_t attr;
+        size_t stack = cbn_omp_stacksize();
+        cbn_gate gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+        if (n <= cbn_team_ok) return n;
+        want = n - cbn_team_ok;  /* threads libgomp would add to its pool */
+        ids = (pthread_t*)malloc((size_t)want * sizeof(pthread_t));
+        if (ids == NULL || pthread_attr_init(&attr) != 0) {
+            free(ids);
+            return cbn_team_ok;
+        }
+        if (stack) pthread_attr_setstacksize(&attr, stack);
+        /* All at once (each waits at the gate), as a team's threads live. */
+        for (; made < want; made++)
+            if (pthread_create(&ids[made], &attr, cbn_wait_gate, &gate) != 0) break;
+        pthread_mutex_lock(&gate.mu);
+        gate.go = 1;
+        pthread_cond_broadcast(&gate.cv);
+        pthread_mutex_unlock(&gate.mu);
+        for (i = 0; i < made; i++) pthread_join(ids[i], NULL);
+        pthread_attr_destroy(&attr);
+        free(ids);
+        cbn_team_ok += made;
+        return cbn_team_ok;
+    }
     #else
     static int cbn_max_threads(void) { return 1; }
     static int cbn_num_procs(void) { return 1; }
     static int cbn_has_openmp(void) { return 0; }
+    static int cbn_team_size(int n) { return n; }
     #endif
     #ifdef CBN_DEBUG_BUILD
     static int cbn_debug_build(void) { return 1; }
@@ -70,6 +144,7 @@ cdef extern from *:
     int cbn_max_threads() noexcept nogil
     int cbn_num_procs() noexcept nogil
     int cbn_has_openmp() noexcept nogil
+    int cbn_team_size(int n) noexcept nogil
     int cbn_debug_build() noexcept nogil
     int cbn_sanitized() noexcept nogil
 
@@ -1457,6 +1532,8 @@ cdef inline int _team(int n_threads, Py_ssize_t tasks) noexcept nogil:
         n = tasks
     if n > _team_cap:
         n = _team_cap
+    if n > 1:
+        n = cbn_team_size(<int>n)  # no larger than the threads that can be made
     if n > 1:
         _teams_started = True
         return <int>n

@@ -435,3 +435,57 @@ def test_passes_fit_the_thread_stacks_of_musl(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
     assert out.stdout.strip() == "ok"
+
+
+_NO_ROOM_SCRIPT = r"""
+import resource, sys
+import numpy as np
+from cbn import functional as F
+
+rng = np.random.default_rng(int(sys.argv[1]))
+dt = np.float32 if sys.argv[2] == "float32" else np.float64
+shape, axis = ((8192, 16), 1) if sys.argv[3] == "rows" else ((16, 16, 16, 16), 1)
+C = shape[axis]
+x = rng.standard_normal(shape).astype(dt)
+g, b = rng.standard_normal(C).astype(dt), rng.standard_normal(C).astype(dt)
+dy = rng.standard_normal(shape).astype(dt)
+want = F.batch_norm_train(x, g, b, axis=axis, n_threads=1)
+want_dx = F.batch_norm_backward(dy, x, want[1], want[2], g, b, axis=axis, n_threads=1)[0]
+status = [l for l in open("/proc/self/status") if l.startswith("VmSize")][0]
+size = int(status.split()[1]) * 1024
+# Room for the outputs (1 MiB each at most), not for an 8 MiB worker stack.
+resource.setrlimit(resource.RLIMIT_AS, (size + (6 << 20), resource.RLIM_INFINITY))
+try:
+    np.empty(16 << 20, np.uint8)
+    print("no limit")
+    sys.exit(0)
+except MemoryError:
+    pass
+y, mean, var = F.batch_norm_train(x, g, b, axis=axis, n_threads=2)
+dx = F.batch_norm_backward(dy, x, mean, var, g, b, axis=axis, n_threads=-1)[0]
+same = y.tobytes() == want[0].tobytes() and dx.tobytes() == want_dx.tobytes()
+print("same" if same else "differs")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["rows", "maps"])
+def test_no_room_for_threads_runs_on_fewer(tmp_path, dtype, layout):
+    """GNU OpenMP ends the process when it cannot create a team's threads (an
+    address-space limit, ``ulimit -v``, without room for their stacks; a
+    limit on processes). cbn tries such a team with plain threads first and
+    runs on as many as could be made: here one, with the same bits."""
+    import subprocess
+    import sys
+
+    if not cbn.build_info()["openmp"]:
+        pytest.skip("built without OpenMP: no worker threads")
+    if cbn.build_info()["sanitized"]:
+        pytest.skip("AddressSanitizer reserves more address space than the limit leaves")
+    seed = int(np.random.default_rng().integers(2**31))
+    out = subprocess.run([sys.executable, "-c", _NO_ROOM_SCRIPT, str(seed), dtype, layout],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
+    if out.stdout.strip() == "no limit":
+        pytest.skip("RLIMIT_AS is not enforced here")
+    assert out.stdout.strip() == "same", (seed, out.stdout)
