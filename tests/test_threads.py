@@ -383,18 +383,27 @@ def test_the_largest_thread_count_runs_and_gives_the_same_bits(tmp_path, stream_
     # CBN_STREAM_MIN_BYTES=0 streams every output: the float64 NCHW case then takes
     # channel groups, whose loop has its own team.
     import os
-    import subprocess
-    import sys
 
     env = dict(os.environ)
     env.pop("CBN_STREAM_MIN_BYTES", None)
     if stream_min is not None:
         env["CBN_STREAM_MIN_BYTES"] = stream_min
-    seed = int(np.random.default_rng().integers(1 << 30))
-    out = subprocess.run([sys.executable, "-c", _HUGE_COUNT_SCRIPT, str(seed)], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
-    assert out.stdout.strip() == "ok"
+    assert _run_script(tmp_path, _HUGE_COUNT_SCRIPT, env=env) == "ok"
+
+
+def _run_script(tmp_path, script, *args, env=None):
+    """Run ``script`` in a fresh interpreter (a crash fails the test, not the
+    run) with a random seed as its first argument; return its stdout, stripped,
+    after checking that it exited cleanly."""
+    import subprocess
+    import sys
+
+    seed = int(np.random.default_rng().integers(2**31))
+    out = subprocess.run([sys.executable, "-c", script, str(seed), *args], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         check=False)
+    assert out.returncode == 0, (seed, args, out.returncode, out.stderr[-2000:])
+    return out.stdout.strip()
 
 
 _SMALL_STACK_SCRIPT = r"""
@@ -424,17 +433,11 @@ def test_passes_fit_the_thread_stacks_of_musl(tmp_path):
     it and the process died of a segfault there. OMP_STACKSIZE=128K gives
     glibc's workers the same stacks."""
     import os
-    import subprocess
-    import sys
 
     if not cbn.build_info()["openmp"]:
         pytest.skip("built without OpenMP: no worker threads")
-    seed = int(np.random.default_rng().integers(2**31))
     env = {**os.environ, "OMP_STACKSIZE": "128K"}
-    out = subprocess.run([sys.executable, "-c", _SMALL_STACK_SCRIPT, str(seed)], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
-    assert out.stdout.strip() == "ok"
+    assert _run_script(tmp_path, _SMALL_STACK_SCRIPT, env=env) == "ok"
 
 
 _NO_ROOM_SCRIPT = r"""
@@ -475,17 +478,11 @@ def test_no_room_for_threads_runs_on_fewer(tmp_path, dtype, layout):
     address-space limit, ``ulimit -v``, without room for their stacks; a
     limit on processes). cbn tries such a team with plain threads first and
     runs on as many as could be made: here one, with the same bits."""
-    import subprocess
-    import sys
-
     if not cbn.build_info()["openmp"]:
         pytest.skip("built without OpenMP: no worker threads")
     if cbn.build_info()["sanitized"]:
         pytest.skip("AddressSanitizer reserves more address space than the limit leaves")
-    seed = int(np.random.default_rng().integers(2**31))
-    out = subprocess.run([sys.executable, "-c", _NO_ROOM_SCRIPT, str(seed), dtype, layout],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, (seed, out.returncode, out.stderr[-2000:])
-    if out.stdout.strip() == "no limit":
+    result = _run_script(tmp_path, _NO_ROOM_SCRIPT, dtype, layout)
+    if result == "no limit":
         pytest.skip("RLIMIT_AS is not enforced here")
-    assert out.stdout.strip() == "same", (seed, out.stdout)
+    assert result == "same"
