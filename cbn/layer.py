@@ -352,6 +352,32 @@ class BatchNorm:
         self._frozen = False
         return self
 
+    def reset_running_stats(self):
+        """Restart the running statistics: mean 0, variance 1, no batches tracked.
+
+        As PyTorch's method of that name; with ``momentum=None`` the next
+        batches then make a plain cumulative average, the way to re-estimate
+        the statistics after the weights changed (e.g. averaged weights, as
+        ``torch.optim.swa_utils.update_bn`` does). No-op without running
+        statistics.
+        """
+        if not self.track_running_stats:
+            return
+        self._running_mean[...] = 0
+        self._running_var[...] = 1
+        self._num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """Restart the layer as built: :meth:`reset_running_stats`, gamma 1, beta 0.
+
+        As PyTorch's method of that name. Like assigning gamma or beta, it makes
+        a backward of an earlier forward raise.
+        """
+        self.reset_running_stats()
+        if self.affine:
+            self.gamma = np.ones(self.num_features, self.dtype)
+            self.beta = np.zeros(self.num_features, self.dtype)
+
     @property
     def uses_batch_stats(self):
         """Whether the next forward normalizes with the batch's own statistics."""

@@ -643,3 +643,66 @@ def test_any_layout_is_accepted_and_gives_the_same_result(layout):
     assert np.array_equal(a(x), b(xl))
     assert np.array_equal(a.backward(dy), b.backward(dyl))
     assert np.array_equal(a.dgamma, b.dgamma) and np.array_equal(a.running_var, b.running_var)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reset_running_stats_and_parameters_as_pytorch(dtype):
+    """reset_running_stats: mean 0, var 1, count 0; then momentum=None
+    re-estimates the statistics as the plain average of the next batches
+    (the recipe of torch.optim.swa_utils.update_bn). reset_parameters also
+    sets gamma 1 and beta 0, and makes a pending backward raise."""
+    rng = np.random.default_rng()
+    C = int(rng.integers(2, 9))
+    layer = BatchNorm(C, dtype=dtype)
+    layer.gamma = rng.uniform(0.5, 2, C)
+    layer.beta = rng.uniform(-1, 1, C)
+    for _ in range(3):
+        layer.forward((rng.standard_normal((16, C)) * 3 + 2).astype(dtype))
+    gamma, beta = layer.gamma.copy(), layer.beta.copy()
+    layer.reset_running_stats()
+    assert layer.running_mean.tobytes() == np.zeros(C, dtype).tobytes()
+    assert layer.running_var.tobytes() == np.ones(C, dtype).tobytes()
+    assert layer.num_batches_tracked == 0
+    assert layer.gamma.tobytes() == gamma.tobytes() and layer.beta.tobytes() == beta.tobytes()
+
+    layer.momentum = None
+    xs = [(rng.standard_normal((int(rng.integers(4, 20)), C)) * rng.uniform(0.5, 3)
+           + rng.uniform(-2, 2)).astype(dtype) for _ in range(4)]
+    for x in xs:
+        layer.forward(x)
+    x64 = [x.astype(np.float64) for x in xs]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(layer.running_mean, np.mean([x.mean(0) for x in x64], 0),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(layer.running_var,
+                               np.mean([x.var(0, ddof=1) for x in x64], 0), rtol=tol)
+
+    dy = rng.standard_normal(xs[-1].shape).astype(dtype)
+    layer.reset_parameters()
+    assert layer.gamma.tobytes() == np.ones(C, dtype).tobytes()
+    assert layer.beta.tobytes() == np.zeros(C, dtype).tobytes()
+    assert layer.num_batches_tracked == 0
+    with pytest.raises(RuntimeError, match="assigned after the forward"):
+        layer.backward(dy)
+
+    torch = pytest.importorskip("torch")
+    peer = torch.nn.BatchNorm1d(C, dtype=getattr(torch, np.dtype(dtype).name))
+    peer.weight.data.uniform_(0.5, 2)
+    peer(torch.randn(16, C, dtype=peer.weight.dtype))
+    peer.reset_parameters()
+    state = {k: v.numpy() for k, v in peer.state_dict().items()}
+    mine = layer.state_dict()
+    assert mine["gamma"].tobytes() == state["weight"].tobytes()
+    assert mine["beta"].tobytes() == state["bias"].tobytes()
+    assert mine["running_mean"].tobytes() == state["running_mean"].tobytes()
+    assert mine["running_var"].tobytes() == state["running_var"].tobytes()
+    assert int(mine["num_batches_tracked"]) == int(state["num_batches_tracked"])
+
+
+def test_reset_without_running_statistics_or_affine():
+    layer = BatchNorm(3, affine=False, track_running_stats=False)
+    layer.reset_running_stats()
+    layer.reset_parameters()
+    assert layer.running_mean is None and layer.gamma is None
+    x = np.random.default_rng().standard_normal((8, 3)).astype(np.float32)
+    assert layer.forward(x).shape == x.shape
