@@ -685,7 +685,16 @@ def test_reset_running_stats_and_parameters_as_pytorch(dtype):
     with pytest.raises(RuntimeError, match="assigned after the forward"):
         layer.backward(dy)
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reset_parameters_gives_pytorchs_state(dtype):
     torch = pytest.importorskip("torch")
+    rng = np.random.default_rng()
+    C = int(rng.integers(2, 9))
+    layer = BatchNorm(C, dtype=dtype)
+    layer.gamma = rng.uniform(0.5, 2, C)
+    layer.forward(rng.standard_normal((16, C)).astype(dtype))
+    layer.reset_parameters()
     peer = torch.nn.BatchNorm1d(C, dtype=getattr(torch, np.dtype(dtype).name))
     peer.weight.data.uniform_(0.5, 2)
     peer(torch.randn(16, C, dtype=peer.weight.dtype))
