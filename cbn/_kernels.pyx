@@ -3675,25 +3675,39 @@ cdef enum:
     SAMPLE_POINTS = 8           # values sample_bits reads, spread over the array
 
 
-def sample_bits(cnp.ndarray a):
-    """The bytes of SAMPLE_POINTS values spread over ``a`` in C order (the
-    first and the last among them): a fingerprint that costs eight reads.
+def sample_bits(*arrays):
+    """The bytes of SAMPLE_POINTS values spread over each array in C order
+    (the first and the last among them), one array after another: a
+    fingerprint that costs eight reads per array.
 
-    A layer keeps it with the input it caches for backward, and compares it
-    there: an input rewritten in place in between (a loader refilling its
-    buffer with the next batch, ``x *= 2``) would otherwise be differentiated
-    silently as if it were the forward's. PyTorch raises likewise, from a
-    version counter that NumPy arrays do not have; a change that spares all
-    eight values goes unnoticed.
+    A layer keeps one of its input and parameters with the forward it caches
+    for backward, and compares it there: an input rewritten in place in
+    between (a loader refilling its buffer with the next batch, ``x *= 2``),
+    or gamma and beta stepped by an optimizer, would otherwise be
+    differentiated silently as if they were the forward's. PyTorch raises
+    likewise, from a version counter that NumPy arrays do not have; a change
+    that spares all eight values of an array goes unnoticed.
     """
+    cdef Py_ssize_t total = 0, at = 0
+    cdef cnp.ndarray a
+    for a in arrays:  # TypeError for anything but an ndarray
+        if a.size:
+            total += SAMPLE_POINTS * a.itemsize
+    cdef bytearray out = bytearray(total)
+    cdef char* dst = out
+    for a in arrays:
+        at += _sample_into(a, dst + at)
+    return bytes(out)
+
+
+cdef Py_ssize_t _sample_into(cnp.ndarray a, char* dst):
+    """Copy sample_bits' values of ``a`` to ``dst``; return the bytes written."""
     cdef Py_ssize_t n = a.size, item = a.itemsize, nd = a.ndim, k, d, p, q, off
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(a)
     cdef cnp.npy_intp* strides = cnp.PyArray_STRIDES(a)
     cdef const char* base = <const char*>cnp.PyArray_DATA(a)
-    cdef bytearray out = bytearray(SAMPLE_POINTS * item if n else 0)
-    cdef char* dst = out
     if n == 0:
-        return bytes(out)
+        return 0
     for k in range(SAMPLE_POINTS):
         p = k * (n - 1) // (SAMPLE_POINTS - 1)
         off = 0
@@ -3702,7 +3716,7 @@ def sample_bits(cnp.ndarray a):
             p //= dims[d]
             off += q * strides[d]
         memcpy(dst + k * item, base + off, item)
-    return bytes(out)
+    return SAMPLE_POINTS * item
 
 
 def empty_near(like, x3, other=None):

@@ -476,7 +476,7 @@ class BatchNorm:
         # What backward differentiates: the settings this forward ran with,
         # whatever is assigned to the layer before backward is called.
         self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
-                       _kernels.sample_bits(x), self._param_bits())
+                       _kernels.sample_bits(x, *self._learned()))
         self._stale = None
         return y
 
@@ -529,17 +529,15 @@ class BatchNorm:
                 self.dtype,
             )
         self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
-                       self._activation, _kernels.sample_bits(x_c), self._param_bits())
+                       self._activation, _kernels.sample_bits(x_c, *self._learned()))
         self._stale = None
         return y
 
-    def _param_bits(self):
-        """A sample of gamma's and beta's values (``_kernels.sample_bits``), which
-        backward compares with its forward's: optimizers update them in place,
-        which assignment checks do not see. Empty when ``affine=False``."""
-        if not self._affine:
-            return b""
-        return _kernels.sample_bits(self._gamma) + _kernels.sample_bits(self._beta)
+    def _learned(self):
+        """``(gamma, beta)``, or ``()`` when ``affine=False``: what backward's
+        fingerprint covers besides x (optimizers update them in place, which
+        assignment checks do not see)."""
+        return (self._gamma, self._beta) if self._affine else ()
 
     def _update_running_stats(self, mean, var, count):
         # Saturates where state_dict()'s int64 (PyTorch's type) ends.
@@ -603,10 +601,11 @@ class BatchNorm:
             raise RuntimeError(
                 f"{self._stale} was assigned after the forward pass that backward would "
                 "differentiate; run forward again (an optimizer step belongs after backward)")
-        x_c, mean, var, batch_stats, axis, eps, activation, sample, param_bits = self._cache
-        if _kernels.sample_bits(x_c) != sample:
-            raise RuntimeError(_REWRITTEN)
-        if self._param_bits() != param_bits:
+        x_c, mean, var, batch_stats, axis, eps, activation, fingerprint = self._cache
+        if _kernels.sample_bits(x_c, *self._learned()) != fingerprint:
+            x_bits = _kernels.sample_bits(x_c)
+            if x_bits != fingerprint[:len(x_bits)]:
+                raise RuntimeError(_REWRITTEN)
             raise RuntimeError(
                 "gamma or beta was modified in place after the forward pass that backward "
                 "would differentiate (a sample of its values changed); run forward again "

@@ -36,6 +36,13 @@ def test_sample_bits_reads_eight_values_spread_in_c_order(dtype):
             want = flat[_positions(flat.size)].tobytes()
             assert _kernels.sample_bits(v) == want, (shape, v.strides)
     assert _kernels.sample_bits(np.empty((0, 3), np.float32)) == b""
+    # Several arrays: their samples one after another (one call per backward).
+    a, b = rng.standard_normal((5, 3)).astype(dtype), rng.standard_normal(7).astype(dtype)
+    empty = np.empty(0, dtype)
+    assert _kernels.sample_bits(a, empty, b) == _kernels.sample_bits(a) + _kernels.sample_bits(b)
+    assert _kernels.sample_bits() == b""
+    with pytest.raises(TypeError):
+        _kernels.sample_bits(a, [1.0, 2.0])
 
 
 def _batch(rng, shape, axis, dtype):
@@ -77,7 +84,7 @@ def test_batchnorm_refuses_a_rewritten_input(dtype, shape, axis, training, how):
     dgamma, dbeta = layer.dgamma.copy(), layer.dbeta.copy()
     kept = x.copy()
     REWRITES[how](x, rng)
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(RuntimeError, match="input of the forward pass was modified in place"):
         layer.backward(dy)
     assert layer.dgamma.tobytes() == dgamma.tobytes()
     assert layer.dbeta.tobytes() == dbeta.tobytes()

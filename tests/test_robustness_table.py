@@ -331,7 +331,7 @@ def test_input_modified_between_forward_and_backward():
     layer.forward(x)
     before = snapshot(layer)
     x *= 2  # e.g. a loader refilling its buffer before backward
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(RuntimeError, match="input of the forward pass was modified in place"):
         layer.backward(rng.standard_normal(x.shape).astype(np.float32))
     assert_unchanged(layer, before)
 
