@@ -197,7 +197,7 @@ class Linear(Module):
         self.b = np.zeros(self.out_features, self.dtype) if bias else None
         self.db = np.zeros_like(self.b) if bias else None
         self._x = None
-        self._x_sample = None
+        self._fingerprint = None  # of x and W at the forward (see backward)
 
     @property
     def bias(self):
@@ -212,7 +212,7 @@ class Linear(Module):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (N, {self.in_features}), got {x.shape}")
         self._x = x
-        self._x_sample = _kernels.sample_bits(x)  # see BatchNorm's: x must not change before backward
+        self._fingerprint = _kernels.sample_bits(x, self.W)
         y = x @ self.W
         if self.b is not None:
             y += self.b
@@ -227,11 +227,20 @@ class Linear(Module):
                 f"dy must be an ndarray of shape {(x.shape[0], self.out_features)}, got {got}")
         if dy.dtype != self.dtype:  # dW would be cast silently, dx come out in dy's dtype
             raise TypeError(f"dy must have the layer's dtype {self.dtype}, got {dy.dtype}")
-        if _kernels.sample_bits(x) != self._x_sample:
+        # As BatchNorm's backward: x or W rewritten in place since the forward
+        # (a refilled input buffer, an optimizer step) would give dW or dx of
+        # other data than the forward's, silently.
+        if _kernels.sample_bits(x, self.W) != self._fingerprint:
+            x_bits = _kernels.sample_bits(x)
+            if x_bits != self._fingerprint[:len(x_bits)]:
+                raise RuntimeError(
+                    "Linear's input was modified in place after its forward pass (a sample "
+                    "of its values changed): dW would be computed from other data. Run "
+                    "forward again, or pass a copy if the buffer is reused")
             raise RuntimeError(
-                "Linear's input was modified in place after its forward pass (a sample of its "
-                "values changed): dW would be computed from other data. Run forward again, or "
-                "pass a copy if the buffer is reused")
+                "Linear's W was modified in place after its forward pass (a sample of its "
+                "values changed): dx would be computed with other weights. Run forward "
+                "again (an optimizer step belongs after backward)")
         np.matmul(x.T, dy, out=self.dW)
         if self.db is not None:
             np.sum(dy, axis=0, out=self.db)

@@ -116,7 +116,7 @@ def test_linear_refuses_a_rewritten_input(dtype, how):
     dW = lin.dW.copy()
     kept = x.copy()
     REWRITES[how](x, rng)
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(RuntimeError, match="input was modified in place"):
         lin.backward(dy)
     assert lin.dW.tobytes() == dW.tobytes()
     x[...] = kept
@@ -163,3 +163,26 @@ def test_beta_alone_modified_in_place_is_refused_too():
     layer.params["beta"] += np.float32(0.5)
     with pytest.raises(RuntimeError, match="gamma or beta"):
         layer.backward(rng.standard_normal(x.shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_linear_refuses_an_optimizer_step_between_forward_and_backward(dtype, optimizer):
+    from cbn import optim
+
+    rng = np.random.default_rng()
+    lin = Linear(int(rng.integers(2, 9)), int(rng.integers(2, 9)), dtype=dtype)
+    x = rng.standard_normal((12, lin.in_features)).astype(dtype)
+    dy = rng.standard_normal((12, lin.out_features)).astype(dtype)
+    lin.forward(x)
+    lin.backward(dy)  # gradients for the step to use
+    kind = optim.SGD if optimizer == "sgd" else optim.Adam
+    opt = kind(lin.params, lin.grads, lr=0.1)
+    lin.forward(x)
+    dW = lin.dW.copy()
+    opt.step()
+    with pytest.raises(RuntimeError, match="W was modified in place"):
+        lin.backward(dy)
+    assert lin.dW.tobytes() == dW.tobytes()
+    lin.forward(x)
+    lin.backward(dy)
