@@ -12,10 +12,15 @@ every array size of 4 MiB and more in the benchmark's shapes:
   no read-for-ownership of y. The least traffic of an evaluation, and of a
   training forward (which must read x for its statistics before it can
   write y: at best the second read comes from cache);
-* ``affine-cached``: the same with ordinary stores, for reference;
+* ``affine-cached``: the same with ordinary stores, which read each line of y
+  before writing it (a third array of traffic). The least time of a pass that
+  writes its output through the cache, as PyTorch always does and cbn does for
+  outputs under its streaming threshold (``cbn.functional.STREAM_MIN_BYTES``,
+  chosen so that a next layer finds y in cache);
 * ``grad``: dx = dy*a + x*b with streaming stores: read dy and x once, write
   dx once. The least traffic of a backward (whose second reads of dy and x
-  come from cache at best).
+  come from cache at best);
+* ``grad-cached``: the same with ordinary stores.
 
 It then bounds three targets of issue 4 on every case of 4 MiB and more of
 ``bench.py``'s shapes, timing the case's floor loop (``affine`` for the
@@ -36,8 +41,24 @@ inputs, timed in the same rounds. Per case and thread count:
   floors, the most any implementation (any two-pass one) could gain on it
   (the target: 3).
 
+Cases whose output cbn writes through the cache (under its streaming
+threshold) also time the cached floor loop (``affine-cached``, ``grad-cached``)
+in the same rounds, on the case's own rotated arrays (where buffers land in
+physical memory moves a case's time from one process to the next by up to
+1.5x, and this way the floor shares cbn's and PyTorch's luck), which adds:
+
+* ``cbn/cached``, ``torch/cached``: that floor's time over cbn's and over
+  PyTorch's. Where PyTorch runs at the cached floor (about 1), being at least
+  as fast as PyTorch in every run is not a matter of the loop: both move the
+  same bytes at the rate memory allows, and only fewer bytes (streaming the
+  output, which the next layer then reads from memory) would put one ahead;
+* ``xPyTorch cached`` (NCHW training forward): PyTorch's time over the cached
+  floor, the most any implementation writing y through the cache could gain,
+  even reading x from memory only once.
+
 A bound under a target shows that target out of reach on this machine, for
-any implementation; a bound over it says only that memory does not forbid it.
+any implementation (with the cached bounds: any that writes its output
+through the cache); a bound over it says only that memory does not forbid it.
 
 Needs an x86-64 C compiler with AVX2, FMA and OpenMP (``$CC`` or ``cc``).
 
@@ -55,6 +76,7 @@ import tempfile
 import numpy as np
 
 from cbn import benchmark as B
+from cbn import functional as F
 
 SOURCE = r"""
 #include <stddef.h>
@@ -104,24 +126,61 @@ void NAME(const float* x, float* y, ptrdiff_t n, float a, float b, int threads) 
 }
 AFFINE(affine_stream, _mm256_stream_ps, _mm_sfence())
 AFFINE(affine_cached, _mm256_store_ps, (void)0)
-void grad_stream(const float* dy, const float* x, float* dx, ptrdiff_t n, float a,
-                 float b, int threads) {
-    #pragma omp parallel num_threads(threads)
-    {
-        ptrdiff_t lo, hi, i;
-        share(n, &lo, &hi);
-        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
-        for (i = lo; i + 8 <= hi; i += 8)
-            _mm256_stream_ps(dx + i, _mm256_fmadd_ps(_mm256_load_ps(dy + i), va,
-                                                     _mm256_mul_ps(_mm256_load_ps(x + i), vb)));
-        for (; i < hi; i++) dx[i] = dy[i] * a + x[i] * b;
-        _mm_sfence();
-    }
+#define GRAD(NAME, STORE, FENCE)                                                \
+void NAME(const float* dy, const float* x, float* dx, ptrdiff_t n, float a,     \
+          float b, int threads) {                                               \
+    _Pragma("omp parallel num_threads(threads)")                                \
+    {                                                                           \
+        ptrdiff_t lo, hi, i;                                                    \
+        share(n, &lo, &hi);                                                     \
+        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);            \
+        for (i = lo; i + 8 <= hi; i += 8)                                       \
+            STORE(dx + i, _mm256_fmadd_ps(_mm256_load_ps(dy + i), va,           \
+                                          _mm256_mul_ps(_mm256_load_ps(x + i), vb))); \
+        for (; i < hi; i++) dx[i] = dy[i] * a + x[i] * b;                       \
+        FENCE;                                                                  \
+    }                                                                           \
 }
+GRAD(grad_stream, _mm256_stream_ps, _mm_sfence())
+GRAD(grad_cached, _mm256_store_ps, (void)0)
+/* The cached loops again, unaligned and for either dtype: they run on a
+   benchmark case's own arrays (NumPy aligns them to 16 bytes only), so that
+   the floor and the contenders share the same physical memory. */
+#define CACHED_ON(T, S, V, W, LOADU, STOREU, FMA, MUL, SET1)                    \
+void affine_cached_##S(const T* x, T* y, ptrdiff_t n, T a, T b, int threads) {  \
+    _Pragma("omp parallel num_threads(threads)")                                \
+    {                                                                           \
+        ptrdiff_t lo = n * omp_get_thread_num() / omp_get_num_threads();        \
+        ptrdiff_t hi = n * (omp_get_thread_num() + 1) / omp_get_num_threads();  \
+        ptrdiff_t i;                                                            \
+        const V va = SET1(a), vb = SET1(b);                                     \
+        for (i = lo; i + W <= hi; i += W)                                       \
+            STOREU(y + i, FMA(LOADU(x + i), va, vb));                           \
+        for (; i < hi; i++) y[i] = x[i] * a + b;                                \
+    }                                                                           \
+}                                                                               \
+void grad_cached_##S(const T* dy, const T* x, T* dx, ptrdiff_t n, T a, T b,     \
+                     int threads) {                                             \
+    _Pragma("omp parallel num_threads(threads)")                                \
+    {                                                                           \
+        ptrdiff_t lo = n * omp_get_thread_num() / omp_get_num_threads();        \
+        ptrdiff_t hi = n * (omp_get_thread_num() + 1) / omp_get_num_threads();  \
+        ptrdiff_t i;                                                            \
+        const V va = SET1(a), vb = SET1(b);                                     \
+        for (i = lo; i + W <= hi; i += W)                                       \
+            STOREU(dx + i, FMA(LOADU(dy + i), va, MUL(LOADU(x + i), vb)));      \
+        for (; i < hi; i++) dx[i] = dy[i] * a + x[i] * b;                       \
+    }                                                                           \
+}
+CACHED_ON(float, f, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps,
+          _mm256_mul_ps, _mm256_set1_ps)
+CACHED_ON(double, d, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_fmadd_pd,
+          _mm256_mul_pd, _mm256_set1_pd)
 """
 
 # Kernel -> (arrays it reads, arrays it writes): its traffic in array sizes.
-KERNELS = {"read": (1, 0), "affine": (1, 1), "affine-cached": (1, 1), "grad": (2, 1)}
+KERNELS = {"read": (1, 0), "affine": (1, 1), "affine-cached": (1, 1), "grad": (2, 1),
+           "grad-cached": (2, 1)}
 # The ceiling that bounds each benchmark op, and the op's least traffic in array sizes.
 FLOOR_OF = {"fwd-train": ("affine", 2), "fwd-eval": ("affine", 2), "backward": ("grad", 3)}
 THREADS = (1, 2)
@@ -141,7 +200,13 @@ def compile_loops(workdir):
     lib.read_sum.argtypes, lib.read_sum.restype = [p, n, i], ctypes.c_double
     for name in ("affine_stream", "affine_cached"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [p, p, n, f, f, i], None
-    lib.grad_stream.argtypes, lib.grad_stream.restype = [p, p, p, n, f, f, i], None
+    for name in ("grad_stream", "grad_cached"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [p, p, p, n, f, f, i], None
+    for suffix, real in (("f", ctypes.c_float), ("d", ctypes.c_double)):
+        fn = getattr(lib, "affine_cached_" + suffix)
+        fn.argtypes, fn.restype = [p, p, n, real, real, i], None
+        fn = getattr(lib, "grad_cached_" + suffix)
+        fn.argtypes, fn.restype = [p, p, p, n, real, real, i], None
     return lib
 
 
@@ -163,10 +228,22 @@ def kernel_call(lib, kernel, arrays, threads):
     p = [ctypes.c_void_p(a.ctypes.data) for a in arrays]
     if kernel == "read":
         return lambda: lib.read_sum(p[0], n, threads)
-    if kernel == "grad":
-        return lambda: lib.grad_stream(p[0], p[1], p[2], n, A, B_, threads)
+    if kernel in ("grad", "grad-cached"):
+        fn = lib.grad_stream if kernel == "grad" else lib.grad_cached
+        return lambda: fn(p[0], p[1], p[2], n, A, B_, threads)
     fn = lib.affine_stream if kernel == "affine" else lib.affine_cached
     return lambda: fn(p[0], p[1], n, A, B_, threads)
+
+
+def cached_call(lib, arrays, threads):
+    """``fn()`` running the cached floor loop of ``arrays`` (x, y: affine; dy, x, dx:
+    grad) in place on them, of any shape, float32 or float64 and 16-byte alignment,
+    on ``threads`` threads."""
+    suffix = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}[arrays[0].dtype]
+    fn = getattr(lib, ("affine_cached_" if len(arrays) == 2 else "grad_cached_") + suffix)
+    n = arrays[0].size
+    p = [ctypes.c_void_p(a.ctypes.data) for a in arrays]
+    return lambda: fn(*p, n, A, B_, threads)
 
 
 def _rotated_sets(reads, nbytes, k, rng):
@@ -210,14 +287,17 @@ def _read_call(lib, arrays, threads):
 
 
 def measure_case(lib, torch, spec, dtype, op, config):
-    """Median seconds of cbn, PyTorch (if given), the case's floor loop and, for the
-    two-pass ops, the read loop over its inputs (x; dy and x), on one and two threads,
-    in alternating rounds on rotated buffers of the case's size.
+    """Median seconds of cbn, PyTorch (if given), the case's floor loop, for the
+    two-pass ops the read loop over its inputs (x; dy and x), and where cbn writes
+    the output through the cache (under its streaming threshold) the cached floor
+    loop, on one and two threads, in alternating rounds on rotated buffers of the
+    case's size.
 
     Returns ``{"cbn": {1: s, 2: s}, "torch": ..., "floor": ..., "read": ...,
-    "with_one": {"floor": s, "read": s}}``: each thread count's times from its own
-    rounds (PyTorch's thread count is set per round), and under ``with_one`` the
-    two-thread loops timed in the one-thread rounds, for the two-thread bound."""
+    "cached": ..., "with_one": {"floor": s, "read": s}}``: each thread count's times
+    from its own rounds (PyTorch's thread count is set per round), and under
+    ``with_one`` the two-thread floor loops timed in the one-thread rounds, for the
+    two-thread bound."""
     nbytes = spec.nbytes(dtype)
     k = B._n_buffers(nbytes, config)
     buf = B._Buffers(spec, dtype, k, torch)
@@ -225,15 +305,25 @@ def measure_case(lib, torch, spec, dtype, op, config):
     inputs = KERNELS[kernel][0]  # x; or dy and x
     sets = _rotated_sets(inputs, nbytes, k, np.random.default_rng(0))
 
-    def floor(t):
-        calls = [kernel_call(lib, kernel, arrays, t) for arrays in sets]
-        return (lambda i: calls[i]()), None
+    def loop(name):
+        def make(t):
+            calls = [kernel_call(lib, name, arrays, t) for arrays in sets]
+            return (lambda i: calls[i]()), None
+        return make
 
     def read(t):
         calls = [_read_call(lib, arrays[:inputs], t) for arrays in sets]
         return (lambda i: calls[i]()), None
 
-    loops = {"floor": floor} | ({"read": read} if op in TWO_PASS else {})
+    def cached(t):
+        # On the case's own arrays: the same physical memory as cbn's and PyTorch's.
+        calls = [cached_call(lib, [buf.xs[i], buf.outs[i]] if inputs == 1
+                             else [buf.dys[i], buf.xs[i], buf.outs[i]], t) for i in range(k)]
+        return (lambda i: calls[i]()), None
+
+    loops = {"floor": loop(kernel)} | ({"read": read} if op in TWO_PASS else {})
+    if not F.streams(nbytes):
+        loops["cached"] = cached
     out = {"cbn": {}, "torch": {}, **{name: {} for name in loops}, "with_one": {}}
     for t in THREADS:
         fns = {("cbn", t): B._case_functions("cbn", op, spec, buf, t, torch)}
@@ -241,7 +331,7 @@ def measure_case(lib, torch, spec, dtype, op, config):
             fns[("torch", t)] = B._case_functions("torch", op, spec, buf, t, torch)
         for name, make in loops.items():
             fns[(name, t)] = make(t)
-            if t == 1:
+            if t == 1 and name != "cached":
                 fns[(name, 2)] = make(2)
         named = {f"{impl} {threads}": fn for (impl, threads), fn in fns.items()}
         with B._Threads(t, torch):
@@ -273,7 +363,12 @@ def bounds(case, times):
     ``two_threads_at_most`` (one thread: cbn's time over the two-thread floor, the
     most a second thread could give), ``two_threads_two_pass`` (the same over the
     two-pass floor), ``torch_at_most`` and ``torch_two_pass`` (NCHW training
-    forward: PyTorch's time over the floors)."""
+    forward: PyTorch's time over the floors); where ``times`` has the cached floor
+    (outputs cbn writes through the cache), ``cached_floor_s``, ``cbn_over_cached``,
+    ``torch_over_cached`` (1 is that floor) and on NCHW training forwards
+    ``torch_at_most_cached`` (PyTorch's time over it: the most any implementation
+    writing y through the cache could gain). ``cbn_streams``: whether cbn writes
+    the output with streaming stores (no cached floor then)."""
     spec, dtype, op = case
     two_pass = op in TWO_PASS
     rows = []
@@ -291,11 +386,20 @@ def bounds(case, times):
             row["two_threads_at_most"] = times["cbn"][1] / one["floor"]
             if two_pass:
                 row["two_threads_two_pass"] = times["cbn"][1] / (one["floor"] + one["read"])
+        row["cbn_streams"] = "cached" not in times
+        if not row["cbn_streams"]:
+            row["cached_floor_s"] = times["cached"][t]
+            row["cbn_over_cached"] = times["cached"][t] / times["cbn"][t]
+        nchw_train = op == "fwd-train" and spec.layout == "NCHW"
         if "torch" in times:
             row["torch_s"] = times["torch"][t]
-            if op == "fwd-train" and spec.layout == "NCHW":
+            if nchw_train:
                 row["torch_at_most"] = times["torch"][t] / floor
                 row["torch_two_pass"] = times["torch"][t] / row["two_pass_s"]
+            if not row["cbn_streams"]:
+                row["torch_over_cached"] = times["cached"][t] / times["torch"][t]
+                if nchw_train:
+                    row["torch_at_most_cached"] = times["torch"][t] / times["cached"][t]
         rows.append(row)
     return rows
 
@@ -320,7 +424,11 @@ def _sizes(shapes, dtypes):
 
 COLUMNS = (("cbn_over_floor", "cbn/floor"), ("cbn_over_two_pass", "cbn/2-pass"),
            ("two_threads_at_most", "2T/1T max"), ("two_threads_two_pass", "2-pass"),
-           ("torch_at_most", "xPyTorch max"), ("torch_two_pass", "2-pass"))
+           ("torch_at_most", "xPyTorch max"), ("torch_two_pass", "2-pass"),
+           ("cbn_over_cached", "cbn/cached"), ("torch_over_cached", "torch/cached"),
+           ("torch_at_most_cached", "xPyT cached"))
+# PyTorch within this fraction of the cached floor runs at the limit of its traffic.
+AT_THE_FLOOR = 0.95
 
 
 def _show_header():
@@ -336,13 +444,21 @@ def _show_bounds_rows(rows):
 def _summary(rows):
     for keys, target, what in (
             (("two_threads_at_most", "two_threads_two_pass"), 1.6, "two threads >= 1.6x one"),
-            (("torch_at_most", "torch_two_pass"), 3.0, ">= 3x PyTorch, NCHW training forward")):
-        for key, floor in zip(keys, ("the floor", "the two-pass floor")):
+            (("torch_at_most", "torch_two_pass", "torch_at_most_cached"), 3.0,
+             ">= 3x PyTorch, NCHW training forward")):
+        for key, floor in zip(keys, ("the floor", "the two-pass floor",
+                                     "the cached floor (y written through the cache)")):
             vals = [r for r in rows if key in r]
             if vals:
                 under = [r["case"] for r in vals if r[key] < target]
                 print(f"{what}: out of reach at {floor} (bound under {target}) in "
                       f"{len(under)} of {len(vals)}" + (f": {', '.join(under)}" if under else ""))
+    cached = [r for r in rows if "torch_over_cached" in r]
+    if cached:
+        at = [r["case"] for r in cached if r["torch_over_cached"] >= AT_THE_FLOOR]
+        print(f">= PyTorch, outputs written through the cache: PyTorch at {AT_THE_FLOOR:g} "
+              f"of the cached floor or more (only fewer bytes could be ahead every time) in "
+              f"{len(at)} of {len(cached)}" + (f": {', '.join(at)}" if at else ""))
 
 
 def main(argv=None):

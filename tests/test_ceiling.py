@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cbn import benchmark as B
+from cbn import functional as F
 
 MIB = 1 << 20
 
@@ -40,11 +41,37 @@ def test_the_loops_compute_what_they_time(ceiling, loops, threads):
             y[:] = np.nan
             ceiling.kernel_call(loops, kernel, [x, y], threads)()
             np.testing.assert_allclose(y, x64 * ceiling.A + ceiling.B_, rtol=1e-6, atol=1e-7)
-        dx = ceiling.aligned(n)
-        dx[:] = np.nan
-        ceiling.kernel_call(loops, "grad", [dy, x, dx], threads)()
-        np.testing.assert_allclose(dx, dy64 * ceiling.A + x64 * ceiling.B_, rtol=1e-5,
-                                   atol=1e-6)
+        for kernel in ("grad", "grad-cached"):
+            dx = ceiling.aligned(n)
+            dx[:] = np.nan
+            ceiling.kernel_call(loops, kernel, [dy, x, dx], threads)()
+            np.testing.assert_allclose(dx, dy64 * ceiling.A + x64 * ceiling.B_, rtol=1e-5,
+                                       atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_cached_floor_runs_on_any_array(ceiling, loops, threads, dtype):
+    """The cached floor loops run in place on a case's own arrays: either dtype,
+    16-byte (not line) alignment, any length, several dimensions."""
+    rng = np.random.default_rng()
+    for shape in ((int(rng.integers(1, 9)),), (int(rng.integers(2, 40)), 37),
+                  (3, int(rng.integers(1, 9)), 5, 7)):
+        def make(shape=shape):
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            raw = np.empty(nbytes + 128, np.uint8)
+            skip = (16 - raw.ctypes.data) % 64  # 16 bytes past a line
+            a = raw[skip:skip + nbytes].view(dtype).reshape(shape)
+            a[...] = rng.standard_normal(shape)
+            assert a.ctypes.data % 64 == 16
+            return a
+        dy, x, y, dx = make(), make(), make(), make()
+        ceiling.cached_call(loops, [x, y], threads)()
+        np.testing.assert_allclose(y, x.astype(np.float64) * ceiling.A + ceiling.B_,
+                                   rtol=1e-6, atol=1e-6)
+        ceiling.cached_call(loops, [dy, x, dx], threads)()
+        np.testing.assert_allclose(dx, dy.astype(np.float64) * ceiling.A
+                                   + x.astype(np.float64) * ceiling.B_, rtol=1e-5, atol=1e-6)
 
 
 def test_arrays_start_on_a_line(ceiling):
@@ -92,11 +119,50 @@ def test_bounds_from_the_floors(ceiling):
     for r in ceiling.bounds((nchw, "float32", "fwd-eval"), no_read):
         assert "two_pass_s" not in r and "torch_at_most" not in r
         assert "two_threads_two_pass" not in r
+    for r in ceiling.bounds((nchw, "float64", "fwd-train"), times):
+        assert r["cbn_streams"] and "cbn_over_cached" not in r
+        assert "torch_over_cached" not in r and "torch_at_most_cached" not in r
     one, _ = ceiling.bounds((rows, "float32", "fwd-train"), times)
     assert "torch_at_most" not in one
     no_torch = {k: v for k, v in times.items() if k != "torch"}
     one, _ = ceiling.bounds((nchw, "float32", "fwd-train"), no_torch)
     assert "torch_at_most" not in one and "torch_s" not in one
+
+
+def test_bounds_from_the_cached_floor(ceiling):
+    """Outputs written through the cache: cbn's and PyTorch's times against the
+    cached floor loop's; PyTorch's time over it bounds NCHW training forward only."""
+    nchw, rows = B.parse_shape("8x4x32x32"), B.parse_shape("4096x256")
+    times = {"cbn": {1: 2e-3, 2: 1.5e-3}, "floor": {1: 1e-3, 2: 0.8e-3},
+             "read": {1: 0.5e-3, 2: 0.4e-3}, "cached": {1: 1.6e-3, 2: 1.2e-3},
+             "torch": {1: 4.8e-3, 2: 1.25e-3},
+             "with_one": {"floor": 0.7e-3, "read": 0.3e-3}}
+    one, two = ceiling.bounds((nchw, "float64", "fwd-train"), times)
+    assert not one["cbn_streams"] and not two["cbn_streams"]
+    assert one["cached_floor_s"] == pytest.approx(1.6e-3)
+    assert one["cbn_over_cached"] == pytest.approx(0.8)
+    assert one["torch_over_cached"] == pytest.approx(1.6 / 4.8)
+    assert one["torch_at_most_cached"] == pytest.approx(3.0)
+    assert two["cbn_over_cached"] == pytest.approx(0.8)
+    assert two["torch_over_cached"] == pytest.approx(0.96)
+    assert two["torch_at_most_cached"] == pytest.approx(1.25 / 1.2)
+    for r in ceiling.bounds((rows, "float32", "fwd-eval"), times):
+        assert "torch_over_cached" in r and "torch_at_most_cached" not in r
+    no_torch = {k: v for k, v in times.items() if k != "torch"}
+    for r in ceiling.bounds((nchw, "float32", "backward"), no_torch):
+        assert "cbn_over_cached" in r and "torch_over_cached" not in r
+
+
+def test_summary_names_the_cases_at_the_cached_floor(ceiling, capsys):
+    rows = [{"case": "a 1T", "torch_over_cached": 0.97},
+            {"case": "b 1T", "torch_over_cached": 0.80},
+            {"case": "c 2T", "torch_at_most_cached": 2.8, "torch_over_cached": 0.99}]
+    ceiling._summary(rows)
+    out = capsys.readouterr().out
+    assert "PyTorch at 0.95 of the cached floor or more" in out
+    assert "in 2 of 3: a 1T, c 2T" in out
+    assert "the cached floor (y written through the cache) (bound under 3.0) in 1 of 1: c 2T" \
+        in out
 
 
 def test_the_floor_loop_moves_the_least_traffic_of_each_op(ceiling):
@@ -123,7 +189,8 @@ def test_measures_a_case_against_its_floor(ceiling, loops, op):
     spec = B.parse_shape("4x8x16x16")
     times = ceiling.measure_case(loops, torch, spec, "float32", op, config)
     loops = {"floor", "read"} if op in ceiling.TWO_PASS else {"floor"}
-    expected = {"cbn"} | loops | ({"torch"} if torch is not None else set())
+    assert not F.streams(spec.nbytes("float32"))  # so the cached floor is timed too
+    expected = {"cbn", "cached"} | loops | ({"torch"} if torch is not None else set())
     assert set(times) == expected | {"with_one"}
     for impl in expected:
         assert set(times[impl]) == set(ceiling.THREADS)
