@@ -45,6 +45,11 @@ cimport numpy as cnp
 cnp.import_array()
 
 cdef extern from *:
+    # Accumulators that nothing else in the function reads or writes (C99
+    # restrict), so that float64 sums need not be assumed to alias the data.
+    ctypedef double* restrict_doubles "double* __restrict"
+
+cdef extern from *:
     """
     #ifdef _OPENMP
     #include <omp.h>
@@ -1393,8 +1398,10 @@ cdef enum:
                                 # shorter rows two at a time, longer ones four
     ELEMENTS_PER_BLOCK = 16384  # inner > 1: target values per reduction block
     RUN_SHIFT_ITEMS = 8192      # inner > 1: values summed around one shift (_stats_runs)
-    RUNS_STACK_CHANNELS = 256   # inner > 1: channels whose sums _stats_runs keeps on
-                                # the stack at once (16 KiB; see _stats_runs)
+    PART_SKEW = 136             # doubles between the regions of a partials buffer
+                                # beyond their length (see _part_stride)
+    RUNS_STACK_CHANNELS = 64    # inner > 1: channels whose sums _stats_runs keeps on
+                                # the stack at once (4 KiB; see _stats_runs)
     BACK_CHUNK_BYTES = 1048576  # second passes over the data go backwards in
                                 # chunks of this many bytes (see _chunk_items)
     ELEMENTS_PER_TASK = 8192    # elementwise passes: values per thread below which
@@ -1707,17 +1714,40 @@ cdef inline double _rounded_mean(double hi, double* lo) noexcept nogil:
 cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
                       Py_ssize_t c0, Py_ssize_t c1,
                       double* mean_out, double* m2_out, double* lo_out) noexcept nogil:
-    """Shifted sums of rows [0, rows) for channels [c0, c1) (inner == 1).
+    """Mean and M2 of rows [0, rows) for channels [c0, c1) (inner == 1).
+
+    The shifted sums (_shifted_row_sums) accumulate in the outputs' own
+    entries (this task's alone): the shift in mean_out, the sums in lo_out
+    and m2_out, which the loop below turns into the results. On the stack
+    they took 48 KiB, which overflowed 32 KiB thread stacks (Python's
+    threading.stack_size allows them, and NumPy runs there).
+    """
+    cdef Py_ssize_t j
+    cdef double sh, t1
+    _shifted_row_sums(x, rows, channels, c0, c1, mean_out + c0, lo_out + c0, m2_out + c0)
+    for j in range(c1 - c0):
+        sh = mean_out[c0 + j]
+        t1 = lo_out[c0 + j]
+        m2_out[c0 + j] = _shifted_m2(t1, m2_out[c0 + j], rows)
+        mean_out[c0 + j] = _two_sum(sh, t1 / rows, &lo_out[c0 + j])
+
+
+cdef void _shifted_row_sums(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
+                            Py_ssize_t c0, Py_ssize_t c1, restrict_doubles shift,
+                            restrict_doubles s1, restrict_doubles s2) noexcept nogil:
+    """Shifted sums of rows [0, rows) for channels [c0, c1) (inner == 1):
+    shift[j] (the first row's value), s1[j] and s2[j] for channel c0 + j.
 
     Whole rows of 8, 16, ..., 64 channels use the register-resident narrow
     kernels; otherwise four rows are folded per update of the memory-resident
     accumulators, to cut their load/store traffic fourfold: rows r, r + q,
     r + 2q, r + 3q (q = rows // 4) for short rows (cbn_quad_sums), four
     adjacent rows for longer ones.
+
+    The accumulators are restrict: without it, the compiler had to allow for
+    float64 sums aliasing x, and the passes over (100, 5000) and (4096, 256)
+    float64 ran 0.65-0.8x as fast as with the stack arrays they replace.
     """
-    cdef double shift[CHANNELS_PER_BLOCK]
-    cdef double s1[CHANNELS_PER_BLOCK]
-    cdef double s2[CHANNELS_PER_BLOCK]
     cdef Py_ssize_t width = c1 - c0, r, j, q = rows // 4, rows_done
     cdef const floating* row = x + c0
     cdef double d, d0, d1, d2, d3
@@ -1758,9 +1788,6 @@ cdef void _stats_rows(const floating* x, Py_ssize_t rows, Py_ssize_t channels,
             d = <double>row[j] - shift[j]
             s1[j] += d
             s2[j] += d * d
-    for j in range(width):
-        mean_out[c0 + j] = _two_sum(shift[j], s1[j] / rows, &lo_out[c0 + j])
-        m2_out[c0 + j] = _shifted_m2(s1[j], s2[j], rows)
 
 
 cdef struct Moments:
@@ -1831,8 +1858,10 @@ cdef void _stats_runs(const floating* x, const Geometry* g, Py_ssize_t n0,
     The accumulators live on the stack of the thread that runs the block: for
     CHANNELS_PER_BLOCK channels at once they took 128 KiB, more than a whole
     thread stack where that is 128 KiB (musl's default, which libgomp's
-    workers get on Alpine): a segfault, seen with OMP_STACKSIZE=64K. Each
-    channel sums the same runs in the same order either way: the same bits.
+    workers get on Alpine): a segfault, seen with OMP_STACKSIZE=64K. 256
+    channels (16 KiB) still overflowed 32 KiB stacks (Python's smallest
+    threading.stack_size), with the rest of the call chain. Each channel sums
+    the same runs in the same order either way: the same bits.
     """
     cdef Py_ssize_t k = c0
     while k < c1:
@@ -1895,6 +1924,46 @@ cdef void _stats_runs_part(const floating* x, const Geometry* g, Py_ssize_t n0,
         lo_out[c] = a.mean_lo
 
 
+# Partials buffers: a region per quantity (means, M2s, sums), in each a row
+# of a value per channel for every outer block. The passes accumulate in
+# their entries (see _stats_rows), as they did in stack arrays, which the
+# compiler aligned to 64 bytes: so each row starts on a 64-byte line. With
+# rows of a 16-byte aligned malloc, float32 (256, 1024) and (100, 5000)
+# statistics ran 0.86-0.94x as fast (their vectors of sums split lines).
+
+cdef inline Py_ssize_t _part_row(const Geometry* g) noexcept nogil:
+    """Doubles from one outer block's row of partials to the next: C rounded
+    up to a whole 64-byte line."""
+    return (g.channels + 7) & ~(<Py_ssize_t>7)
+
+
+cdef inline Py_ssize_t _part_stride(const Geometry* g) noexcept nogil:
+    """Doubles from one region of a partials buffer to the next: its rows,
+    plus PART_SKEW (17 lines) so that the same channel's entries of the
+    regions do not share an L1 set when the rows take a multiple of 4 KiB:
+    regions 128 KiB apart (float64 (16, 1024, 4, 4) backward sums, taken as
+    rows of 16384 columns) ran 0.72-0.89x as fast as with the skew."""
+    return g.n_outer_blocks * _part_row(g) + PART_SKEW
+
+
+cdef double* _part_alloc(Py_ssize_t n) noexcept nogil:
+    """n doubles starting on a 64-byte line (NULL without memory); free them
+    with _part_free. The malloc'ed block's address is kept just before."""
+    cdef char* raw = <char*>malloc(n * sizeof(double) + 64 + sizeof(void*))
+    cdef uintptr_t at
+    if raw == NULL:
+        return NULL
+    at = (<uintptr_t>raw + sizeof(void*) + 63) & ~(<uintptr_t>63)
+    (<void**>at)[-1] = raw
+    return <double*>at
+
+
+cdef inline void _part_free(double* part) noexcept nogil:
+    """Free what _part_alloc returned (NULL is fine)."""
+    if part != NULL:
+        free((<void**>part)[-1])
+
+
 cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t task,
                              double* part_mean, double* part_m2,
                              double* part_lo) noexcept nogil:
@@ -1904,9 +1973,9 @@ cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t ta
     cdef Py_ssize_t n1 = _min(n0 + g.outer_per_block, g.outer)
     cdef Py_ssize_t c0 = cb * g.channels_per_block
     cdef Py_ssize_t c1 = _min(c0 + g.channels_per_block, g.channels)
-    part_mean += ob * g.channels
-    part_m2 += ob * g.channels
-    part_lo += ob * g.channels
+    part_mean += ob * _part_row(g)
+    part_m2 += ob * _part_row(g)
+    part_lo += ob * _part_row(g)
     if g.inner == 1:
         _stats_rows(x + n0 * g.channels, n1 - n0, g.channels, c0, c1, part_mean, part_m2,
                     part_lo)
@@ -1945,7 +2014,7 @@ cdef void _merge_stats(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1,
         n = n_a + n_b
         w = n_b / n
         w2 = n_a * n_b / n
-        at = b * g.channels
+        at = b * _part_row(g)
         # _chan_step written out: through it, the statistics of (4096, 256) rows
         # (16 blocks to merge) measured 0.87-0.95x.
         for c in range(c0, c1):
@@ -2008,15 +2077,15 @@ cdef int _batch_stats(const floating* x, const Geometry* g, double* mean_out,
         # No memory for the column statistics: the runs below need less.
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t
     cdef int team = _team(n_threads, n_tasks)
-    cdef Py_ssize_t size = g.n_outer_blocks * g.channels
-    cdef double* part = <double*>malloc((3 * size + g.channels) * sizeof(double))
+    cdef Py_ssize_t size = _part_stride(g)
+    cdef double* part = _part_alloc(3 * size + g.channels)
     if part == NULL:
         return STATUS_NO_MEMORY
     for t in prange(n_tasks, schedule='static', num_threads=team, use_threads_if=team > 1):
         _stats_task(x, g, t, part, part + size, part + 2 * size)
     _merge_stats(g, 0, g.channels, part, part + size, part + 2 * size, mean_out, var_out,
                  lo_out if lo_out != NULL else part + 3 * size)
-    free(part)
+    _part_free(part)
     return STATUS_OK
 
 
@@ -2537,9 +2606,18 @@ cdef void _reduce_rows(const floating* dy, const floating* x, Py_ssize_t rows,
                        Py_ssize_t channels, Py_ssize_t c0, Py_ssize_t c1,
                        const double* mean, const floating* coef, bint relu,
                        double* sum_g_out, double* sum_gd_out) noexcept nogil:
-    """Backward sums over rows [0, rows) for channels [c0, c1) (inner == 1)."""
-    cdef double s1[CHANNELS_PER_BLOCK]
-    cdef double s2[CHANNELS_PER_BLOCK]
+    """Backward sums over rows [0, rows) for channels [c0, c1) (inner == 1),
+    accumulated in the outputs' own entries (see _stats_rows)."""
+    _row_grad_sums(dy, x, rows, channels, c0, c1, mean, coef, relu, sum_g_out + c0,
+                   sum_gd_out + c0)
+
+
+cdef void _row_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows,
+                         Py_ssize_t channels, Py_ssize_t c0, Py_ssize_t c1,
+                         const double* mean, const floating* coef, bint relu,
+                         restrict_doubles s1, restrict_doubles s2) noexcept nogil:
+    """_reduce_rows into s1[j], s2[j] for channel c0 + j, restrict (see
+    _shifted_row_sums)."""
     cdef Py_ssize_t width = c1 - c0, j
     cdef const floating* m = coef + c0
     cdef const floating* a = coef + channels + c0
@@ -2561,18 +2639,23 @@ cdef void _reduce_rows(const floating* dy, const floating* x, Py_ssize_t rows,
     else:
         cbn_rows_grad_sums_d(dy + c0, x + c0, rows, channels, width, mean + c0, m, a, b, relu,
                              s1, s2)
-    for j in range(width):
-        sum_g_out[c0 + j] = s1[j]
-        sum_gd_out[c0 + j] = s2[j]
 
 
 cdef void _reduce_runs(const floating* dy, const floating* x, const Geometry* g,
                        Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
                        const double* mean, const floating* coef, bint relu,
                        double* sum_g_out, double* sum_gd_out) noexcept nogil:
-    """Backward sums of the runs, n in [n0, n1), c in [c0, c1), in memory order."""
-    cdef double s1[CHANNELS_PER_BLOCK]
-    cdef double s2[CHANNELS_PER_BLOCK]
+    """Backward sums of the runs, n in [n0, n1), c in [c0, c1), in memory order,
+    accumulated in the outputs' own entries (see _stats_rows)."""
+    _run_grad_sums(dy, x, g, n0, n1, c0, c1, mean, coef, relu, sum_g_out + c0,
+                   sum_gd_out + c0)
+
+
+cdef void _run_grad_sums(const floating* dy, const floating* x, const Geometry* g,
+                         Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
+                         const double* mean, const floating* coef, bint relu,
+                         restrict_doubles s1, restrict_doubles s2) noexcept nogil:
+    """_reduce_runs into s1[c - c0], s2[c - c0], restrict (see _shifted_row_sums)."""
     cdef Py_ssize_t C = g.channels, inner = g.inner, n, c, off
     for c in range(c0, c1):
         s1[c - c0] = 0.0
@@ -2586,9 +2669,6 @@ cdef void _reduce_runs(const floating* dy, const floating* x, const Geometry* g,
             else:
                 cbn_run_grad_sums_d(dy + off, x + off, inner, mean[c], coef[c], coef[C + c],
                                     coef[2 * C + c], relu, &s1[c - c0], &s2[c - c0])
-    for c in range(c0, c1):
-        sum_g_out[c] = s1[c - c0]
-        sum_gd_out[c] = s2[c - c0]
 
 
 cdef inline void _reduce_task(const floating* dy, const floating* x, const Geometry* g,
@@ -2601,8 +2681,8 @@ cdef inline void _reduce_task(const floating* dy, const floating* x, const Geome
     cdef Py_ssize_t n1 = _min(n0 + g.outer_per_block, g.outer)
     cdef Py_ssize_t c0 = cb * g.channels_per_block
     cdef Py_ssize_t c1 = _min(c0 + g.channels_per_block, C)
-    part_g += ob * C
-    part_gd += ob * C
+    part_g += ob * _part_row(g)
+    part_gd += ob * _part_row(g)
     if g.inner == 1:
         _reduce_rows(dy + n0 * C, x + n0 * C, n1 - n0, C, c0, c1, mean, coef, relu,
                      part_g, part_gd)
@@ -2653,15 +2733,15 @@ cdef int _backward_reduce(const floating* dy, const floating* x, const Geometry*
             return status
         # No memory for the column sums: the runs below need less.
     cdef Py_ssize_t n_tasks = g.n_outer_blocks * g.n_channel_blocks, t
-    cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C
-    cdef double* part = <double*>malloc(2 * size * sizeof(double))
+    cdef Py_ssize_t C = g.channels, size = _part_stride(g)
+    cdef double* part = _part_alloc(2 * size)
     cdef int team = _team(n_threads, n_tasks)
     if part == NULL:
         return STATUS_NO_MEMORY
     for t in prange(n_tasks, schedule='static', num_threads=team, use_threads_if=team > 1):
         _reduce_task(dy, x, g, t, mean, coef, relu, part, part + size)
     _sum_blocks(g, 0, C, part, sum_g_out, sum_gd_out)
-    free(part)
+    _part_free(part)
     return STATUS_OK
 
 
@@ -2670,14 +2750,14 @@ cdef void _sum_blocks(const Geometry* g, Py_ssize_t c0, Py_ssize_t c1, const dou
     """Channels [c0, c1) of the backward sums: each channel's block partials
     (part: sum(g) rows, then sum(g*(x-mean)) rows, one per outer block) added
     in block order, the one order whatever the threads or channel groups."""
-    cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C, c, blk
+    cdef Py_ssize_t size = _part_stride(g), row = _part_row(g), c, blk
     cdef double s1, s2
     for c in range(c0, c1):
         s1 = 0.0
         s2 = 0.0
         for blk in range(g.n_outer_blocks):
-            s1 += part[blk * C + c]
-            s2 += part[size + blk * C + c]
+            s1 += part[blk * row + c]
+            s2 += part[size + blk * row + c]
         sum_g_out[c] = s1
         sum_gd_out[c] = s2
 
@@ -3216,14 +3296,15 @@ cdef int _train_group(const floating* x, floating* y, const Geometry* g, Py_ssiz
     Writes only those channels' entries of part, mean, var, invstd and coef.
     Returns a status."""
     cdef Py_ssize_t C = g.channels, ob, n0, n1, n
-    cdef double* part_m2 = part + g.n_outer_blocks * C
-    cdef double* part_lo = part + 2 * g.n_outer_blocks * C
+    cdef double* part_m2 = part + _part_stride(g)
+    cdef double* part_lo = part + 2 * _part_stride(g)
     cdef int bad = 0
     for ob in range(g.n_outer_blocks):
         n0 = ob * g.outer_per_block
         n1 = _min(n0 + g.outer_per_block, g.outer)
-        _stats_runs(x, g, n0, n1, c0, c1, part + ob * C, part_m2 + ob * C, part_lo + ob * C)
-    _merge_stats(g, c0, c1, part, part_m2, part_lo, mean, var, part_lo + g.n_outer_blocks * C)
+        _stats_runs(x, g, n0, n1, c0, c1, part + ob * _part_row(g), part_m2 + ob * _part_row(g),
+                    part_lo + ob * _part_row(g))
+    _merge_stats(g, c0, c1, part, part_m2, part_lo, mean, var, part_lo + _part_stride(g))
     if _invstd(c1 - c0, var + c0, eps, invstd + c0) or not _all_finite(c1 - c0, mean + c0):
         return STATUS_NONFINITE_STATS
     if _forward_coefficients(g, c0, c1, mean, invstd, gamma, beta, coef):
@@ -3242,7 +3323,7 @@ cdef int _train_grouped(const floating* x, floating* y, const Geometry* g, Py_ss
     statistics in any group before a non-finite output in another."""
     cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k
     cdef int status = STATUS_OK, team = _team(n_threads, n_groups)
-    cdef double* part = <double*>malloc((3 * g.n_outer_blocks + 1) * C * sizeof(double))
+    cdef double* part = _part_alloc(3 * _part_stride(g) + C)
     cdef int* group_status = <int*>malloc(n_groups * sizeof(int))
     if part == NULL or group_status == NULL:
         status = STATUS_NO_MEMORY
@@ -3254,7 +3335,7 @@ cdef int _train_grouped(const floating* x, floating* y, const Geometry* g, Py_ss
         for k in range(n_groups):  # non-finite statistics are the cause to report
             if group_status[k] == STATUS_NONFINITE_STATS or status == STATUS_OK:
                 status = group_status[k]
-    free(part)
+    _part_free(part)
     free(group_status)
     return status
 
@@ -3319,13 +3400,13 @@ cdef int _backward_group(const floating* dy, const floating* x, floating* dx,
     """_backward for channels [c0, c1) alone: their sums (as _backward_reduce
     computes them), their coefficients, then their dx, image by image. Writes
     only those channels' entries of part, sum_g, sum_gd and coef. A status."""
-    cdef Py_ssize_t C = g.channels, size = g.n_outer_blocks * C, ob, n0, n1, n
+    cdef Py_ssize_t C = g.channels, size = _part_stride(g), ob, n0, n1, n
     cdef int bad = 0
     for ob in range(g.n_outer_blocks):
         n0 = ob * g.outer_per_block
         n1 = _min(n0 + g.outer_per_block, g.outer)
-        _reduce_runs(dy, x, g, n0, n1, c0, c1, mean, coef, relu, part + ob * C,
-                     part + size + ob * C)
+        _reduce_runs(dy, x, g, n0, n1, c0, c1, mean, coef, relu, part + ob * _part_row(g),
+                     part + size + ob * _part_row(g))
     _sum_blocks(g, c0, c1, part, sum_g, sum_gd)
     if _backward_coefficients(g, c0, c1, mean, invstd, sum_g, sum_gd, training, coef) & 1:
         return STATUS_NONFINITE_OUTPUT
@@ -3345,7 +3426,7 @@ cdef int _backward_grouped(const floating* dy, const floating* x, floating* dx,
     groups shared among the threads. Returns a status."""
     cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k
     cdef int status = STATUS_OK, team = _team(n_threads, n_groups)
-    cdef double* part = <double*>malloc(2 * g.n_outer_blocks * C * sizeof(double))
+    cdef double* part = _part_alloc(2 * _part_stride(g))
     cdef int* group_status = <int*>malloc(n_groups * sizeof(int))
     if part == NULL or group_status == NULL:
         status = STATUS_NO_MEMORY
@@ -3358,7 +3439,7 @@ cdef int _backward_grouped(const floating* dy, const floating* x, floating* dx,
         for k in range(n_groups):
             if status == STATUS_OK:
                 status = group_status[k]
-    free(part)
+    _part_free(part)
     free(group_status)
     return status
 
