@@ -111,43 +111,41 @@ double read_sum(const float* x, ptrdiff_t n, int threads) {
     }
     return total;
 }
-#define AFFINE(NAME, STORE, FENCE)                                              \
-void NAME(const float* x, float* y, ptrdiff_t n, float a, float b, int threads) { \
+/* Each thread's share of n floats (share()): 8 at a time (VSTEP), then one at a
+   time (STEP), then FENCE. */
+#define SHARED_LOOP(VSTEP, STEP, FENCE)                                         \
     _Pragma("omp parallel num_threads(threads)")                                \
     {                                                                           \
         ptrdiff_t lo, hi, i;                                                    \
         share(n, &lo, &hi);                                                     \
         const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);            \
         for (i = lo; i + 8 <= hi; i += 8)                                       \
-            STORE(y + i, _mm256_fmadd_ps(_mm256_load_ps(x + i), va, vb));       \
-        for (; i < hi; i++) y[i] = x[i] * a + b;                                \
+            VSTEP;                                                              \
+        for (; i < hi; i++)                                                     \
+            STEP;                                                               \
         FENCE;                                                                  \
-    }                                                                           \
+    }
+#define AFFINE(NAME, STORE, FENCE)                                              \
+void NAME(const float* x, float* y, ptrdiff_t n, float a, float b, int threads) { \
+    SHARED_LOOP(STORE(y + i, _mm256_fmadd_ps(_mm256_load_ps(x + i), va, vb)),   \
+                y[i] = x[i] * a + b, FENCE)                                     \
 }
 AFFINE(affine_stream, _mm256_stream_ps, _mm_sfence())
 AFFINE(affine_cached, _mm256_store_ps, (void)0)
 #define GRAD(NAME, STORE, FENCE)                                                \
 void NAME(const float* dy, const float* x, float* dx, ptrdiff_t n, float a,     \
           float b, int threads) {                                               \
-    _Pragma("omp parallel num_threads(threads)")                                \
-    {                                                                           \
-        ptrdiff_t lo, hi, i;                                                    \
-        share(n, &lo, &hi);                                                     \
-        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);            \
-        for (i = lo; i + 8 <= hi; i += 8)                                       \
-            STORE(dx + i, _mm256_fmadd_ps(_mm256_load_ps(dy + i), va,           \
-                                          _mm256_mul_ps(_mm256_load_ps(x + i), vb))); \
-        for (; i < hi; i++) dx[i] = dy[i] * a + x[i] * b;                       \
-        FENCE;                                                                  \
-    }                                                                           \
+    SHARED_LOOP(STORE(dx + i, _mm256_fmadd_ps(_mm256_load_ps(dy + i), va,       \
+                                              _mm256_mul_ps(_mm256_load_ps(x + i), vb))), \
+                dx[i] = dy[i] * a + x[i] * b, FENCE)                            \
 }
 GRAD(grad_stream, _mm256_stream_ps, _mm_sfence())
 GRAD(grad_cached, _mm256_store_ps, (void)0)
 /* The cached loops again, unaligned and for either dtype: they run on a
    benchmark case's own arrays (NumPy aligns them to 16 bytes only), so that
    the floor and the contenders share the same physical memory. */
-#define CACHED_ON(T, S, V, W, LOADU, STOREU, FMA, MUL, SET1)                    \
-void affine_cached_##S(const T* x, T* y, ptrdiff_t n, T a, T b, int threads) {  \
+/* Each thread's share of n values: W at a time (VSTEP), then one at a time (STEP). */
+#define CACHED_LOOP(V, W, SET1, VSTEP, STEP)                                    \
     _Pragma("omp parallel num_threads(threads)")                                \
     {                                                                           \
         ptrdiff_t lo = n * omp_get_thread_num() / omp_get_num_threads();        \
@@ -155,22 +153,19 @@ void affine_cached_##S(const T* x, T* y, ptrdiff_t n, T a, T b, int threads) {  
         ptrdiff_t i;                                                            \
         const V va = SET1(a), vb = SET1(b);                                     \
         for (i = lo; i + W <= hi; i += W)                                       \
-            STOREU(y + i, FMA(LOADU(x + i), va, vb));                           \
-        for (; i < hi; i++) y[i] = x[i] * a + b;                                \
-    }                                                                           \
+            VSTEP;                                                              \
+        for (; i < hi; i++)                                                     \
+            STEP;                                                               \
+    }
+#define CACHED_ON(T, S, V, W, LOADU, STOREU, FMA, MUL, SET1)                    \
+void affine_cached_##S(const T* x, T* y, ptrdiff_t n, T a, T b, int threads) {  \
+    CACHED_LOOP(V, W, SET1, STOREU(y + i, FMA(LOADU(x + i), va, vb)),           \
+                y[i] = x[i] * a + b)                                            \
 }                                                                               \
 void grad_cached_##S(const T* dy, const T* x, T* dx, ptrdiff_t n, T a, T b,     \
                      int threads) {                                             \
-    _Pragma("omp parallel num_threads(threads)")                                \
-    {                                                                           \
-        ptrdiff_t lo = n * omp_get_thread_num() / omp_get_num_threads();        \
-        ptrdiff_t hi = n * (omp_get_thread_num() + 1) / omp_get_num_threads();  \
-        ptrdiff_t i;                                                            \
-        const V va = SET1(a), vb = SET1(b);                                     \
-        for (i = lo; i + W <= hi; i += W)                                       \
-            STOREU(dx + i, FMA(LOADU(dy + i), va, MUL(LOADU(x + i), vb)));      \
-        for (; i < hi; i++) dx[i] = dy[i] * a + x[i] * b;                       \
-    }                                                                           \
+    CACHED_LOOP(V, W, SET1, STOREU(dx + i, FMA(LOADU(dy + i), va, MUL(LOADU(x + i), vb))), \
+                dx[i] = dy[i] * a + x[i] * b)                                   \
 }
 CACHED_ON(float, f, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps,
           _mm256_mul_ps, _mm256_set1_ps)
