@@ -459,7 +459,7 @@ def test_passes_fit_small_worker_stacks(tmp_path, stack):
     of accumulators on it and the process died of a segfault there; then the
     row statistics' 48 KiB and the backward sums' 32 KiB overflowed 32 KiB.
     The accumulators now live in the heap's partials (the largest frame is
-    4 KiB), and the results are the bits of one thread's."""
+    about 4 KiB), and the results are the bits of one thread's."""
     import os
 
     if not cbn.build_info()["openmp"]:
