@@ -125,25 +125,19 @@ double read_sum(const float* x, ptrdiff_t n, int threads) {
             STEP;                                                               \
         FENCE;                                                                  \
     }
-#define AFFINE(NAME, STORE, FENCE)                                              \
-void NAME(const float* x, float* y, ptrdiff_t n, float a, float b, int threads) { \
-    SHARED_LOOP(STORE(y + i, _mm256_fmadd_ps(_mm256_load_ps(x + i), va, vb)),   \
-                y[i] = x[i] * a + b, FENCE)                                     \
+void affine_stream(const float* x, float* y, ptrdiff_t n, float a, float b, int threads) {
+    SHARED_LOOP(_mm256_stream_ps(y + i, _mm256_fmadd_ps(_mm256_load_ps(x + i), va, vb)),
+                y[i] = x[i] * a + b, _mm_sfence())
 }
-AFFINE(affine_stream, _mm256_stream_ps, _mm_sfence())
-AFFINE(affine_cached, _mm256_store_ps, (void)0)
-#define GRAD(NAME, STORE, FENCE)                                                \
-void NAME(const float* dy, const float* x, float* dx, ptrdiff_t n, float a,     \
-          float b, int threads) {                                               \
-    SHARED_LOOP(STORE(dx + i, _mm256_fmadd_ps(_mm256_load_ps(dy + i), va,       \
-                                              _mm256_mul_ps(_mm256_load_ps(x + i), vb))), \
-                dx[i] = dy[i] * a + x[i] * b, FENCE)                            \
+void grad_stream(const float* dy, const float* x, float* dx, ptrdiff_t n, float a, float b,
+                 int threads) {
+    SHARED_LOOP(_mm256_stream_ps(dx + i, _mm256_fmadd_ps(_mm256_load_ps(dy + i), va,
+                                                          _mm256_mul_ps(_mm256_load_ps(x + i), vb))),
+                dx[i] = dy[i] * a + x[i] * b, _mm_sfence())
 }
-GRAD(grad_stream, _mm256_stream_ps, _mm_sfence())
-GRAD(grad_cached, _mm256_store_ps, (void)0)
-/* The cached loops again, unaligned and for either dtype: they run on a
-   benchmark case's own arrays (NumPy aligns them to 16 bytes only), so that
-   the floor and the contenders share the same physical memory. */
+/* With ordinary stores: unaligned and for either dtype, so that they also run on
+   a benchmark case's own arrays (NumPy aligns them to 16 bytes only), where the
+   floor and the contenders share the same physical memory. */
 /* Each thread's share of n values: W at a time (VSTEP), then one at a time (STEP). */
 #define CACHED_LOOP(V, W, SET1, VSTEP, STEP)                                    \
     _Pragma("omp parallel num_threads(threads)")                                \
@@ -193,10 +187,8 @@ def compile_loops(workdir):
                       "the ceiling loops")
     p, n, f, i = ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_float, ctypes.c_int
     lib.read_sum.argtypes, lib.read_sum.restype = [p, n, i], ctypes.c_double
-    for name in ("affine_stream", "affine_cached"):
-        getattr(lib, name).argtypes, getattr(lib, name).restype = [p, p, n, f, f, i], None
-    for name in ("grad_stream", "grad_cached"):
-        getattr(lib, name).argtypes, getattr(lib, name).restype = [p, p, p, n, f, f, i], None
+    lib.affine_stream.argtypes, lib.affine_stream.restype = [p, p, n, f, f, i], None
+    lib.grad_stream.argtypes, lib.grad_stream.restype = [p, p, p, n, f, f, i], None
     for suffix, real in (("f", ctypes.c_float), ("d", ctypes.c_double)):
         fn = getattr(lib, "affine_cached_" + suffix)
         fn.argtypes, fn.restype = [p, p, n, real, real, i], None
@@ -223,11 +215,11 @@ def kernel_call(lib, kernel, arrays, threads):
     p = [ctypes.c_void_p(a.ctypes.data) for a in arrays]
     if kernel == "read":
         return lambda: lib.read_sum(p[0], n, threads)
-    if kernel in ("grad", "grad-cached"):
-        fn = lib.grad_stream if kernel == "grad" else lib.grad_cached
-        return lambda: fn(p[0], p[1], p[2], n, A, B_, threads)
-    fn = lib.affine_stream if kernel == "affine" else lib.affine_cached
-    return lambda: fn(p[0], p[1], n, A, B_, threads)
+    if kernel == "grad":
+        return lambda: lib.grad_stream(p[0], p[1], p[2], n, A, B_, threads)
+    if kernel == "affine":
+        return lambda: lib.affine_stream(p[0], p[1], n, A, B_, threads)
+    return cached_call(lib, arrays, threads)  # affine-cached, grad-cached
 
 
 def cached_call(lib, arrays, threads):

@@ -602,10 +602,10 @@ class BatchNorm:
                 f"{self._stale} was assigned after the forward pass that backward would "
                 "differentiate; run forward again (an optimizer step belongs after backward)")
         x_c, mean, var, batch_stats, axis, eps, activation, fingerprint = self._cache
-        if _kernels.sample_bits(x_c, *self._learned()) != fingerprint:
-            x_bits = _kernels.sample_bits(x_c)
-            if x_bits != fingerprint[:len(x_bits)]:
-                raise RuntimeError(_REWRITTEN)
+        changed = rewritten(fingerprint, x_c, *self._learned())
+        if changed == "input":
+            raise RuntimeError(_REWRITTEN)
+        if changed:
             raise RuntimeError(
                 "gamma or beta was modified in place after the forward pass that backward "
                 "would differentiate (a sample of its values changed); run forward again "
@@ -850,6 +850,18 @@ _REWRITTEN = (
     "changed): backward would differentiate other data than the forward normalized. Run "
     "forward again, or pass a copy if the buffer is reused"
 )
+
+
+def rewritten(fingerprint, x, *others):
+    """What changed since ``fingerprint = _kernels.sample_bits(x, *others)`` was
+    taken at a forward: ``None`` (nothing seen), ``"input"`` (x's sample) or
+    ``"others"`` (only theirs: the parameters). Backward's check that it
+    differentiates the data and weights the forward ran with (BatchNorm,
+    nn.Linear); which array changed is worked out only on a mismatch."""
+    if _kernels.sample_bits(x, *others) == fingerprint:
+        return None
+    x_bits = _kernels.sample_bits(x)
+    return "input" if x_bits != fingerprint[:len(x_bits)] else "others"
 
 
 def _to_numpy(value):

@@ -230,13 +230,13 @@ class Linear(Module):
         # As BatchNorm's backward: x or W rewritten in place since the forward
         # (a refilled input buffer, an optimizer step) would give dW or dx of
         # other data than the forward's, silently.
-        if _kernels.sample_bits(x, self.W) != self._fingerprint:
-            x_bits = _kernels.sample_bits(x)
-            if x_bits != self._fingerprint[:len(x_bits)]:
-                raise RuntimeError(
-                    "Linear's input was modified in place after its forward pass (a sample "
-                    "of its values changed): dW would be computed from other data. Run "
-                    "forward again, or pass a copy if the buffer is reused")
+        changed = bn_layer.rewritten(self._fingerprint, x, self.W)
+        if changed == "input":
+            raise RuntimeError(
+                "Linear's input was modified in place after its forward pass (a sample "
+                "of its values changed): dW would be computed from other data. Run "
+                "forward again, or pass a copy if the buffer is reused")
+        if changed:
             raise RuntimeError(
                 "Linear's W was modified in place after its forward pass (a sample of its "
                 "values changed): dx would be computed with other weights. Run forward "

@@ -186,3 +186,26 @@ def test_linear_refuses_an_optimizer_step_between_forward_and_backward(dtype, op
     assert lin.dW.tobytes() == dW.tobytes()
     lin.forward(x)
     lin.backward(dy)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rewritten_names_what_changed(dtype):
+    """layer.rewritten, backward's check in BatchNorm and nn.Linear: nothing, the
+    input (also when the others changed too) or only the others."""
+    from cbn.layer import rewritten
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((int(rng.integers(8, 40)), int(rng.integers(2, 9)))).astype(dtype)
+    g, b = rng.standard_normal(x.shape[1]).astype(dtype), rng.standard_normal(3).astype(dtype)
+    fp = _kernels.sample_bits(x, g, b)
+    x0, g0 = x.copy(), g.copy()
+    assert rewritten(fp, x, g, b) is None
+    g *= 2
+    assert rewritten(fp, x, g, b) == "others"
+    x += 1
+    assert rewritten(fp, x, g, b) == "input"
+    g[...] = g0
+    assert rewritten(fp, x, g, b) == "input"
+    x[...] = x0
+    assert rewritten(fp, x, g, b) is None  # the same bits back
+    assert rewritten(_kernels.sample_bits(x), x) is None
