@@ -36,7 +36,7 @@ import os
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
-from libc.stdint cimport uintptr_t
+from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
@@ -3151,13 +3151,18 @@ def ema_update(floating[::1] running_mean,     # IN/OUT (C,)
                floating[::1] running_var,      # IN/OUT (C,)
                const double[::1] mean,         # IN (C,) batch mean
                const double[::1] var,          # IN (C,) batch biased variance
-               double count, double factor):
+               double count, double factor,
+               int64_t[::1] tracked=None,      # IN/OUT (1,) batches tracked, or None
+               int64_t new_tracked=0):
     """``running = (1 - factor) * running + factor * batch`` for mean and variance.
 
     The variance folded in is the unbiased ``var * count / (count - 1)``, as in
     PyTorch; ``factor`` is ``momentum``, or ``1 / num_batches_tracked`` for a
     cumulative average. Writes nothing and returns 1 if a new value would not
     be finite in the running statistics' dtype (say float32 overflow); else 0.
+    With ``tracked`` (a layer's count of batches, one int64), also sets
+    ``tracked[0] = new_tracked`` when the statistics are written: in the same C
+    call, so that no KeyboardInterrupt can land between the two.
     """
     cdef Py_ssize_t c, C = running_mean.shape[0]
     if running_var.shape[0] != C or mean.shape[0] != C or var.shape[0] != C:
@@ -3165,6 +3170,8 @@ def ema_update(floating[::1] running_mean,     # IN/OUT (C,)
         raise ValueError(
             "ema_update: running_mean, running_var, mean and var must have the same length, "
             f"got {C}, {running_var.shape[0]}, {mean.shape[0]} and {var.shape[0]}")
+    if tracked is not None and tracked.shape[0] != 1:
+        raise ValueError(f"ema_update: tracked must hold one value, got {tracked.shape[0]}")
     cdef double unbias = count / (count - 1.0)
     cdef floating new_mean, new_var
     cdef int bad = 0
@@ -3178,7 +3185,63 @@ def ema_update(floating[::1] running_mean,     # IN/OUT (C,)
                 running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean[c])
                 running_var[c] = <floating>((1.0 - factor) * running_var[c]
                                             + factor * var[c] * unbias)
+    if not bad and tracked is not None:
+        tracked[0] = new_tracked
     return bad
+
+
+cdef class Guard:
+    """Who is inside a layer's calls: one exclusive holder (``with guard:``)
+    or any number of shared ones (``with guard.shared:``).
+
+    Entering never waits: it raises ``RuntimeError(message)`` when the other
+    kind is inside (or, for exclusive, anyone). Compiled, not Python: between
+    a Python ``acquire()`` returning and the ``try`` that would release it, a
+    KeyboardInterrupt can land and leave the lock taken for good; ``with`` on
+    this type enters in C and has its exit armed before any Python signal
+    handler can run. Relies on the GIL (one thread at a time in C here).
+    """
+    cdef int holders          # -1: exclusive; n >= 0: n shared
+    cdef object message
+    cdef readonly SharedGuard shared
+
+    def __cinit__(self, message):
+        self.holders = 0
+        self.message = message
+        self.shared = SharedGuard(self)
+
+    def __enter__(self):
+        if self.holders != 0:
+            raise RuntimeError(self.message)
+        self.holders = -1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.holders = 0
+        return False
+
+    @property
+    def holding(self):
+        """-1 while held exclusively, else the number of shared holders."""
+        return self.holders
+
+
+cdef class SharedGuard:
+    """The shared side of a :class:`Guard` (its ``shared`` attribute)."""
+    cdef Guard guard
+
+    def __cinit__(self, Guard guard):
+        self.guard = guard
+
+    def __enter__(self):
+        if self.guard.holders < 0:
+            raise RuntimeError(self.guard.message)
+        self.guard.holders += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.guard.holders -= 1
+        return False
 
 
 # ---------------------------------------------------------------------------

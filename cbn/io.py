@@ -12,7 +12,7 @@ corrupt or foreign file as ``ValueError`` naming the path.
 import errno
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 
 import numpy as np
@@ -61,13 +61,19 @@ def save_arrays(path, kind, arrays):
         if arr.dtype == object:
             raise TypeError(f"cannot save {name!r}: object arrays would need pickle")
         payload[name] = arr
+    # The name is chosen before the file exists, and the file is a Python
+    # object from the start, so that a KeyboardInterrupt landing anywhere
+    # below leaves neither a temporary file (removed by name) nor an open
+    # descriptor (an unreferenced file object closes itself).
+    tmp = os.path.join(folder, f".cbn-{secrets.token_hex(8)}.npz.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".cbn-", suffix=".npz.tmp", dir=folder)
-    except OSError as exc:
-        # The temporary file's name means nothing to the caller: name their path.
-        raise type(exc)(exc.errno, f"cannot write beside it ({exc.strerror})", path) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        try:
+            fh = open(tmp, "xb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            # The temporary file's name means nothing to the caller: name their path.
+            raise type(exc)(exc.errno, f"cannot write beside it ({exc.strerror})",
+                            path) from None
+        with fh:
             np.savez(fh, **payload)
             fh.flush()
             os.fsync(fh.fileno())
@@ -101,7 +107,10 @@ def load_arrays(path, kind):
         raise FileNotFoundError(f"no such file: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
+            _refuse_expansion(data, path)
             arrays = {name: data[name] for name in data.files}
+    except _Expands:
+        raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path} is not a readable cbn file (truncated or corrupt?): {exc}") from None
     except Exception as exc:  # zlib errors and others from a damaged archive
@@ -120,6 +129,26 @@ def load_arrays(path, kind):
             f"{FORMAT_VERSION} (upgrade cbn to read it)"
         )
     return arrays
+
+
+class _Expands(ValueError):
+    """A file whose entries would decompress beyond its size (see _refuse_expansion)."""
+
+
+def _refuse_expansion(npz, path):
+    """Raise ValueError if the entries of the open ``.npz`` would decompress to
+    more bytes than the file holds: cbn writes them uncompressed, and a small
+    compressed file (say, an extra entry of zeros) must not make loading
+    allocate gigabytes before its keys are checked."""
+    archive = getattr(npz, "zip", None)
+    if archive is None:  # not a zip: np.load read something else
+        return
+    declared = sum(info.file_size for info in archive.infolist())
+    size = os.path.getsize(path)
+    if declared > size:
+        raise _Expands(
+            f"{path} is not a cbn file: its entries would expand to {declared} bytes from "
+            f"a file of {size} (cbn writes them uncompressed)")
 
 
 def encode_config(config):

@@ -83,7 +83,9 @@ def _checked(name, check, doc):
     attr = "_" + name
 
     def assign(self, value):
-        setattr(self, attr, check(value))
+        value = check(value)
+        with self._busy:  # not while a call of the layer runs in another thread
+            setattr(self, attr, value)
 
     return property(lambda self: getattr(self, attr), assign, doc=doc)
 
@@ -182,6 +184,8 @@ class BatchNorm:
             )
         if num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features}")
+        # First: the setters below enter it.
+        self._busy = _kernels.Guard(_BUSY)
         self._num_features = int(num_features)
         self._affine = _check_flag(affine, "affine")
         self._track_running_stats = _check_flag(track_running_stats, "track_running_stats")
@@ -206,12 +210,13 @@ class BatchNorm:
             raise type(exc)(
                 f"num_features={self.num_features}: cannot allocate the layer's per-channel "
                 f"arrays ({exc})") from None
-        self._num_batches_tracked = 0 if self.track_running_stats else None
+        # One int64 that the kernel updating the running statistics sets in the
+        # same C call (see _update_running_stats).
+        self._tracked = np.zeros(1, np.int64) if self.track_running_stats else None
         self._training = True
         self._frozen = False
         self._cache = None
         self._stale = None  # gamma or beta, if assigned after the cached forward
-        self._busy = threading.Lock()
 
     def _allocate_state(self):
         """The parameters, their gradients and the running statistics, as initialized."""
@@ -264,9 +269,11 @@ class BatchNorm:
         target = getattr(self, attr)
         if target is None:
             raise AttributeError(f"{name} is None for this layer and cannot be assigned")
-        target[...] = _checked_vector(value, name, self.num_features, self.dtype)
-        if name in ("gamma", "beta") and self._cache is not None:
-            self._stale = name  # backward must not mix this forward with the new value
+        value = _checked_vector(value, name, self.num_features, self.dtype)
+        with self._busy:
+            target[...] = value
+            if name in ("gamma", "beta") and self._cache is not None:
+                self._stale = name  # backward must not mix this forward with the new value
 
     @property
     def params(self):
@@ -291,7 +298,9 @@ class BatchNorm:
 
     @training.setter
     def training(self, mode):
-        self._training = _check_flag(mode, "training")
+        mode = _check_flag(mode, "training")
+        with self._busy:
+            self._training = mode
 
     @property
     def frozen(self):
@@ -303,12 +312,13 @@ class BatchNorm:
         value = _check_flag(value, "frozen")
         if value and not self.track_running_stats:
             raise ValueError("freezing needs running statistics (track_running_stats=True)")
-        self._frozen = value
+        with self._busy:
+            self._frozen = value
 
     @property
     def num_batches_tracked(self):
         """Training batches folded into the running statistics (None without them)."""
-        return self._num_batches_tracked
+        return None if self._tracked is None else int(self._tracked[0])
 
     @num_batches_tracked.setter
     def num_batches_tracked(self, value):
@@ -321,7 +331,9 @@ class BatchNorm:
             return
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise TypeError(f"num_batches_tracked must be a non-negative int, got {value!r}")
-        self._num_batches_tracked = _checked_count(value)
+        value = _checked_count(value)
+        with self._busy:
+            self._tracked[0] = value
 
     def train(self, mode=True):
         """Set training mode (``mode=False`` is :meth:`eval`); returns self.
@@ -344,12 +356,12 @@ class BatchNorm:
         """
         if not self.track_running_stats:
             raise ValueError("freeze() needs running statistics (track_running_stats=True)")
-        self._frozen = True
+        self.frozen = True
         return self
 
     def unfreeze(self):
         """Undo :meth:`freeze`; returns self."""
-        self._frozen = False
+        self.frozen = False
         return self
 
     def reset_running_stats(self):
@@ -363,9 +375,10 @@ class BatchNorm:
         """
         if not self.track_running_stats:
             return
-        self._running_mean[...] = 0
-        self._running_var[...] = 1
-        self._num_batches_tracked = 0
+        with self._busy:
+            self._running_mean[...] = 0
+            self._running_var[...] = 1
+            self._tracked[0] = 0
 
     def reset_parameters(self):
         """Restart the layer as built: :meth:`reset_running_stats`, gamma 1, beta 0.
@@ -410,14 +423,23 @@ class BatchNorm:
         FloatingPointError
             NaN or Inf in x or in the parameters; nothing in the layer changes.
         RuntimeError
-            The layer is in use by another thread.
+            A call that changes the layer (a training forward, backward, an
+            assignment) is running in another thread, or this forward would
+            update the running statistics while any call runs there.
+            Evaluation forwards (and frozen ones) may run in several threads
+            at once.
         """
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(_BUSY)
-        try:
+        # A forward that updates the running statistics must be alone; one that
+        # only reads them (eval, frozen) may share the layer with others like it.
+        updates = self._updates_stats()
+        with (self._busy if updates else self._busy.shared):
+            if updates != self._updates_stats():  # the mode changed just before
+                raise RuntimeError(_BUSY)
             return self._forward(x)
-        finally:
-            self._busy.release()
+
+    def _updates_stats(self):
+        """Whether the next forward folds its batch into the running statistics."""
+        return self._training and not self._frozen and self._track_running_stats
 
     def _fits(self, x):
         """Whether x is an ndarray of the layer's dtype with num_features channels
@@ -476,7 +498,7 @@ class BatchNorm:
         # What backward differentiates: the settings this forward ran with,
         # whatever is assigned to the layer before backward is called.
         self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
-                       _kernels.sample_bits(x, *self._learned()))
+                       _kernels.sample_bits(x, *self._learned()), threading.get_ident())
         self._stale = None
         return y
 
@@ -529,7 +551,8 @@ class BatchNorm:
                 self.dtype,
             )
         self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
-                       self._activation, _kernels.sample_bits(x_c, *self._learned()))
+                       self._activation, _kernels.sample_bits(x_c, *self._learned()),
+                       threading.get_ident())
         self._stale = None
         return y
 
@@ -541,10 +564,12 @@ class BatchNorm:
 
     def _update_running_stats(self, mean, var, count):
         # Saturates where state_dict()'s int64 (PyTorch's type) ends.
-        n = min(self._num_batches_tracked + 1, _INT64_MAX)
+        n = min(int(self._tracked[0]) + 1, _INT64_MAX)
         factor = self.momentum if self.momentum is not None else 1.0 / n
+        # The statistics and their count change together or not at all.
         if _kernels.ema_update(
-            self._running_mean, self._running_var, mean, var, float(count), factor
+            self._running_mean, self._running_var, mean, var, float(count), factor,
+            self._tracked, n,
         ):
             for name, stat in (("running_mean", self._running_mean),
                                ("running_var", self._running_var)):
@@ -558,7 +583,6 @@ class BatchNorm:
                 f"{var.max():.3g}); they were left unchanged. Use dtype=numpy.float64 "
                 "or rescale the input"
             )
-        self._num_batches_tracked = n
 
     def backward(self, dy):
         """Back-propagate through the last :meth:`forward`.
@@ -580,18 +604,16 @@ class BatchNorm:
         Raises
         ------
         RuntimeError
-            No forward pass yet, or the layer is in use by another thread.
+            No forward pass yet; the last forward ran in another thread (a
+            layer keeps one forward, and backward cannot tell whose it is);
+            or a call of the layer is running in another thread.
         TypeError, ValueError
             dy does not match the input of the forward pass.
         FloatingPointError
             dy contains NaN or Inf; dgamma and dbeta are left unchanged.
         """
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(_BUSY)
-        try:
+        with self._busy:
             return self._backward(dy)
-        finally:
-            self._busy.release()
 
     def _backward(self, dy):
         if self._cache is None:
@@ -601,7 +623,9 @@ class BatchNorm:
             raise RuntimeError(
                 f"{self._stale} was assigned after the forward pass that backward would "
                 "differentiate; run forward again (an optimizer step belongs after backward)")
-        x_c, mean, var, batch_stats, axis, eps, activation, fingerprint = self._cache
+        x_c, mean, var, batch_stats, axis, eps, activation, fingerprint, thread = self._cache
+        if thread != threading.get_ident():
+            raise RuntimeError(_OTHER_THREAD)
         changed = rewritten(fingerprint, x_c, *self._learned())
         if changed == "input":
             raise RuntimeError(_REWRITTEN)
@@ -659,8 +683,12 @@ class BatchNorm:
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        if "_num_batches_tracked" in state:  # pickled by cbn 0.1.0 before the count was an array
+            count = state.pop("_num_batches_tracked")
+            state["_tracked"] = None if count is None else np.array([count], np.int64)
         self.__dict__.update(state)
-        self._busy = threading.Lock()
+        self._busy = _kernels.Guard(_BUSY)
 
     # -- state
 
@@ -674,13 +702,14 @@ class BatchNorm:
             and ``num_batches_tracked`` (a 0-d int64 array; if tracking).
         """
         state = {}
-        if self.affine:
-            state["gamma"] = self._gamma.copy()
-            state["beta"] = self._beta.copy()
-        if self.track_running_stats:
-            state["running_mean"] = self._running_mean.copy()
-            state["running_var"] = self._running_var.copy()
-            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        with self._busy.shared:  # not torn by a training forward in another thread
+            if self.affine:
+                state["gamma"] = self._gamma.copy()
+                state["beta"] = self._beta.copy()
+            if self.track_running_stats:
+                state["running_mean"] = self._running_mean.copy()
+                state["running_var"] = self._running_var.copy()
+                state["num_batches_tracked"] = np.array(self._tracked[0], dtype=np.int64)
         return state
 
     def load_state_dict(self, state):
@@ -701,11 +730,12 @@ class BatchNorm:
             A value has the wrong shape, is not finite, or is out of range.
         """
         values, tracked = self.check_state_dict(state)
-        for k, v in values.items():
-            getattr(self, "_" + k)[...] = v
-        if self.track_running_stats:
-            self.num_batches_tracked = tracked
-        self._cache = None
+        with self._busy:
+            for k, v in values.items():
+                getattr(self, "_" + k)[...] = v
+            if self.track_running_stats:
+                self._tracked[0] = tracked
+            self._cache = None
 
     def check_state_dict(self, state):
         """Validate ``state`` as :meth:`load_state_dict` would, changing nothing.
@@ -771,7 +801,9 @@ class BatchNorm:
         over ``path``, so an interrupted save never destroys an existing file.
         Load it with :meth:`BatchNorm.load`.
         """
-        io.save_object(path, _FORMAT, self.config(), self.state_dict())
+        with self._busy.shared:  # the configuration and state of one moment
+            config, state = self.config(), self.state_dict()
+        io.save_object(path, _FORMAT, config, state)
 
     @classmethod
     def load(cls, path):
@@ -843,7 +875,13 @@ def state_shapes(config):
 
 _BUSY = (
     "this BatchNorm is being used by another thread; a layer holds the state of one "
-    "forward/backward at a time, so give each thread its own layer"
+    "forward/backward at a time, so give each thread its own layer (copy.deepcopy); "
+    "only evaluation forwards may run in several threads at once"
+)
+_OTHER_THREAD = (
+    "the last forward of this BatchNorm ran in another thread: a layer keeps one "
+    "forward, and backward differentiates it, so give each thread its own layer "
+    "(copy.deepcopy)"
 )
 _REWRITTEN = (
     "the input of the forward pass was modified in place after it (a sample of its values "

@@ -20,6 +20,7 @@ before batch norm, since BN's ``beta`` replaces it; see :func:`mlp`.
 """
 
 import numbers
+import threading
 
 import numpy as np
 
@@ -103,6 +104,9 @@ class Module:
     """
 
     training = True
+    # The attributes that hold what the last forward left for backward:
+    # dropped by copies (copy.deepcopy, pickle), as BatchNorm drops its own.
+    _forward_cache = ()
 
     def __call__(self, x):
         """Same as :meth:`forward`."""
@@ -139,12 +143,35 @@ class Module:
         """dict: the constructor arguments (JSON-serialisable); none here."""
         return {}
 
+    def _keep(self, **cache):
+        """Store what backward needs (the attributes of ``_forward_cache``) and
+        the thread whose forward it is."""
+        for name, value in cache.items():
+            setattr(self, name, value)
+        self._thread = threading.get_ident()
+
     def _cached(self, attr):
-        """Return the forward cache ``attr``, or raise if forward never ran."""
+        """Return the forward cache ``attr``; raise if forward never ran, or ran
+        last in another thread (a layer keeps one forward: backward in this
+        thread would differentiate the other thread's batch)."""
         value = getattr(self, attr, None)
         if value is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        if self.__dict__.get("_thread", threading.get_ident()) != threading.get_ident():
+            raise RuntimeError(
+                f"the last forward of this {type(self).__name__} ran in another thread: a "
+                "layer keeps one forward, and backward differentiates it, so give each "
+                "thread its own model (copy.deepcopy)")
         return value
+
+    def __getstate__(self):
+        """What ``copy.deepcopy`` and ``pickle`` keep: everything but the last
+        forward's cache (the copy's backward needs its own forward)."""
+        state = self.__dict__.copy()
+        for name in self._forward_cache + ("_thread",):
+            if name in state:
+                state[name] = None
+        return state
 
     def _check_dy(self, dy, like):
         """Validate an upstream gradient against the cached forward output shape."""
@@ -199,6 +226,8 @@ class Linear(Module):
         self._x = None
         self._fingerprint = None  # of x and W at the forward (see backward)
 
+    _forward_cache = ("_x", "_fingerprint")
+
     @property
     def bias(self):
         """bool: whether the layer has a bias ``b``."""
@@ -211,8 +240,7 @@ class Linear(Module):
             raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (N, {self.in_features}), got {x.shape}")
-        self._x = x
-        self._fingerprint = _kernels.sample_bits(x, self.W)
+        self._keep(_x=x, _fingerprint=_kernels.sample_bits(x, self.W))
         y = x @ self.W
         if self.b is not None:
             y += self.b
@@ -312,10 +340,12 @@ def _checked_params(params, state, owner):
 class ReLU(Module):
     """Rectified linear unit ``y = max(x, 0)``; backward passes ``dy`` where ``x > 0``."""
 
+    _forward_cache = ("_mask",)
+
     def forward(self, x):
         """Return ``max(x, 0)``, keeping the dtype of ``x``."""
         _check_float_array(x)
-        self._mask = x > 0
+        self._keep(_mask=x > 0)
         # Not x * mask: -inf * 0 is NaN. maximum keeps a NaN input NaN, as PyTorch.
         return np.maximum(x, 0)
 
@@ -332,20 +362,23 @@ class ReLU(Module):
 class Sigmoid(Module):
     """Logistic function ``y = 1 / (1 + exp(-x))``, evaluated without overflow.
 
-    Backward: ``dx = dy * y * (1 - y)``.
+    Backward: ``dx = dy * y * (1 - y)``, from the ``y`` that forward returned
+    (kept by reference: writing into it before backward raises there).
     """
+
+    _forward_cache = ("_y", "_fingerprint")
 
     def forward(self, x):
         """Return ``sigmoid(x)``, keeping the dtype of ``x``."""
         _check_float_array(x)
         e = np.exp(-np.abs(x))  # in (0, 1]: never overflows
         y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
-        self._y = y
+        self._keep(_y=y, _fingerprint=_kernels.sample_bits(y))
         return y
 
     def backward(self, dy):
         """Return ``dy * y * (1 - y)``."""
-        y = self._cached("_y")
+        y = _unchanged_output(self, self._cached("_y"))
         self._check_dy(dy, y)
         return dy * y * (1 - y)
 
@@ -354,19 +387,35 @@ class Sigmoid(Module):
 
 
 class Tanh(Module):
-    """Hyperbolic tangent ``y = tanh(x)``; backward ``dx = dy * (1 - y**2)``."""
+    """Hyperbolic tangent ``y = tanh(x)``; backward ``dx = dy * (1 - y**2)``, from
+    the ``y`` that forward returned (writing into it before backward raises there)."""
+
+    _forward_cache = ("_y", "_fingerprint")
 
     def forward(self, x):
         """Return ``tanh(x)``, keeping the dtype of ``x``."""
         _check_float_array(x)
-        self._y = np.tanh(x)
-        return self._y
+        y = np.tanh(x)
+        self._keep(_y=y, _fingerprint=_kernels.sample_bits(y))
+        return y
 
     def backward(self, dy):
         """Return ``dy * (1 - y**2)``."""
-        y = self._cached("_y")
+        y = _unchanged_output(self, self._cached("_y"))
         self._check_dy(dy, y)
         return dy * (1 - y * y)
+
+
+def _unchanged_output(layer, y):
+    """``y``, the output that ``layer``'s forward returned and its backward
+    differentiates through; raise if it was written into since (a sample of
+    its values changed), as PyTorch raises for a saved tensor modified in place."""
+    if bn_layer.rewritten(layer._fingerprint, y):
+        raise RuntimeError(
+            f"the output of {type(layer).__name__}'s forward was modified in place before "
+            "its backward, which computes the gradient from it; run forward again, or "
+            "modify a copy")
+    return y
 
     def __repr__(self):
         return "Tanh()"
@@ -386,6 +435,12 @@ class Sequential(Module):
     ``params`` and ``grads`` prefix each child's keys with its position,
     e.g. ``"0.W"``, ``"1.gamma"``; the values are the children's own arrays,
     so an optimizer built over ``model.params`` updates the layers in place.
+
+    A layer object may appear only once (in nested ``Sequential`` too):
+    each layer keeps the cache of its last forward, so a layer used twice
+    would differentiate only its second use, silently. For a second layer
+    of the same kind use a new one, or ``copy.deepcopy(layer)``; shared
+    weights are not supported.
     """
 
     def __init__(self, *layers):
@@ -396,11 +451,16 @@ class Sequential(Module):
                 raise TypeError(
                     f"layers[{i}] ({type(layer).__name__}) lacks the layer methods {missing}")
         self.layers = list(layers)
+        _refuse_repeats(self.layers)
         self.training = True
         self.train(True)
 
     def forward(self, x):
-        """Run ``x`` through every layer and return the last output."""
+        """Run ``x`` through every layer and return the last output.
+
+        Raises ``ValueError`` if a layer object appears twice (``layers`` was
+        changed after construction): see the class notes."""
+        _refuse_repeats(self.layers)
         for layer in self.layers:
             x = layer.forward(x)
         return x
@@ -676,6 +736,22 @@ def _check_child_state(layer, state):
     else:
         return False
     return True
+
+
+def _refuse_repeats(layers, seen=None, where="layers"):
+    """Raise ValueError if a layer object occurs twice in ``layers`` or in the
+    Sequential models among them."""
+    seen = {} if seen is None else seen
+    for i, layer in enumerate(layers):
+        name = f"{where}[{i}]"
+        if id(layer) in seen:
+            raise ValueError(
+                f"{name} is the same {type(layer).__name__} object as {seen[id(layer)]}: a "
+                "layer keeps the cache of its last forward, so backward would differentiate "
+                "only its second use. Use a new layer (or copy.deepcopy) for each place")
+        seen[id(layer)] = name
+        if isinstance(layer, Sequential):
+            _refuse_repeats(layer.layers, seen, f"{name}.layers")
 
 
 class SoftmaxCrossEntropy:
