@@ -290,16 +290,30 @@ def refuse_masked(value, name):
         )
 
 
-def _as_float_array(x, name, dtype=None):
-    """``x`` as an ndarray of float32/float64 (or exactly ``dtype`` if given)."""
+def _as_float_array(x, name, dtype=None, integers=False):
+    """``x`` as an ndarray of float32/float64 (or exactly ``dtype`` if given).
+
+    Python numbers (lists, tuples, scalars) carry no precision of their own
+    and take ``dtype`` (NumPy's rule for Python scalars, NEP 50); with
+    ``integers``, integer arrays are converted to ``dtype`` too (per-channel
+    parameters, as the layer's assignments take them)."""
     refuse_masked(x, name)
     if type(x) is not np.ndarray:
+        given = type(x).__name__
+        python = isinstance(x, (list, tuple, int, float))
         try:
             # Subclasses (numpy.matrix, memmap) as plain arrays: matrix keeps
             # two dimensions under reshape, which the (outer, C, inner) view needs.
             x = np.asarray(x)
         except Exception as exc:  # ragged lists and other non-arrays
             raise TypeError(f"{name} must be an array, got {type(x).__name__}: {exc}") from None
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be an array of numbers, got {given} (as an "
+                            f"array: dtype {x.dtype})")
+        if python and dtype is not None and x.dtype.kind in "iuf":
+            x = x.astype(dtype)
+    if integers and x.dtype.kind in "iu":
+        x = x.astype(dtype or np.float64)
     if dtype is not None:
         if x.dtype != dtype:
             raise TypeError(
@@ -379,7 +393,7 @@ def _channel_vector(v, name, channels, dtype, default):
         return v  # already what the kernels take: the common case, kept cheap
     if v is None:
         return np.full(channels, default, dtype=dtype)
-    v = _as_float_array(v, name)
+    v = _as_float_array(v, name, integers=True)
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
     v = np.ascontiguousarray(v, dtype=dtype)

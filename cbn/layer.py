@@ -29,6 +29,20 @@ def _check_flag(value, name):
     return bool(value)
 
 
+class ModeError(TypeError, ValueError):
+    """A training mode that is not True or False. Both a ``TypeError`` (as
+    cbn's other flags raise) and a ``ValueError`` (as PyTorch's ``train()``
+    raises), so that either ``except`` catches it (as ``numpy.AxisError``
+    is both a ``ValueError`` and an ``IndexError``)."""
+
+
+def _check_mode(mode):
+    """``train(mode)``'s mode: True or False."""
+    if not isinstance(mode, (bool, np.bool_)):
+        raise ModeError(f"training mode is expected to be boolean (True or False), got {mode!r}")
+    return bool(mode)
+
+
 def _check_axis(axis):
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -159,10 +173,15 @@ class BatchNorm:
     Notes
     -----
     ``forward`` keeps a reference to its (C-contiguous) input and the batch
-    mean and variance for ``backward``; modifying the input array in place
-    between the two gives a wrong gradient, as it would in any framework that
-    does not copy its inputs. A layer serves one thread at a time: a call that
-    overlaps another on the same layer raises ``RuntimeError``.
+    mean and variance for ``backward``, which differentiates the last forward.
+    Writing into the input, ``gamma`` or ``beta`` between the two makes
+    ``backward`` raise ``RuntimeError`` (as PyTorch does for a saved tensor
+    modified in place); the check compares a sample of eight values, so a
+    change that spares them goes unseen. Evaluation (and frozen) forwards may
+    run in several threads at once; a training forward, ``backward`` or a
+    change to the layer while another thread's call runs raises
+    ``RuntimeError``, and so does ``backward`` of a forward that another
+    thread ran: give each thread its own layer (``copy.deepcopy``).
     """
 
     def __init__(
@@ -298,7 +317,7 @@ class BatchNorm:
 
     @training.setter
     def training(self, mode):
-        mode = _check_flag(mode, "training")
+        mode = _check_mode(mode)
         with self._busy:
             self._training = mode
 
@@ -604,9 +623,11 @@ class BatchNorm:
         Raises
         ------
         RuntimeError
-            No forward pass yet; the last forward ran in another thread (a
-            layer keeps one forward, and backward cannot tell whose it is);
-            or a call of the layer is running in another thread.
+            No forward pass yet; the forward's input, ``gamma`` or ``beta`` was
+            written into or assigned since (see the class notes); the last
+            forward ran in another thread (a layer keeps one forward, and
+            backward cannot tell whose it is); or a call of the layer is
+            running in another thread.
         TypeError, ValueError
             dy does not match the input of the forward pass.
         FloatingPointError
@@ -652,7 +673,7 @@ class BatchNorm:
         x_c, mean, var, batch_stats, axis, eps, activation = cache[:7]
         gamma, beta, dgamma, dbeta = params
         x3 = channel_view(x_c, axis)[1]
-        dy = dy if isinstance(dy, np.ndarray) else np.asarray(dy)
+        dy = dy if isinstance(dy, np.ndarray) else F._as_float_array(dy, "dy", self.dtype)
         if dy.shape != x_c.shape:
             raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
         dy_c, dy3 = channel_view(dy, axis, "dy", self.dtype, self.num_features)

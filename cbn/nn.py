@@ -122,7 +122,7 @@ class Module:
 
     def train(self, mode=True):
         """Set training mode (``mode=True``) or evaluation mode; return ``self``."""
-        self.training = bn_layer._check_flag(mode, "training mode")
+        self.training = bn_layer._check_mode(mode)
         return self
 
     def eval(self):
@@ -473,7 +473,7 @@ class Sequential(Module):
 
     def train(self, mode=True):
         """Set the mode of this container and of every child; return ``self``."""
-        self.training = bn_layer._check_flag(mode, "training mode")
+        self.training = bn_layer._check_mode(mode)
         for layer in self.layers:
             layer.train(self.training)
         return self

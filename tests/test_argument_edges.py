@@ -197,3 +197,40 @@ def test_logits_need_a_class(rng):
     z = logits - logits.max(axis=1, keepdims=True)
     expected = np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(4), y])
     assert loss == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_python_numbers_take_the_layers_dtype_and_non_numbers_are_named(rng, dtype):
+    """Lists carry no precision of their own (NumPy's rule for Python
+    scalars, NEP 50): a list batch or dy is taken in the layer's dtype, where
+    an array of another dtype is refused. None, strings and scalars get a
+    message about what they are, not about a dtype they never had."""
+    x = (rng.standard_normal((6, 4)) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal((6, 4)).astype(dtype)
+    a, b = cbn.BatchNorm(4, dtype=dtype), cbn.BatchNorm(4, dtype=dtype)
+    y = a(x.tolist())
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, b(x))
+    np.testing.assert_array_equal(a.backward(dy.tolist()), b.backward(dy))
+    np.testing.assert_array_equal(a.running_var, b.running_var)
+    for bad, error, message in ((None, TypeError, "array of numbers, got NoneType"),
+                                ("abc", TypeError, "array of numbers, got str"),
+                                ([[1.0, "a"]], TypeError, "array of numbers, got list"),
+                                (3.0, ValueError, "at least 2 dimensions")):
+        with pytest.raises(error, match=message):
+            a(bad)
+    other = np.float64 if dtype == np.float32 else np.float32
+    with pytest.raises(TypeError, match="convert it with x.astype"):
+        a(x.astype(other))
+
+
+def test_functional_gamma_and_beta_take_integers_and_lists(rng):
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    expected = F.batch_norm_train(x, np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+                                  np.array([0.0, -1.0, 1.0, 2.0], np.float32))[0]
+    for gamma, beta in (([1, 2, 3, 4], [0, -1, 1, 2]),
+                        (np.arange(1, 5), np.array([0, -1, 1, 2], np.int8)),
+                        ([1.0, 2.0, 3.0, 4.0], (0.0, -1.0, 1.0, 2.0))):
+        np.testing.assert_array_equal(F.batch_norm_train(x, gamma, beta)[0], expected)
+    with pytest.raises(TypeError, match="array of numbers"):
+        F.batch_norm_train(x, ["a", "b", "c", "d"])

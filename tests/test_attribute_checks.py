@@ -252,6 +252,8 @@ def test_train_mode_must_be_a_bool(rng):
         for mode in ("no", 0, 1, None):
             with pytest.raises(TypeError, match="True or False"):
                 obj.train(mode)
+            with pytest.raises(ValueError, match="expected to be boolean"):  # PyTorch's
+                obj.train(mode)
         assert obj.training is True
         assert obj.train(np.bool_(False)).training is False
 

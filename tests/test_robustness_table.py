@@ -427,7 +427,7 @@ BAD_SETTINGS = [
     ("n_threads", 0, ValueError, "n_threads must be"),
     ("axis", 1.5, TypeError, "axis must be an int"),
     ("num_batches_tracked", -3, ValueError, "num_batches_tracked must be a non-negative"),
-    ("training", "no", TypeError, "training must be True or False"),
+    ("training", "no", TypeError, "training mode is expected to be boolean"),
     ("num_features", 4, AttributeError, "num_features is fixed"),
     ("dtype", np.float64, AttributeError, "dtype is fixed"),
     ("affine", False, AttributeError, "affine is fixed"),
