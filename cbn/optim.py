@@ -34,6 +34,8 @@ import numbers
 
 import numpy as np
 
+from .functional import refuse_masked
+
 __all__ = ["Optimizer", "SGD", "Momentum", "RMSprop", "Adam", "make_optimizer", "OPTIMIZERS"]
 
 _BN_NAMES = ("gamma", "beta")
@@ -187,6 +189,44 @@ def _check_eps(opt, value, name):
     return value
 
 
+def _scalar(value, name):
+    """A hyper-parameter from a state dict: a 0-d array (as saved) as its Python value."""
+    refuse_masked(value, f"state[{name!r}]")
+    if isinstance(value, np.ndarray):
+        if value.shape != ():
+            raise ValueError(f"state[{name!r}] must be a single value, got shape {value.shape}")
+        return value.item()
+    return value
+
+
+def _checked_step_count(value):
+    """The step count ``t`` from a state dict: an int >= 0."""
+    value = _scalar(value, "t")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"state['t'] must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"state['t'] must be a non-negative int, got {value}")
+    return int(value)
+
+
+def _checked_buffer(value, name, like, *, nonnegative=False):
+    """A running average from a state dict, cast to the dtype of ``like``."""
+    refuse_masked(value, f"state[{name!r}]")
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"state[{name!r}] must be a float array, got dtype {arr.dtype}")
+    if arr.shape != like.shape:
+        raise ValueError(f"state[{name!r}] must have shape {like.shape}, got {arr.shape}")
+    with np.errstate(over="ignore"):
+        cast = arr.astype(like.dtype)
+    if not np.all(np.isfinite(cast)):
+        raise ValueError(f"state[{name!r}] contains NaN or Inf (as {like.dtype})")
+    if nonnegative and np.any(cast < 0):
+        raise ValueError(f"state[{name!r}] is a running average of squares: it must not be "
+                         f"negative, got {float(cast.min())!r}")
+    return cast
+
+
 def _is_bn_key(key):
     """Whether ``key`` names a batch norm parameter ("1.gamma" -> "gamma")."""
     return key.rsplit(".", 1)[-1] in _BN_NAMES
@@ -213,7 +253,14 @@ class Optimizer:
 
     Hyper-parameters may be reassigned between steps (``opt.lr = 0.01``);
     a new value is checked as the constructor checks it.
+
+    :meth:`state_dict` and :meth:`load_state_dict` save and restore the step
+    count, the hyper-parameters and the running averages, so that training
+    resumed from a checkpoint continues exactly as it would have.
     """
+
+    # The names of the per-parameter state dicts (running averages) of a subclass.
+    _buffers = ()
 
     lr = _Hyper(_check_lr)
     weight_decay = _Hyper(_check_weight_decay)
@@ -289,6 +336,66 @@ class Optimizer:
     def _update(self, key, p, g):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _hypers(self):
+        """The hyper-parameters' names, base class first (``lr``, ...)."""
+        names = []
+        for cls in reversed(type(self).__mro__):
+            names += [n for n, v in vars(cls).items() if isinstance(v, _Hyper) and n not in names]
+        return names
+
+    def state_dict(self):
+        """Copies of the optimizer's state, as a flat dict of arrays.
+
+        ``"t"`` (the step count), each hyper-parameter by name (``"lr"``,
+        ``"beta1"``, ...) and each running average as ``"<name>.<key>"``
+        (``"v.0.W"``, ``"s.1.gamma"``): ready for ``numpy.savez(path,
+        **opt.state_dict())``, as PyTorch's ``optimizer.state_dict()`` is for
+        ``torch.save``.
+        """
+        state = {"t": np.array(self.t, np.int64)}
+        for name in self._hypers():
+            state[name] = np.array(getattr(self, name))
+        for buffer in self._buffers:
+            for key, arr in getattr(self, buffer).items():
+                state[f"{buffer}.{key}"] = arr.copy()
+        return state
+
+    def load_state_dict(self, state):
+        """Restore a state made by :meth:`state_dict` (a dict, or ``numpy.load``
+        of a file saved from one) of an optimizer of the same kind over the
+        same parameters.
+
+        Everything is checked before anything changes: the keys (``KeyError``
+        naming the missing and unexpected ones), the step count, each
+        hyper-parameter (as assigning it checks), and each running average's
+        shape, finiteness and sign (``ValueError``/``TypeError`` naming it).
+        """
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        state = {k: state[k] for k in state}
+        expected = ["t", *self._hypers()] + [
+            f"{buffer}.{key}" for buffer in self._buffers for key in getattr(self, buffer)]
+        missing = [k for k in expected if k not in state]
+        unexpected = sorted(map(str, set(state) - set(expected)))
+        if missing or unexpected:
+            raise KeyError(f"state does not match this {type(self).__name__}: missing keys "
+                           f"{missing}, unexpected keys {unexpected}")
+        t = _checked_step_count(state["t"])
+        buffers = {(buffer, key): _checked_buffer(state[f"{buffer}.{key}"], f"{buffer}.{key}",
+                                                  arr, nonnegative=buffer == "s")
+                   for buffer in self._buffers for key, arr in getattr(self, buffer).items()}
+        old = {name: getattr(self, name) for name in self._hypers()}
+        try:  # each as its assignment checks it; all or none
+            for name in ("decay_bn", *[n for n in old if n != "decay_bn"]):
+                setattr(self, name, _scalar(state[name], name))
+        except BaseException:
+            for name, value in old.items():
+                setattr(self, "_" + name, value)
+            raise
+        for (buffer, key), value in buffers.items():
+            getattr(self, buffer)[key][...] = value
+        self.t = t
+
     def _state(self, key):
         """A plain zero array shaped like ``params[key]``, created on first use."""
         # subok=False: a memmap parameter must not give a file-less memmap state.
@@ -323,6 +430,7 @@ class Momentum(Optimizer):
     """
 
     beta = _Hyper(_check_beta)
+    _buffers = ("v",)
 
     def __init__(self, params, grads, lr=0.1, *, beta=0.9, weight_decay=0.0, decay_bn=False):
         super().__init__(params, grads, lr, weight_decay=weight_decay, decay_bn=decay_bn)
@@ -352,6 +460,7 @@ class RMSprop(Optimizer):
 
     beta = _Hyper(_check_beta)
     eps = _Hyper(_check_eps)
+    _buffers = ("s",)
 
     def __init__(self, params, grads, lr=0.001, *, beta=0.999, eps=1e-8, weight_decay=0.0,
                  decay_bn=False):
@@ -393,6 +502,7 @@ class Adam(Optimizer):
     beta1 = _Hyper(_check_beta)
     beta2 = _Hyper(_check_beta)
     eps = _Hyper(_check_eps)
+    _buffers = ("v", "s")
 
     def __init__(self, params, grads, lr=0.001, *, beta1=0.9, beta2=0.999, eps=1e-8,
                  weight_decay=0.0, decay_bn=False):
