@@ -189,3 +189,24 @@ def test_loading_a_torch_state_dict_gives_the_same_eval_outputs(dtype, affine):
         bn(torch.tensor(x))
     layer(x)
     compare_state(layer, bn, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_a_cbn_state_loads_into_torch_as_the_readme_shows(dtype):
+    rng = np.random.default_rng(seed_of("to-torch", dtype.__name__))
+    C = 4
+    layer = BatchNorm(C, dtype=dtype)
+    layer.gamma = rng.uniform(0.5, 1.5, C)
+    layer.beta = rng.uniform(-0.5, 0.5, C)
+    for _ in range(3):
+        layer(batch(rng, (6, C, 2, 3), dtype))
+    state = layer.state_dict()
+    state["weight"], state["bias"] = state.pop("gamma"), state.pop("beta")
+    bn = make_torch(C, 4, 0.1, True, True, dtype)
+    bn.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    assert int(bn.num_batches_tracked) == 3
+    bn.eval()
+    x = batch(rng, (3, C, 2, 2), dtype)
+    with torch.no_grad():
+        want = bn(torch.tensor(x)).numpy()
+    assert_close(layer.eval()(x), want, dtype)
