@@ -70,6 +70,35 @@ def _fraction(value, name):
     return float(value)
 
 
+def _flag(value, name):
+    """A switch: True or False (``"no"`` would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _test_counts(sizes, fraction):
+    """How many examples of each group go to the test set.
+
+    Each group's share rounded (``fraction * size``), then moved one at a
+    time, by the largest remainders, until the total is ``ceil(fraction *
+    N)`` (as scikit-learn counts it) and neither part is empty: rounding each
+    of ten classes of two examples at 0.25 would put none in the test set.
+    """
+    total = sum(sizes)
+    # round() first: 0.25 * 1797 must not become 450.00000000000006 -> 451.
+    target = min(max(math.ceil(round(fraction * total, 9)), 1), total - 1)
+    quota = [fraction * n for n in sizes]
+    takes = [round(q) for q in quota]
+    while sum(takes) != target:
+        grow = sum(takes) < target
+        # the group whose rounding is furthest from its quota in that direction
+        options = [i for i, n in enumerate(sizes) if (takes[i] < n if grow else takes[i] > 0)]
+        i = max(options, key=lambda i: (quota[i] - takes[i]) * (1 if grow else -1))
+        takes[i] += 1 if grow else -1
+    return takes
+
+
 def train_test_split(X, y, *, test_fraction=0.25, seed=0, stratify=True):
     """Split ``(X, y)`` into a training and a test set, deterministically.
 
@@ -78,7 +107,9 @@ def train_test_split(X, y, *, test_fraction=0.25, seed=0, stratify=True):
     X : ndarray of shape (N, ...)
     y : ndarray of shape (N,), integer labels
     test_fraction : float in (0, 1), default 0.25
-        Share of the examples (of each class, when stratified) put in the test set.
+        Share of the examples (of each class, when stratified) put in the test
+        set: ``ceil(test_fraction * N)`` in all (as scikit-learn counts it),
+        each class's share rounded, and never an empty part.
     seed : int, default 0
         Seed of the permutation: the same seed always gives the same split.
     stratify : bool, default True
@@ -90,16 +121,25 @@ def train_test_split(X, y, *, test_fraction=0.25, seed=0, stratify=True):
         Test indices are taken per class and both parts are shuffled.
     """
     X, y = np.asarray(X), np.asarray(y)
-    if y.ndim != 1 or len(X) != len(y):
+    if y.ndim != 1 or X.ndim < 1 or len(X) != len(y):
         raise ValueError(f"X and y must have the same length N and y shape (N,), got "
                          f"X {X.shape} and y {y.shape}")
+    if len(y) < 2:
+        raise ValueError(f"X and y must hold at least 2 examples to split, got {len(y)}")
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise ValueError("y holds NaN or Inf: labels must be classes")
     test_fraction = _fraction(test_fraction, "test_fraction")
-    rng = np.random.default_rng(seed)
+    stratify = _flag(stratify, "stratify")
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"seed must be a non-negative int (or a Generator): {exc}") from None
     groups = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
+    takes = _test_counts([len(idx) for idx in groups], test_fraction)
     test = []
-    for idx in groups:
+    for idx, take in zip(groups, takes):
         idx = rng.permutation(idx)
-        test.append(idx[: int(round(test_fraction * len(idx)))])
+        test.append(idx[:take])
     test = np.concatenate(test)
     is_test = np.zeros(len(y), bool)
     is_test[test] = True
@@ -122,7 +162,9 @@ def standardize(train, *others, eps=1e-8):
 
     Each feature becomes ``(x - mean) / std`` with ``mean`` and ``std`` (biased)
     computed per column of ``train``; a constant column (``std <= eps``, e.g.
-    a pixel that is always blank) is only centred.
+    a pixel that is always blank, or a spread within the rounding error of
+    the column's variance, as scikit-learn's ``StandardScaler`` tests it) is
+    only centred.
 
     Parameters
     ----------
@@ -162,8 +204,14 @@ def standardize(train, *others, eps=1e-8):
     if len(arrays[0]) == 0:
         raise ValueError("train must hold at least one row")
     mean = arrays[0].mean(axis=0, dtype=np.float64)
-    std = arrays[0].std(axis=0, dtype=np.float64)
-    std = np.where(std > eps, std, 1.0)
+    var = arrays[0].var(axis=0, dtype=np.float64)
+    std = np.sqrt(var)
+    # A spread within the rounding error of the variance (scikit-learn's bound
+    # for StandardScaler) is no spread: a constant column of 1e8 + 0.1 has a
+    # computed std of about 1e-8, which would scale the test set 1e7-fold.
+    n, unit = len(arrays[0]), np.finfo(np.float64).eps
+    rounding = n * unit * var + (n * np.abs(mean) * unit) ** 2
+    std = np.where((std > eps) & (var > rounding), std, 1.0)
     out = []
     for a in arrays:
         dtype = a.dtype if a.dtype.kind == "f" else np.float64
@@ -171,20 +219,26 @@ def standardize(train, *others, eps=1e-8):
     return tuple(out)
 
 
-def _read_bytes(path):
-    """The content of ``path``, decompressed when it ends in ``.gz`` (any case)."""
+_CHUNK = 1 << 24  # bytes read at a time: memory follows the data, not the header's claim
+
+
+def _open_idx(path):
+    """``path`` opened for reading, decompressing when it ends in ``.gz`` (any case)."""
     path = os.fsdecode(os.fspath(path))  # a bytes name too
-    if path.lower().endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        # A bad header or checksum, a cut stream, a corrupt deflate block.
-        # Other OSErrors (no such file, permission, a directory) are not
-        # about the content and propagate as they are.
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise ValueError(f"{path}: not a valid gzip file ({exc})") from exc
-    with open(path, "rb") as fh:
-        return fh.read()
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_at_most(fh, n):
+    """Up to ``n`` bytes of ``fh`` (fewer at its end), read in chunks, so that a
+    header claiming terabytes costs only what the file holds."""
+    parts = []
+    while n > 0:
+        part = fh.read(min(n, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
 
 
 _MAX_IDX_RANK = 32  # NumPy 1.x's limit on dimensions (NumPy 2: 64)
@@ -213,7 +267,23 @@ def load_idx(path):
         The file cannot be read (``FileNotFoundError``, ``IsADirectoryError``,
         ``PermissionError``...).
     """
-    data = _read_bytes(path)
+    try:
+        with _open_idx(path) as fh:
+            return _parse_idx(fh, path)
+    # A bad header or checksum, a cut stream, a corrupt deflate block. Other
+    # OSErrors (no such file, permission, a directory) are not about the
+    # content and propagate as they are.
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{os.fsdecode(os.fspath(path))}: not a valid gzip file ({exc})") \
+            from exc
+
+
+def _parse_idx(fh, path):
+    """The array of an open IDX file: its header checked before the data is
+    read, and the data read only as far as the header says (then one byte
+    more, to refuse trailing bytes), so that no file, however crafted or
+    compressed, is decompressed or held beyond the size its header gives."""
+    data = fh.read(4)
     if len(data) < 4:
         raise ValueError(f"{path}: truncated IDX file, {len(data)} bytes, not even a header")
     if data[0] != 0 or data[1] != 0:
@@ -223,6 +293,7 @@ def load_idx(path):
     if type_code not in IDX_DTYPES:
         raise ValueError(f"{path}: unknown IDX type byte 0x{type_code:02x}")
     header = 4 + 4 * ndim
+    data += _read_at_most(fh, header - 4)
     if len(data) < header:
         raise ValueError(f"{path}: truncated IDX file, header needs {header} bytes, "
                          f"got {len(data)}")
@@ -233,10 +304,12 @@ def load_idx(path):
     dtype = IDX_DTYPES[type_code]
     # Python ints: a product of 32-bit dimensions can overflow int64.
     expected = header + math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
+    data += _read_at_most(fh, expected - header)
+    if len(data) < expected or fh.read(1):
         what = "truncated" if len(data) < expected else "trailing bytes in"
+        size = "" if len(data) == expected else f", file has {len(data)} bytes"
         raise ValueError(f"{path}: {what} IDX file: header says shape {shape} of {dtype.name} "
-                         f"({expected} bytes), file has {len(data)} bytes")
+                         f"({expected} bytes){size}")
     try:
         arr = np.frombuffer(data, dtype, offset=header).reshape(shape)
     except ValueError as exc:  # an empty array whose other dimensions NumPy refuses

@@ -111,6 +111,34 @@ def _check_grad(key, p, g):
                          f"got {g.shape}")
 
 
+def _byte_bounds(a):
+    """``(low, high)``: the addresses of a's first and one past its last byte."""
+    low = high = a.__array_interface__["data"][0]
+    for n, stride in zip(a.shape, a.strides):
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return low, high + a.itemsize
+
+
+def _refuse_shared(params):
+    """Raise ValueError if two parameters share memory: each key's update would
+    be applied to it, so a step would move it twice (tied weights, or the same
+    array under two keys). Arrays are compared by their address ranges first
+    (sorted, so O(n log n)); only ranges that meet are checked exactly."""
+    spans = sorted((_byte_bounds(p), key) for key, p in params.items() if p.size)
+    for i, ((lo, hi), key) in enumerate(spans):
+        for (lo2, _), key2 in spans[i + 1:]:
+            if lo2 >= hi:
+                break
+            if np.shares_memory(params[key], params[key2], max_work=10**6):
+                raise ValueError(
+                    f"params[{key!r}] and params[{key2!r}] share memory: a step would update "
+                    "it once for each key. Give each parameter its own array (tied weights "
+                    "are not supported)")
+
+
 def _rounding_problem(value, dtype, *, normal=False):
     """How rounding the positive ``value`` to ``dtype`` spoils it, or None if it does not.
 
@@ -199,13 +227,16 @@ def _scalar(value, name):
     return value
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _checked_step_count(value):
     """The step count ``t`` from a state dict: an int >= 0."""
     value = _scalar(value, "t")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"state['t'] must be a non-negative int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"state['t'] must be a non-negative int, got {value}")
+    if not 0 <= value <= _INT64_MAX:
+        raise ValueError(f"state['t'] must be a non-negative int64, got {value}")
     return int(value)
 
 
@@ -271,6 +302,7 @@ class Optimizer:
         for key, p in params.items():
             _check_param(key, p)
             _check_grad(key, p, grads[key])
+        _refuse_shared(params)
         self.params = params
         self.grads = grads
         # What step() holds the arrays to: the state and the dtype checks of
@@ -336,6 +368,19 @@ class Optimizer:
     def _update(self, key, p, g):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def t(self):
+        """Steps taken (Adam's bias correction counts them); an int from 0 to 2**63 - 1."""
+        return self._t
+
+    @t.setter
+    def t(self, value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"t must be a non-negative int, got {value!r}")
+        if not 0 <= value <= _INT64_MAX:
+            raise ValueError(f"t must be a non-negative int64, got {value}")
+        self._t = int(value)
+
     def _hypers(self):
         """The hyper-parameters' names, base class first (``lr``, ...)."""
         names = []
@@ -372,14 +417,16 @@ class Optimizer:
         """
         if not hasattr(state, "keys"):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        state = {k: state[k] for k in state}
         expected = ["t", *self._hypers()] + [
             f"{buffer}.{key}" for buffer in self._buffers for key in getattr(self, buffer)]
-        missing = [k for k in expected if k not in state]
-        unexpected = sorted(map(str, set(state) - set(expected)))
+        keys = set(state.keys())
+        missing = [k for k in expected if k not in keys]
+        unexpected = sorted(map(str, keys - set(expected)))
         if missing or unexpected:
             raise KeyError(f"state does not match this {type(self).__name__}: missing keys "
                            f"{missing}, unexpected keys {unexpected}")
+        # Read only now: from numpy.load, each entry is decompressed as it is read.
+        state = {k: state[k] for k in expected}
         t = _checked_step_count(state["t"])
         buffers = {(buffer, key): _checked_buffer(state[f"{buffer}.{key}"], f"{buffer}.{key}",
                                                   arr, nonnegative=buffer == "s")

@@ -85,6 +85,8 @@ class History:
         def clean(v):
             if isinstance(v, list):
                 return [clean(x) for x in v]
+            if isinstance(v, np.generic):  # a NumPy scalar appended by a callback
+                v = v.item()
             if isinstance(v, float) and not np.isfinite(v):
                 return None
             return v
@@ -186,6 +188,15 @@ def _check_data(model, X, y, name="X"):
     return X, y
 
 
+def _all_modules(model):
+    """``model`` and, for a Sequential (also nested), every layer in it, each
+    container before its children."""
+    layers = getattr(model, "layers", None)
+    inner = [m for layer in layers for m in _all_modules(layer)] \
+        if isinstance(layers, (list, tuple)) else []
+    return [model, *inner]
+
+
 def _flat_layers(model):
     """The model's leaf layers in order: a Sequential (also nested) is expanded."""
     layers = getattr(model, "layers", None)
@@ -254,14 +265,18 @@ def _check_model(model):
         raise TypeError(f"model ({type(model).__name__}) lacks the methods {missing}")
 
 
+def _needs_two(model):
+    """Whether training ``model`` normalizes with batch statistics somewhere
+    (a batch norm layer that is not frozen), so that a batch needs two samples."""
+    return any(isinstance(layer, BatchNorm) and (not layer.frozen or not layer.track_running_stats)
+               for layer in _flat_layers(model))
+
+
 def _check_batch_size(model, batch_size):
     """Raise on ``batch_size=1`` when a batch norm layer would normalize with batch statistics."""
-    if batch_size > 1:
-        return
-    for layer in _flat_layers(model):
-        if isinstance(layer, BatchNorm) and (not layer.frozen or not layer.track_running_stats):
-            raise ValueError("batch_size must be >= 2 to train a model with batch norm "
-                             "(one value per channel cannot be normalized), got 1")
+    if batch_size == 1 and _needs_two(model):
+        raise ValueError("batch_size must be >= 2 to train a model with batch norm "
+                         "(one value per channel cannot be normalized), got 1")
 
 
 def _check_loss(loss, validation):
@@ -300,6 +315,8 @@ def _check_callbacks(callbacks):
 
 def _checked_labelled_set(model, X, y, x_name, y_name, n_classes):
     """``_check_data`` plus the model's input width, finiteness and the label range."""
+    if y is None:
+        raise TypeError(f"{y_name} must be an array of integer labels, got None")
     X, y = _check_data(model, X, y, name=x_name)
     _check_width(X, _edge_width(model, "in"), x_name)
     _check_finite(X, x_name)
@@ -329,12 +346,15 @@ def _shuffle_rng(seed):
 
 @contextlib.contextmanager
 def _mode_restored(model):
-    """Put ``model`` back in the mode it had on entry when the block ends, even by an error."""
-    was_training = getattr(model, "training", True)
+    """Put ``model`` and every layer in it back in the mode each had on entry
+    when the block ends, even by an error (a container's ``train`` sets all its
+    children: a child set apart, say one layer in eval mode, keeps its own)."""
+    modes = [(m, getattr(m, "training", True)) for m in _all_modules(model)]
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, was_training in modes:  # containers before their children
+            m.train(was_training)
 
 
 def _callback_hook(callbacks, hook, *args):
@@ -417,8 +437,10 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
         Passes over the training set.
     batch_size : int
         Mini-batch size.  When the last batch of an epoch would hold a
-        single sample it is dropped (batch norm cannot normalize one value
-        per channel); the count is kept in ``History.dropped``.
+        single sample and the model has a batch norm layer that normalizes
+        with batch statistics, that sample is dropped (one value per channel
+        cannot be normalized); the count is kept in ``History.dropped``.
+        Models without one train on every sample.
     optimizer : cbn.optim.Optimizer
         Built over ``model.params`` and ``model.grads``; ``step()`` is called
         after each backward.
@@ -489,7 +511,7 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
     rng = _shuffle_rng(seed)
     starts = list(range(0, n, batch_size))
-    dropped = int(n - starts[-1] == 1 and len(starts) > 1)
+    dropped = int(n - starts[-1] == 1 and len(starts) > 1 and _needs_two(model))
     if dropped:
         starts.pop()  # a one-sample last batch: BN cannot train on it
     progress = _Progress(int(verbose), epochs, len(starts))
@@ -511,6 +533,7 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
                     ts = time.perf_counter()
                     logits = model.forward(xb)
                     value, dlogits = loss_fn(logits, yb)
+                    value = float(value)  # a NumPy scalar from a custom loss: JSON-ready
                     model.backward(dlogits.astype(logits.dtype, copy=False))
                     optimizer.step()
                     work += time.perf_counter() - ts
@@ -568,7 +591,10 @@ def predict(model, X, *, batch_size=1024):
     X : ndarray of shape (N, features)
         Converted to the model's dtype.
     batch_size : int, default 1024
-        Rows per forward call; in eval mode the result does not depend on it.
+        Rows per forward call; in eval mode the result does not depend on it,
+        unless a batch norm layer has no running statistics
+        (``track_running_stats=False``): it then normalizes each call's rows
+        with their own statistics, as in PyTorch, and a call of one row raises.
 
     Returns
     -------
@@ -630,6 +656,6 @@ def evaluate(model, X, y, *, loss=None, batch_size=1024):
     logits = predict(model, X, batch_size=batch_size)
     total = 0.0
     for s in _batches(len(X), batch_size):
-        total += loss_fn.forward(logits[s], y[s]) * len(y[s])
+        total += float(loss_fn.forward(logits[s], y[s])) * len(y[s])
     acc = float(np.mean(logits.argmax(axis=1) == y))
     return total / len(X), acc

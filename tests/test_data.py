@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_split_is_deterministic_disjoint_and_stratified():
     assert not set(X_train[:, 0]) & set(X_test[:, 0])
     np.testing.assert_array_equal(y_train, y[X_train[:, 0] // 2])
     for c in range(4):
-        assert abs(np.sum(y_test == c) - 0.25 * np.sum(y == c)) <= 0.5
+        assert abs(np.sum(y_test == c) - 0.25 * np.sum(y == c)) < 1  # rounded, then adjusted
     c = train_test_split(X, y, test_fraction=0.25, seed=4)
     assert not np.array_equal(c[1], X_test)
     with pytest.raises(ValueError, match="test_fraction"):
@@ -248,3 +249,73 @@ def test_load_mnist_dir_refuses_empty_sets_and_bad_n_classes(tmp_path):
     for bad, exc in ((True, TypeError), (9.5, TypeError), ("10", TypeError), (0, ValueError)):
         with pytest.raises(exc, match="n_classes"):
             load_mnist_dir(tmp_path, n_classes=bad)
+
+
+@pytest.mark.parametrize("stratify", [True, False])
+def test_split_sizes_follow_the_fraction_and_neither_part_is_empty(stratify):
+    """Rounding each class alone put no example of ten two-example classes in
+    the test set at 0.25, and none in the training set at 0.76."""
+    rng = np.random.default_rng()
+    for n_classes, per_class, fraction in ((10, 2, 0.25), (10, 2, 0.76), (10, 3, 0.15),
+                                           (10, 3, 0.25), (3, 7, 0.5), (1, 2, 0.01),
+                                           (1, 2, 0.99), (4, 50, 0.2)):
+        y = np.repeat(np.arange(n_classes), per_class)
+        X = rng.standard_normal((len(y), 3))
+        _, _, y_tr, y_te = train_test_split(X, y, test_fraction=fraction,
+                                                  seed=int(rng.integers(1000)),
+                                                  stratify=stratify)
+        n = len(y)
+        want = min(max(int(np.ceil(round(fraction * n, 9))), 1), n - 1)
+        assert len(y_te) == want and len(y_tr) == n - want, (n_classes, per_class, fraction)
+        assert sorted(np.concatenate([y_tr, y_te]).tolist()) == sorted(y.tolist())
+        if stratify:  # each class within one example of its share
+            for c in range(n_classes):
+                assert abs(np.sum(y_te == c) - fraction * per_class) < 1 + 1e-9
+
+
+def test_split_arguments_are_named():
+    X, y = np.zeros((6, 2)), np.array([0, 1, 0, 1, 0, 1])
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        train_test_split(X[:1], y[:1])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        train_test_split(X, np.array([0.0, 1.0, np.nan, 1.0, 0.0, 1.0]))
+    with pytest.raises(TypeError, match="stratify must be True or False"):
+        train_test_split(X, y, stratify="no")
+    with pytest.raises(ValueError, match="seed must be"):
+        train_test_split(X, y, seed=-1)
+
+
+def test_a_constant_column_far_from_zero_is_only_centred():
+    """Its computed spread is the rounding error of its mean (about 1e-8 here):
+    dividing by it would scale a test value 1e7-fold."""
+    train = np.full((1000, 2), 1e8 + 0.1)
+    train[:, 1] += 0.5 * np.random.default_rng().standard_normal(1000)  # a real spread
+    test = np.array([[1e8 + 0.2, 1e8 + 0.1]])
+    tr, te = standardize(train, test)
+    assert np.all(np.abs(tr[:, 0]) < 1e-4) and abs(te[0, 0] - 0.1) < 1e-4  # before: 1, 6.7e6
+    assert abs(tr[:, 1].std() - 1) < 1e-9
+
+
+def test_an_idx_file_is_read_only_as_far_as_its_header_says(tmp_path):
+    """A small .gz that inflates to 64 MiB past a 10-byte payload is refused
+    without inflating it: memory follows the header, not the stream."""
+    payload = bytes(range(10))
+    head = b"\x00\x00\x08\x01" + struct.pack(">I", 10)
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(head + payload + bytes(64 << 20), compresslevel=1))
+    assert path.stat().st_size < (1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="trailing bytes"):
+            load_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (8 << 20), peak
+    good = tmp_path / "good-idx1-ubyte.gz"
+    good.write_bytes(gzip.compress(head + payload))
+    np.testing.assert_array_equal(load_idx(good), np.arange(10, dtype=np.uint8))
+    claim = tmp_path / "claim-idx3-ubyte"  # 2**31 images of 28x28 claimed, 1 KiB held
+    claim.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 2**31, 28, 28) + bytes(1024))
+    with pytest.raises(ValueError, match="truncated"):
+        load_idx(claim)

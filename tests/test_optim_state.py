@@ -125,3 +125,32 @@ def test_state_dict_is_a_copy_and_names_every_hyper_parameter():
     assert np.any(opt.v["0.W"] != 0)
     with pytest.raises(KeyError, match="missing keys"):  # an Adam state into RMSprop
         optim.RMSprop(opt.params, opt.grads).load_state_dict(state)
+
+
+def test_the_step_count_is_checked():
+    opt = _trained_adam(np.random.default_rng())
+    for bad, error in ((-1, ValueError), (2**63, ValueError), (1.5, TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match="t must be a non-negative"):
+            opt.t = bad
+        with pytest.raises(error, match="non-negative"):
+            opt.load_state_dict(dict(opt.state_dict(), t=bad))
+    assert opt.t == 3
+    opt.t = 2**63 - 1
+    assert int(opt.state_dict()["t"]) == 2**63 - 1
+
+
+def test_parameters_that_share_memory_are_refused():
+    """Each key's update would move a shared array: a step would apply twice."""
+    W = np.ones(3, np.float32)
+    for params in ({"a": W, "b": W}, {"row": W[:1], "all": W[::-1]}):
+        grads = {k: np.ones_like(v) for k, v in params.items()}
+        for kind in optim.OPTIMIZERS.values():
+            with pytest.raises(ValueError, match="share memory"):
+                kind(params, grads)
+    flat, gflat = np.zeros(10, np.float32), np.zeros(10, np.float32)
+    opt = optim.SGD({"even": flat[::2], "odd": flat[1::2]},  # interleaved, disjoint: fine
+                    {"even": gflat[::2], "odd": gflat[1::2]})
+    gflat[:] = 1
+    opt.step()
+    np.testing.assert_array_equal(flat, np.full(10, -0.1, np.float32))

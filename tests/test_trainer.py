@@ -7,7 +7,7 @@ import pytest
 
 from cbn.__main__ import DEFAULTS
 from cbn.data import load_digits, standardize, train_test_split
-from cbn.nn import Linear, mlp
+from cbn.nn import Linear, SoftmaxCrossEntropy, mlp
 from cbn.optim import SGD, make_optimizer
 from cbn.trainer import History, StepEvaluator, StopTraining, evaluate, fit, predict
 
@@ -65,6 +65,20 @@ def test_one_sample_last_batch_is_dropped():
     h = fit(model, X[:-1], y[:-1], epochs=1, batch_size=6,
             optimizer=SGD(model.params, model.grads), verbose=0)
     assert h.steps == [3] and h.dropped == 0  # 6 + 6 + 4: nothing dropped
+
+
+def test_a_model_without_batch_norm_trains_on_every_sample():
+    """Only batch statistics need two samples; as in Keras and PyTorch, nothing is
+    dropped otherwise (with shuffle=False the dropped sample would never train)."""
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=2 * 8 + 1)
+    model = mlp([4, 6, 3], batch_norm=False, rng=rng)
+    h = fit(model, X, y, epochs=2, batch_size=8, optimizer=SGD(model.params, model.grads),
+            shuffle=False, verbose=0)
+    assert h.steps == [3, 6] and h.dropped == 0
+    h = fit(model, X[:5], y[:5], epochs=1, batch_size=1,
+            optimizer=SGD(model.params, model.grads), verbose=0)
+    assert h.steps == [5] and h.dropped == 0
 
 
 class Spy:
@@ -203,3 +217,55 @@ def test_fit_validation():
         fit(model, X, y, **{**kw, "verbose": 3})
     with pytest.raises(ValueError, match="at least one"):
         evaluate(model, X[:0], y[:0])
+
+
+def test_labels_of_none_are_refused_before_any_step():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=12)
+    model = mlp([4, 6, 3], rng=rng)
+    W = model[0].W.copy()
+    opt = SGD(model.params, model.grads)
+    with pytest.raises(TypeError, match="y must be an array of integer labels, got None"):
+        fit(model, X, None, epochs=1, batch_size=4, optimizer=opt, verbose=0)
+    with pytest.raises(TypeError, match="y_val must be an array of integer labels"):
+        fit(model, X, y, epochs=1, batch_size=4, optimizer=opt, validation=(X, None),
+            loss=SoftmaxCrossEntropy(), verbose=0)
+    np.testing.assert_array_equal(model[0].W, W)
+    assert opt.t == 0
+
+
+def test_every_layer_gets_its_own_mode_back():
+    """predict and fit restore each layer's mode, not only the container's."""
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=16)
+    model = mlp([4, 6, 3], rng=rng)
+    model.train()
+    model[1].eval()  # one layer set apart
+    predict(model, X)
+    fit(model, X, y, epochs=1, batch_size=8, optimizer=SGD(model.params, model.grads),
+        verbose=0)
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_history_is_json_ready_with_a_loss_that_returns_numpy_scalars():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=16)
+    model = mlp([4, 6, 3], rng=rng)
+
+    class Loss32(SoftmaxCrossEntropy):
+        """A custom loss that returns float32 scalars."""
+
+        def forward(self, z, t):
+            return np.float32(super().forward(z, t))
+
+        def __call__(self, z, t):
+            return self.forward(z, t), self.backward()
+
+    history = fit(model, X, y, epochs=2, batch_size=8, optimizer=SGD(model.params, model.grads),
+                  loss=Loss32(), validation=(X, y), verbose=0)
+    assert all(type(v) is float for v in history.train_loss + history.val_loss)
+    history.step_loss.append(np.float32("nan"))
+    json.dumps(history.to_dict(), allow_nan=False)
+    assert history.to_dict()["step_loss"][-1] is None
+    loss, _ = evaluate(model, X, y, loss=Loss32())
+    assert type(loss) is float

@@ -213,7 +213,7 @@ def test_batch_size_one_is_allowed_with_frozen_batch_norm(setup):
     model, opt, X, y, _ = setup
     model[1].freeze()
     h = fit(model, X[:6], y[:6], epochs=1, batch_size=1, optimizer=opt, verbose=0)
-    assert h.n_steps == 5 and h.dropped == 1  # the documented one-sample last batch rule
+    assert h.n_steps == 6 and h.dropped == 0  # no batch statistics: every sample trains
     assert model[1].num_batches_tracked == 0
 
 
