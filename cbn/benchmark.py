@@ -1399,7 +1399,25 @@ def _thread_list(text):
         raise argparse.ArgumentTypeError(f"threads must be integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"threads must be positive integers, got {text!r}")
+    top = cbn._kernels.MAX_THREADS
+    if any(v > top for v in values):
+        raise argparse.ArgumentTypeError(f"threads must be at most {top}, got {text!r}")
     return values
+
+
+def _positive(kind, name, *, zero=False):
+    """An argparse type: a finite number > 0 (with ``zero``, >= 0) of ``kind``."""
+    what = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {what}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > 0 or (zero and value == 0))):
+            raise argparse.ArgumentTypeError(f"{name} must be a {what}, got {text!r}")
+        return value
+    return parse
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1437,16 +1455,17 @@ def build_parser(prog="cbn bench"):
                    default=["layer", "numpy", "torch"],
                    help="what to measure beside cbn.functional: layer,numpy,torch")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
-    p.add_argument("--target-time", type=float, default=None,
+    p.add_argument("--target-time", type=_positive(float, "target time", zero=True),
+                   default=None,
                    help="seconds of timed calls per measurement (default 0.2, --quick 0.02)")
-    p.add_argument("--min-repeats", type=int, default=None,
+    p.add_argument("--min-repeats", type=_positive(int, "min repeats"), default=None,
                    help="fewest timed calls per measurement (default 5, --quick 3)")
-    p.add_argument("--max-repeats", type=int, default=2000,
+    p.add_argument("--max-repeats", type=_positive(int, "max repeats"), default=2000,
                    help="most timed calls per measurement")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=_positive(int, "rounds"), default=5,
                    help="alternating rounds per case: every implementation is timed in "
                         "each round, so drift in the machine's speed hits all alike")
-    p.add_argument("--cache-mib", type=float, default=None,
+    p.add_argument("--cache-mib", type=_positive(float, "cache size"), default=None,
                    help="last-level cache size for input rotation (default: from sysfs)")
     p.add_argument("--no-small-step", action="store_true",
                    help="skip the (64, 100) layer step measurement")
@@ -1496,7 +1515,15 @@ def main(argv=None, *, reexec=True):
     argv = list(sys.argv[1:] if argv is None else argv)
     if reexec:
         _clean_env_and_reexec(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.min_repeats is not None and args.min_repeats > args.max_repeats:
+        parser.error(f"--min-repeats ({args.min_repeats}) must not exceed --max-repeats "
+                     f"({args.max_repeats})")
+    for spec in args.shapes or ():
+        if math.prod(spec.shape) // spec.channels < 2:
+            parser.error(f"shape {spec.name} has one value per channel: batch norm's "
+                         "training forward needs at least two")
     if args.plot:
         problem = _matplotlib_problem()
         if problem:
@@ -1506,6 +1533,9 @@ def main(argv=None, *, reexec=True):
         parent = os.path.dirname(os.path.abspath(path)) if path else None
         if parent and not os.path.isdir(parent):
             sys.stderr.write(f"cbn bench: directory {parent!r} does not exist\n")
+            return 2
+        if path and os.path.isdir(path):
+            sys.stderr.write(f"cbn bench: {path!r} is a directory, not a file\n")
             return 2
     config = config_from_args(args)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))

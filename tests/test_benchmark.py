@@ -173,6 +173,29 @@ def test_bad_arguments():
         B.main(["--threads", "0"], reexec=False)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--target-time", "nan"], "target time must be a non-negative float"),
+    (["--target-time", "-1"], "target time must be a non-negative float"),
+    (["--cache-mib", "nan"], "cache size must be a positive float"),
+    (["--max-repeats", "0"], "max repeats must be a positive int"),
+    (["--rounds", "-3"], "rounds must be a positive int"),
+    (["--min-repeats", "10", "--max-repeats", "2"], "must not exceed --max-repeats"),
+    (["--shapes", "1x4"], "one value per channel"),
+    (["--threads", "99999999"], "threads must be at most"),
+])
+def test_bad_values_are_usage_errors_before_anything_runs(args, message, capsys):
+    """Each was a traceback (or an accepted value) after or during the run."""
+    with pytest.raises(SystemExit) as info:
+        B.main(args, reexec=False)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_directory_is_refused_first(tmp_path, capsys):
+    assert B.main(["--shapes", "8x4", "--json", str(tmp_path)], reexec=False) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
 def test_reexec_drops_openblas_variables(tmp_path):
     """``python -m cbn bench`` re-executes itself without the OpenBLAS variables."""
     import os
