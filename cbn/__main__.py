@@ -377,15 +377,61 @@ def _output_path_problem(option, path):
     """Why ``path`` (of ``--json`` or ``--plot``) cannot be written, or None; before training."""
     if path is None:
         return None
+    if not path:
+        return f"cbn demo: {option} needs a file name"
     if os.path.isdir(path):
         return f"cbn demo: {option} {path!r} is a directory; name a file to write"
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         return f"cbn demo: {option}: directory {parent!r} does not exist"
-    target = path if os.path.exists(path) else parent
-    if not os.access(target, os.W_OK):
-        return f"cbn demo: {option}: {target!r} is not writable"
+    # Opening is the test that holds for every user (os.access lets root pass
+    # everywhere, and a read-only file system refuses root too).
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        return f"cbn demo: {option}: {_os_error_message(exc)}"
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     return None
+
+
+def _plot_format_problem(path):
+    """Why matplotlib would not write ``path`` (an unknown extension), or None."""
+    if not path:
+        return None
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in formats:
+        return (f"cbn demo: --plot {path!r}: name a file ending in one of "
+                f"{', '.join('.' + f for f in sorted(formats))}")
+    return None
+
+
+def _usage_problems(args):
+    """What the options ask that the run could only refuse after training (status 2)."""
+    from . import _kernels
+
+    if args.batch_size < 2:
+        yield "cbn demo: --batch-size must be at least 2: the batch-norm run normalizes each mini-batch"
+    if args.threads > _kernels.MAX_THREADS:
+        yield f"cbn demo: --threads must be at most {_kernels.MAX_THREADS}, got {args.threads}"
+    for lr in args.lr_sweep or [args.lr]:
+        as32 = np.float32(lr) if lr < 1e39 else np.float32(np.inf)
+        if not np.isfinite(as32) or as32 == 0:
+            option = "--lr-sweep" if args.lr_sweep else "--lr"
+            yield f"cbn demo: {option} {lr:g} is not a float32 learning rate (the models are float32)"
+    if args.dataset == "idx" and not args.data_dir:
+        yield "cbn demo: --dataset idx needs --data-dir DIR"
+    if args.lr_sweep and args.plot:
+        yield "cbn demo: --plot draws the curves of one run; with --lr-sweep, write --json"
+    if args.plot and args.json and os.path.abspath(args.plot) == os.path.abspath(args.json):
+        yield "cbn demo: --plot and --json name the same file"
 
 
 def _os_error_message(exc):
@@ -479,7 +525,7 @@ def run_demo(args, out=None):
     data = (X_train, X_test, y_train, y_test)
     out.write(f"cbn demo: {name}, {len(X_train)} train / {len(X_test)} test examples\n"
               f"MLP {X_train.shape[1]}-{'-'.join(map(str, args.hidden))}-"
-              f"{int(y_train.max()) + 1}, {args.activation}, {args.optimizer} "
+              f"{int(max(y_train.max(), y_test.max())) + 1}, {args.activation}, {args.optimizer} "
               f"lr={args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}; "
               "same initial weights and mini-batches for both runs\n\n")
     result = {"config": _config(args)}
@@ -531,12 +577,15 @@ def main(argv=None):
         return benchmark.main(argv[1:])
     args = build_parser().parse_args(argv)
     # Problems with the arguments are reported before any training (status 2).
-    problems = [_check_plot_available(args.plot), _output_path_problem("--plot", args.plot),
-                _output_path_problem("--json", args.json)]
-    for problem in problems:
-        if problem:
-            sys.stderr.write(problem + "\n")
-            return 2
+    problems = [*_usage_problems(args), _check_plot_available(args.plot)]
+    problems = [p for p in problems if p]
+    if not problems:  # matplotlib is there to ask
+        problems = [p for p in (_output_path_problem("--plot", args.plot),
+                                _plot_format_problem(args.plot),
+                                _output_path_problem("--json", args.json)) if p]
+    if problems:
+        sys.stderr.write(problems[0] + "\n")
+        return 2
     # Failures of the run itself: one line and status 1, no traceback.
     try:
         with _blas_limit(args.blas_threads, quiet=args.quiet):
@@ -544,6 +593,13 @@ def main(argv=None):
         if args.json:
             _write_json(args.json, _clean(result))
             print(f"wrote {args.json}")
+    except KeyboardInterrupt:
+        sys.stderr.write("cbn demo: interrupted\n")
+        return 130
+    except BrokenPipeError:  # cbn demo | head: the reader has gone, nothing to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except _Diverged as exc:
         sys.stderr.write(f"cbn demo: {exc}; try a smaller --lr\n")
         return 1

@@ -57,10 +57,59 @@ def test_output_path_is_checked_before_training(option, tmp_path, capsys):
 
 def test_unwritable_json_directory_is_refused_before_training(tmp_path, capsys, monkeypatch):
     # Tests may run as root, who can write anywhere: simulate the permission.
-    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(tmp_path))
-    assert main([*TINY, "--json", str(tmp_path / "out.json")]) == 2
+    target = str(tmp_path / "out.json")
+
+    def refusing_open(path, *args, **kwargs):
+        if os.fspath(path) == target:
+            raise PermissionError(13, "Permission denied", target)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr("cbn.__main__.open", refusing_open, raising=False)
+    assert main([*TINY, "--json", target]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and "--json" in captured.err and "not writable" in captured.err
+    assert captured.out == "" and "--json" in captured.err and "Permission denied" in captured.err
+    assert not os.path.exists(target)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr", "1e308"], "--lr 1e+308 is not a float32 learning rate"),
+    (["--lr", "1e-50"], "--lr 1e-50 is not a float32 learning rate"),
+    (["--lr-sweep", "0.1,1e-50"], "--lr-sweep 1e-50 is not a float32"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--threads", "2000000"], "--threads must be at most"),
+    (["--dataset", "idx"], "--dataset idx needs --data-dir"),
+    (["--json", ""], "--json needs a file name"),
+])
+def test_values_the_run_would_refuse_are_usage_errors_before_training(argv, needle, capsys):
+    """Each trained (part of) a run before failing with status 1, or was ignored."""
+    assert main([*TINY, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and needle in captured.err and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--plot", "curves.xyz"], "name a file ending in one of"),
+    (["--plot", "noext"], "name a file ending in one of"),
+    (["--lr-sweep", "0.1", "--plot", "s.png"], "--plot draws the curves of one run"),
+    (["--plot", "same.png", "--json", "same.png"], "name the same file"),
+])
+def test_plot_paths_are_checked_before_training(argv, needle, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert main([*TINY, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and needle in captured.err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_an_interrupted_demo_is_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cbn.__main__.run_demo", interrupted)
+    assert main(TINY) == 130
+    err = capsys.readouterr().err
+    assert err == "cbn demo: interrupted\n"
 
 
 @pytest.mark.parametrize("value", ["-1", "0", "nan", "1.5", "90", "x"])
