@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from . import layer as bn_layer
 from .functional import refuse_masked
 from .layer import BatchNorm
 from .nn import Linear, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
@@ -338,6 +339,8 @@ def _check_validation(model, validation, n_classes):
 
 def _shuffle_rng(seed):
     """The generator of the epochs' permutations; a bad ``seed`` raises naming it."""
+    if isinstance(seed, (bool, np.bool_)):  # True would seed as 1
+        raise TypeError(f"seed must be None or a non-negative int, got {seed!r}")
     try:
         return np.random.default_rng(seed)
     except (TypeError, ValueError) as exc:
@@ -509,6 +512,8 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
     callbacks = _check_callbacks(callbacks)
     if verbose not in (0, 1, 2, False, True):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    shuffle = bn_layer._check_flag(shuffle, "shuffle")
+    record_steps = bn_layer._check_flag(record_steps, "record_steps")
     rng = _shuffle_rng(seed)
     starts = list(range(0, n, batch_size))
     dropped = int(n - starts[-1] == 1 and len(starts) > 1 and _needs_two(model))
@@ -527,34 +532,39 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
                 correct = seen = 0
                 history.dropped += dropped
                 stop = False
-                for i, start in enumerate(starts, 1):
-                    idx = order[start:start + batch_size]
-                    xb, yb = X[idx], y[idx]
-                    ts = time.perf_counter()
-                    logits = model.forward(xb)
-                    value, dlogits = loss_fn(logits, yb)
-                    value = float(value)  # a NumPy scalar from a custom loss: JSON-ready
-                    model.backward(dlogits.astype(logits.dtype, copy=False))
-                    optimizer.step()
-                    work += time.perf_counter() - ts
-                    step += 1
-                    hits = int(np.count_nonzero(logits.argmax(axis=1) == yb))
-                    loss_sum += value * len(yb)
-                    correct += hits
-                    seen += len(yb)
-                    if record_steps:
-                        history.step_loss.append(float(value))
-                        history.step_acc.append(hits / len(yb))
-                    progress.step(epoch, i, value)
-                    try:
-                        _callback_hook(callbacks, "on_step_end", model, step,
-                                       {"loss": float(value), "acc": hits / len(yb),
-                                        "epoch": epoch})
-                    except StopTraining:
-                        stop = True
-                        break
-                    finally:
-                        model.train()  # a callback may have evaluated
+                try:  # StopTraining from a step (a loss, the model) ends it as a callback's does
+                    for i, start in enumerate(starts, 1):
+                        idx = order[start:start + batch_size]
+                        xb, yb = X[idx], y[idx]
+                        ts = time.perf_counter()
+                        logits = model.forward(xb)
+                        value, dlogits = loss_fn(logits, yb)
+                        value = float(value)  # a NumPy scalar from a custom loss: JSON-ready
+                        model.backward(dlogits.astype(logits.dtype, copy=False))
+                        optimizer.step()
+                        work += time.perf_counter() - ts
+                        step += 1
+                        hits = int(np.count_nonzero(logits.argmax(axis=1) == yb))
+                        loss_sum += value * len(yb)
+                        correct += hits
+                        seen += len(yb)
+                        if record_steps:
+                            history.step_loss.append(float(value))
+                            history.step_acc.append(hits / len(yb))
+                        progress.step(epoch, i, value)
+                        try:
+                            _callback_hook(callbacks, "on_step_end", model, step,
+                                           {"loss": float(value), "acc": hits / len(yb),
+                                            "epoch": epoch})
+                        except StopTraining:
+                            stop = True
+                            break
+                        finally:
+                            model.train()  # a callback may have evaluated
+                except StopTraining:
+                    stop = True
+                if seen == 0:  # stopped before the epoch's first step finished
+                    break
                 if val_set is not None:
                     v_loss, v_acc = evaluate(model, *val_set, loss=loss_fn)
                 else:
@@ -612,6 +622,7 @@ def predict(model, X, *, batch_size=1024):
     X, _ = _check_data(model, X, None)
     batch_size = _positive_int(batch_size, "batch_size")
     if len(X) == 0:
+        _check_width(X, _edge_width(model, "in"), "X")  # as a row would be
         return _empty_logits(model, X.dtype)
     with _mode_restored(model):
         model.eval()

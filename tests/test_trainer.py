@@ -269,3 +269,40 @@ def test_history_is_json_ready_with_a_loss_that_returns_numpy_scalars():
     assert history.to_dict()["step_loss"][-1] is None
     loss, _ = evaluate(model, X, y, loss=Loss32())
     assert type(loss) is float
+
+
+def test_flags_seed_and_empty_input_are_checked_like_the_rest():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=12)
+    model = mlp([4, 6, 3], rng=rng)
+    opt = SGD(model.params, model.grads)
+    for kwargs, error, message in (({"shuffle": "no"}, TypeError, "shuffle must be True or False"),
+                                   ({"record_steps": "no"}, TypeError, "record_steps must be"),
+                                   ({"seed": True}, TypeError, "seed must be None or")):
+        with pytest.raises(error, match=message):
+            fit(model, X, y, epochs=1, batch_size=4, optimizer=opt, verbose=0, **kwargs)
+    assert opt.t == 0
+    with pytest.raises(ValueError, match="has 5 features but the model takes 4"):
+        predict(model, np.empty((0, 5), np.float32))
+    assert predict(model, np.empty((0, 4), np.float32)).shape == (0, 3)
+
+
+def test_stop_training_from_a_loss_closes_the_epoch_as_a_callbacks_does():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=16)
+    model = mlp([4, 6, 3], rng=rng)
+    opt = SGD(model.params, model.grads)
+
+    class StoppingLoss(SoftmaxCrossEntropy):
+        calls = 0
+
+        def __call__(self, z, t):
+            type(self).calls += 1
+            if self.calls == 7:  # the third step of epoch 2 (four steps an epoch)
+                raise StopTraining
+            return super().__call__(z, t)
+
+    h = fit(model, X, y, epochs=5, batch_size=4, optimizer=opt, loss=StoppingLoss(),
+            record_steps=True, verbose=0)
+    assert h.steps == [4, 6] and h.n_steps == opt.t == len(h.step_loss) == 6
+    assert len(h.train_loss) == len(h.epoch) == 2 and model.training
