@@ -118,7 +118,7 @@ class StepEvaluator:
         self.X, self.y = X, y
         self.every = _positive_int(every, "every")
         self.at = {_positive_int(s, "at") for s in at}
-        self.batch_size = batch_size
+        self.batch_size = _positive_int(batch_size, "batch_size")
         self.steps, self.loss, self.acc = [], [], []
 
     def _record(self, model, step):
@@ -510,6 +510,10 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
     _check_optimizer_covers(model, optimizer)
     val_set = _check_validation(model, validation, n_classes)
     callbacks = _check_callbacks(callbacks)
+    for i, cb in enumerate(callbacks):  # its data, before any step rather than at its first
+        if isinstance(cb, StepEvaluator):
+            _checked_labelled_set(model, cb.X, cb.y, f"callbacks[{i}].X", f"callbacks[{i}].y",
+                                  _edge_width(model, "out"))
     if verbose not in (0, 1, 2, False, True):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
     shuffle = bn_layer._check_flag(shuffle, "shuffle")

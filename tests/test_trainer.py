@@ -306,3 +306,19 @@ def test_stop_training_from_a_loss_closes_the_epoch_as_a_callbacks_does():
             record_steps=True, verbose=0)
     assert h.steps == [4, 6] and h.n_steps == opt.t == len(h.step_loss) == 6
     assert len(h.train_loss) == len(h.epoch) == 2 and model.training
+
+
+def test_a_step_evaluator_is_checked_before_any_step():
+    rng = np.random.default_rng()
+    X, y = blobs(rng, n=16)
+    model = mlp([4, 6, 3], rng=rng)
+    opt = SGD(model.params, model.grads)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        StepEvaluator(X, y, batch_size=0)
+    for bad_X, bad_y, message in ((X[:, :3], y, r"callbacks\[0\].X has 3 features"),
+                                  (X, None, r"callbacks\[0\].y must be an array"),
+                                  (X, y + 5, r"callbacks\[0\].y")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            fit(model, X, y, epochs=1, batch_size=4, optimizer=opt, verbose=0,
+                callbacks=[StepEvaluator(bad_X, bad_y, every=2)])
+    assert opt.t == 0
