@@ -13,14 +13,21 @@ and picks compiler flags that the compiler at hand actually accepts:
 * OpenMP when the compiler supports it, a clean sequential build otherwise
   (``cython.parallel.prange`` compiles to a plain loop without OpenMP);
 * ``-march=native`` unless ``CBN_PORTABLE=1`` (set it when building a wheel
-  for other machines);
+  for other machines; cibuildwheel builds are portable by themselves). A
+  native build writes ``cbn/_native.py`` beside the extension: the CPU
+  features (as Linux's /proc/cpuinfo names them) its code may use, which
+  ``import cbn`` checks, so that a native build carried to a CPU without
+  them (a shared pip cache, a copied wheel) raises ImportError instead of
+  dying of an illegal instruction;
 * ``CBN_DEBUG=1`` turns Cython's bounds, wraparound and initialization
   checks back on and adds AddressSanitizer/UBSan where the compiler has
   them; ``cbn.build_info()`` reports which build is installed.
 """
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -30,7 +37,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("CBN_DEBUG", "") not in ("", "0")
-PORTABLE = os.environ.get("CBN_PORTABLE", "") not in ("", "0")
+# cibuildwheel makes wheels for other machines: never -march=native there.
+PORTABLE = (os.environ.get("CBN_PORTABLE", "") not in ("", "0")
+            or os.environ.get("CIBUILDWHEEL") == "1")
 
 DIRECTIVES = {
     "language_level": 3,
@@ -59,6 +68,46 @@ def _accepts(compiler, flags, link=False, source="int main(void){return 0;}\n"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Instruction-set macros that -march=native may define (x86).
+ISA_MACRO = re.compile(r"#define __(AVX\w*|FMA|F16C|BMI2?|SSE4_[12]|SSSE3)__ 1")
+
+
+def _cpu_flags(path="/proc/cpuinfo"):
+    """The ``flags`` of the first CPU Linux lists, or an empty set."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _native_isa(compiler):
+    """The CPU features, under /proc/cpuinfo's names, that ``-march=native``
+    lets this compiler use here; () where that cannot be told (then nothing
+    is checked at import). Only names this machine's cpuinfo lists are kept,
+    so a name spelt otherwise there can never refuse the machine that built."""
+    have = _cpu_flags()
+    command = getattr(compiler, "compiler_so", None)
+    if not have or not command:
+        return ()
+    try:
+        macros = subprocess.run([command[0], "-march=native", "-dM", "-E", "-x", "c", os.devnull],
+                                capture_output=True, text=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    need = set()
+    for name in (m.lower() for m in ISA_MACRO.findall(macros)):
+        # cpuinfo spells avx512vnni as avx512_vnni, bmi as bmi1
+        for flag in (name, name.replace("avx512", "avx512_", 1), name + "1"):
+            if flag in have:
+                need.add(flag)
+                break
+    return tuple(sorted(need))
+
+
 OPENMP_PROBE = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
 
 
@@ -68,6 +117,7 @@ class BuildExt(build_ext):
     def build_extensions(self):
         cc = self.compiler
         compile_args, link_args, macros = [], [], []
+        isa = ()  # the CPU features a -march=native build may use (_native_isa)
         if cc.compiler_type == "msvc":
             compile_args += ["/O2", "/openmp"]
         else:
@@ -79,6 +129,8 @@ class BuildExt(build_ext):
             for flag in wanted:
                 if _accepts(cc, [flag]):
                     compile_args.append(flag)
+            if "-march=native" in compile_args:
+                isa = _native_isa(cc)
             if _accepts(cc, ["-fopenmp"], link=True, source=OPENMP_PROBE):
                 compile_args.append("-fopenmp")
                 link_args.append("-fopenmp")
@@ -97,6 +149,27 @@ class BuildExt(build_ext):
             ext.extra_link_args = list(ext.extra_link_args or []) + link_args
             ext.define_macros = list(ext.define_macros or []) + macros
         super().build_extensions()
+        self._write_native(isa, "-march=native" in compile_args)
+
+    def _write_native(self, isa, native):
+        """``cbn/_native.py`` beside the built extension (see the module docstring),
+        and in the source tree for an in-place or editable build, which copies
+        only the extension there."""
+        folders = {os.path.dirname(self.get_ext_fullpath("cbn._kernels"))}
+        if self.inplace or getattr(self, "editable_mode", False):
+            folders.add(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cbn"))
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            self._write_native_file(os.path.join(folder, "_native.py"), isa, native)
+
+    @staticmethod
+    def _write_native_file(path, isa, native):
+        with open(path, "w") as fh:
+            fh.write('"""Written by setup.py: what the compiled extension was built for."""\n\n'
+                     "# Built with -march=native (False: CBN_PORTABLE=1, a debug build, or a\n"
+                     f"# compiler without it).\nNATIVE = {native!r}\n"
+                     "# CPU features (/proc/cpuinfo names) its code may use; import cbn checks\n"
+                     f"# them. Empty: nothing to check.\nISA = {tuple(isa)!r}\n")
 
 
 # The direct calls (``*_call``) read ndarray fields through NumPy's C API.

@@ -4,6 +4,18 @@ The layer is :class:`cbn.BatchNorm`; the stateless, validated functions are in
 :mod:`cbn.functional`; :mod:`cbn.reference` is the plain NumPy oracle.
 """
 
+from ._cpu import missing_features as _missing_features
+
+_missing = _missing_features()
+if _missing:  # checked before the extension loads: its first vector loop would crash
+    raise ImportError(
+        "cbn was compiled for another CPU (with -march=native, as installing from source "
+        f"does unless CBN_PORTABLE=1): this one lacks {', '.join(_missing)}, and the "
+        "extension would end the process with an illegal instruction. Reinstall it on this "
+        "machine: pip install --force-reinstall --no-cache-dir --no-binary cbn cbn (from a "
+        "checkout: pip install --force-reinstall --no-cache-dir .), or build a wheel for "
+        "several machines with CBN_PORTABLE=1")
+
 try:
     from . import _kernels
 except ImportError as exc:  # pragma: no cover - depends on how cbn was installed
@@ -31,6 +43,16 @@ def build_info():
     -------
     dict
         ``openmp``, ``max_threads``, ``debug`` (the ``CBN_DEBUG=1``
-        bounds-checked build) and ``sanitized`` (AddressSanitizer/UBSan).
+        bounds-checked build), ``sanitized`` (AddressSanitizer/UBSan),
+        ``native`` (built with ``-march=native``: for this machine's CPU,
+        not one to copy elsewhere; None if unrecorded) and ``isa`` (the CPU
+        features such a build may use, which ``import cbn`` checks).
     """
-    return _kernels.build_info()
+    info = dict(_kernels.build_info())
+    try:
+        from . import _native
+    except ImportError:
+        info.update(native=None, isa=())
+    else:
+        info.update(native=_native.NATIVE, isa=tuple(_native.ISA))
+    return info

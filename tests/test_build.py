@@ -1,0 +1,51 @@
+"""The build records what it compiled for, and import refuses a CPU without it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cbn
+from cbn import _cpu
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2
+processor\t: 1
+flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2
+"""
+
+
+def test_missing_features_compares_the_build_with_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    assert _cpu.missing_features(("avx", "avx2", "fma"), info) == []
+    assert _cpu.missing_features(("avx2", "avx512f", "avx512bw"), info) == ["avx512f", "avx512bw"]
+    assert _cpu.missing_features((), info) == []  # a portable build: nothing to check
+    assert _cpu.missing_features(("avx512f",), tmp_path / "absent") == []  # not Linux: unknown
+    info.write_text("processor\t: 0\n")
+    assert _cpu.missing_features(("avx512f",), info) == []  # no flags line: unknown
+
+
+def test_the_installed_build_fits_this_cpu_and_says_how_it_was_built():
+    info = cbn.build_info()
+    assert info["native"] in (True, False, None)
+    if info["native"] is False or info["debug"]:
+        assert info["isa"] == ()
+    assert _cpu.missing_features(info["isa"]) == []  # it imported here, after all
+
+
+def test_import_refuses_a_cpu_without_the_build_features():
+    """A native build carried to an older CPU would die of SIGILL at its first loop."""
+    code = ("import sys, types\n"
+            "sys.modules['cbn._native'] = types.SimpleNamespace(NATIVE=True, "
+            "ISA=('avx', 'avx1024x'))\n"
+            "import cbn\n")
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo: the check does not run on this system")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.__file__)))
+    assert proc.returncode == 1
+    assert "ImportError: cbn was compiled for another CPU" in proc.stderr
+    assert "lacks avx1024x" in proc.stderr and "CBN_PORTABLE=1" in proc.stderr
