@@ -24,6 +24,7 @@ and picks compiler flags that the compiler at hand actually accepts:
   them; ``cbn.build_info()`` reports which build is installed.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -72,16 +73,15 @@ def _accepts(compiler, flags, link=False, source="int main(void){return 0;}\n"):
 ISA_MACRO = re.compile(r"#define __(AVX\w*|FMA|F16C|BMI2?|SSE4_[12]|SSSE3)__ 1")
 
 
-def _cpu_flags(path="/proc/cpuinfo"):
-    """The ``flags`` of the first CPU Linux lists, or an empty set."""
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _cpu_flags():
+    """The ``flags`` of the first CPU Linux lists, or an empty set: read by
+    ``cbn/_cpu.py`` (loaded from its file: the package cannot be imported
+    before its extension is built), the same reader ``import cbn`` uses."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cbn", "_cpu.py")
+    spec = importlib.util.spec_from_file_location("_cbn_build_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._cpu_flags("/proc/cpuinfo") or set()
 
 
 def _native_isa(compiler):
