@@ -33,6 +33,22 @@ from . import functional, reference
 from .layer import BatchNorm
 
 __version__ = "0.1.0"
+
+# Loaded on first use (PEP 562), so that ``import cbn`` stays as light as the
+# layer needs while ``cbn.nn.mlp`` works after it, as ``torch.nn`` does.
+_SUBMODULES = ("data", "io", "nn", "optim", "testing", "trainer")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'cbn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_SUBMODULES])
 __all__ = ["BatchNorm", "functional", "reference", "build_info", "__version__"]
 
 

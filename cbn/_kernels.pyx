@@ -1954,14 +1954,14 @@ cdef double* _part_alloc(Py_ssize_t n) noexcept nogil:
     if raw == NULL:
         return NULL
     at = (<uintptr_t>raw + sizeof(void*) + 63) & ~(<uintptr_t>63)
-    (<void**>at)[-1] = raw
+    (<void**>at - 1)[0] = raw  # not [-1]: wraparound=False leaves negative indices undefined
     return <double*>at
 
 
 cdef inline void _part_free(double* part) noexcept nogil:
     """Free what _part_alloc returned (NULL is fine)."""
     if part != NULL:
-        free((<void**>part)[-1])
+        free((<void**>part - 1)[0])
 
 
 cdef inline void _stats_task(const floating* x, const Geometry* g, Py_ssize_t task,

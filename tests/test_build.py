@@ -49,3 +49,16 @@ def test_import_refuses_a_cpu_without_the_build_features():
     assert proc.returncode == 1
     assert "ImportError: cbn was compiled for another CPU" in proc.stderr
     assert "lacks avx1024x" in proc.stderr and "CBN_PORTABLE=1" in proc.stderr
+
+
+def test_submodules_load_on_first_use():
+    code = ("import sys, cbn\n"
+            "assert 'cbn.trainer' not in sys.modules\n"
+            "assert cbn.nn.mlp and cbn.optim.Adam and cbn.data.load_digits and cbn.trainer.fit\n"
+            "assert {'nn', 'optim', 'data', 'trainer'} <= set(dir(cbn))\n"
+            "try:\n    cbn.nope\nexcept AttributeError as e:\n    assert 'nope' in str(e)\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.__file__)))
+    assert proc.returncode == 0, proc.stderr
