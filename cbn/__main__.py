@@ -59,16 +59,19 @@ def _floats(text):
     return values
 
 
-def _positive(kind):
-    """An argparse type: a positive ``kind`` (int or float; a float must also be finite)."""
+def _positive(kind, *, zero=False):
+    """An argparse type: a positive ``kind`` (int or float; a float must also be
+    finite); with ``zero``, 0 too. ``cbn bench``'s options use it as well."""
+    sign = "non-negative" if zero else "positive"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
-        if not value > 0 or not math.isfinite(value):
+        if not (value > 0 or (zero and value == 0)) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(
-                f"expected a positive, finite {kind.__name__}, got {text!r}")
+                f"expected a {sign}, finite {kind.__name__}, got {text!r}")
         return value
     return parse
 
@@ -421,11 +424,14 @@ def _usage_problems(args):
         yield "cbn demo: --batch-size must be at least 2: the batch-norm run normalizes each mini-batch"
     if args.threads > _kernels.MAX_THREADS:
         yield f"cbn demo: --threads must be at most {_kernels.MAX_THREADS}, got {args.threads}"
+    from .optim import _rounding_problem
+
     for lr in args.lr_sweep or [args.lr]:
-        as32 = np.float32(lr) if lr < 1e39 else np.float32(np.inf)
-        if not np.isfinite(as32) or as32 == 0:
+        # What the optimizer would refuse after the first model is built.
+        problem = _rounding_problem(lr, np.dtype(np.float32))
+        if problem:
             option = "--lr-sweep" if args.lr_sweep else "--lr"
-            yield f"cbn demo: {option} {lr:g} is not a float32 learning rate (the models are float32)"
+            yield f"cbn demo: {option} {lr:g} {problem} (the models are float32)"
     if args.dataset == "idx" and not args.data_dir:
         yield "cbn demo: --dataset idx needs --data-dir DIR"
     if args.lr_sweep and args.plot:

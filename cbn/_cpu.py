@@ -7,20 +7,32 @@ extension would end the process with an illegal instruction at its first
 vector loop; ``import cbn`` checks first and raises ImportError instead.
 """
 
-__all__ = ["missing_features"]
+__all__ = ["first_cpu", "missing_features"]
 
 
-def _cpu_flags(path):
-    """The ``flags`` of the first CPU in ``path`` (Linux's /proc/cpuinfo), or
-    None where there is no such file or line (other systems: not checked)."""
+def first_cpu(path="/proc/cpuinfo"):
+    """The fields of the first CPU that ``path`` (Linux's /proc/cpuinfo) lists,
+    as ``{"vendor_id": "AuthenticAMD", "flags": "fpu ...", ...}``; {} where
+    there is no such file (other systems)."""
+    fields = {}
     try:
         with open(path) as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "processor" and fields:
+                    break  # the next CPU: the first one said all it says
+                fields.setdefault(key, value.strip())
+    except (OSError, UnicodeDecodeError):
         pass
-    return None
+    return fields
+
+
+def _cpu_flags(path):
+    """The ``flags`` of the first CPU in ``path``, or None where there is no
+    such file or line (other systems: not checked)."""
+    flags = first_cpu(path).get("flags")
+    return None if flags is None else set(flags.split())
 
 
 def missing_features(isa=None, path="/proc/cpuinfo"):

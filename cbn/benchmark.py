@@ -1392,6 +1392,13 @@ def _shape_list(text):
     return specs
 
 
+def _positive(kind, *, zero=False):
+    """The command line's positive-number argparse type (see cbn.__main__)."""
+    from .__main__ import _positive as positive  # here: __main__ imports this module
+
+    return positive(kind, zero=zero)
+
+
 def _thread_list(text):
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
@@ -1403,21 +1410,6 @@ def _thread_list(text):
     if any(v > top for v in values):
         raise argparse.ArgumentTypeError(f"threads must be at most {top}, got {text!r}")
     return values
-
-
-def _positive(kind, name, *, zero=False):
-    """An argparse type: a finite number > 0 (with ``zero``, >= 0) of ``kind``."""
-    what = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {what}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > 0 or (zero and value == 0))):
-            raise argparse.ArgumentTypeError(f"{name} must be a {what}, got {text!r}")
-        return value
-    return parse
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1455,17 +1447,17 @@ def build_parser(prog="cbn bench"):
                    default=["layer", "numpy", "torch"],
                    help="what to measure beside cbn.functional: layer,numpy,torch")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
-    p.add_argument("--target-time", type=_positive(float, "target time", zero=True),
+    p.add_argument("--target-time", type=_positive(float, zero=True),
                    default=None,
                    help="seconds of timed calls per measurement (default 0.2, --quick 0.02)")
-    p.add_argument("--min-repeats", type=_positive(int, "min repeats"), default=None,
+    p.add_argument("--min-repeats", type=_positive(int), default=None,
                    help="fewest timed calls per measurement (default 5, --quick 3)")
-    p.add_argument("--max-repeats", type=_positive(int, "max repeats"), default=2000,
+    p.add_argument("--max-repeats", type=_positive(int), default=2000,
                    help="most timed calls per measurement")
-    p.add_argument("--rounds", type=_positive(int, "rounds"), default=5,
+    p.add_argument("--rounds", type=_positive(int), default=5,
                    help="alternating rounds per case: every implementation is timed in "
                         "each round, so drift in the machine's speed hits all alike")
-    p.add_argument("--cache-mib", type=_positive(float, "cache size"), default=None,
+    p.add_argument("--cache-mib", type=_positive(float), default=None,
                    help="last-level cache size for input rotation (default: from sysfs)")
     p.add_argument("--no-small-step", action="store_true",
                    help="skip the (64, 100) layer step measurement")

@@ -20,6 +20,8 @@ import zlib
 
 import numpy as np
 
+from .layer import _check_flag
+
 __all__ = [
     "load_digits",
     "train_test_split",
@@ -68,13 +70,6 @@ def _fraction(value, name):
     if not 0 < value < 1:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
     return float(value)
-
-
-def _flag(value, name):
-    """A switch: True or False (``"no"`` would read as True)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def _test_counts(sizes, fraction):
@@ -129,7 +124,7 @@ def train_test_split(X, y, *, test_fraction=0.25, seed=0, stratify=True):
     if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
         raise ValueError("y holds NaN or Inf: labels must be classes")
     test_fraction = _fraction(test_fraction, "test_fraction")
-    stratify = _flag(stratify, "stratify")
+    stratify = _check_flag(stratify, "stratify")
     try:
         rng = np.random.default_rng(seed)
     except (TypeError, ValueError) as exc:

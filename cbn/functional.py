@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from . import _kernels
+from . import _cpu, _kernels
 
 __all__ = [
     "batch_norm_train",
@@ -127,23 +127,10 @@ def _one_row_bytes(default_l2=1 << 20):
 def _cpu_model(path="/proc/cpuinfo"):
     """``(vendor_id, cpu family, model)`` of the first CPU Linux lists (each None
     where it does not say)."""
-    vendor = family = model = None
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "processor" and vendor is not None:
-                    break  # the next CPU: the first one said all it says
-                if key == "vendor_id" and vendor is None:
-                    vendor = value
-                elif key == "cpu family" and family is None and value.isdigit():
-                    family = int(value)
-                elif key == "model" and model is None and value.isdigit():
-                    model = int(value)
-    except (OSError, UnicodeDecodeError):
-        pass
-    return vendor, family, model
+    fields = _cpu.first_cpu(path)
+    family, model = fields.get("cpu family", ""), fields.get("model", "")
+    return (fields.get("vendor_id"), int(family) if family.isdigit() else None,
+            int(model) if model.isdigit() else None)
 
 
 def _forward_one_row_wins(vendor, family, model=None):

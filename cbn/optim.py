@@ -35,6 +35,7 @@ import numbers
 import numpy as np
 
 from .functional import refuse_masked
+from .nn import _checked_params
 
 __all__ = ["Optimizer", "SGD", "Momentum", "RMSprop", "Adam", "make_optimizer", "OPTIMIZERS"]
 
@@ -230,32 +231,13 @@ def _scalar(value, name):
 _INT64_MAX = 2**63 - 1
 
 
-def _checked_step_count(value):
-    """The step count ``t`` from a state dict: an int >= 0."""
-    value = _scalar(value, "t")
+def _checked_step_count(value, name="t"):
+    """The step count ``t`` (assigned, or ``state['t']``): an int from 0 to 2**63 - 1."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"state['t'] must be a non-negative int, got {value!r}")
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
     if not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"state['t'] must be a non-negative int64, got {value}")
+        raise ValueError(f"{name} must be a non-negative int64, got {value}")
     return int(value)
-
-
-def _checked_buffer(value, name, like, *, nonnegative=False):
-    """A running average from a state dict, cast to the dtype of ``like``."""
-    refuse_masked(value, f"state[{name!r}]")
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"state[{name!r}] must be a float array, got dtype {arr.dtype}")
-    if arr.shape != like.shape:
-        raise ValueError(f"state[{name!r}] must have shape {like.shape}, got {arr.shape}")
-    with np.errstate(over="ignore"):
-        cast = arr.astype(like.dtype)
-    if not np.all(np.isfinite(cast)):
-        raise ValueError(f"state[{name!r}] contains NaN or Inf (as {like.dtype})")
-    if nonnegative and np.any(cast < 0):
-        raise ValueError(f"state[{name!r}] is a running average of squares: it must not be "
-                         f"negative, got {float(cast.min())!r}")
-    return cast
 
 
 def _is_bn_key(key):
@@ -375,11 +357,7 @@ class Optimizer:
 
     @t.setter
     def t(self, value):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"t must be a non-negative int, got {value!r}")
-        if not 0 <= value <= _INT64_MAX:
-            raise ValueError(f"t must be a non-negative int64, got {value}")
-        self._t = int(value)
+        self._t = _checked_step_count(value)
 
     def _hypers(self):
         """The hyper-parameters' names, base class first (``lr``, ...)."""
@@ -427,10 +405,18 @@ class Optimizer:
                            f"{missing}, unexpected keys {unexpected}")
         # Read only now: from numpy.load, each entry is decompressed as it is read.
         state = {k: state[k] for k in expected}
-        t = _checked_step_count(state["t"])
-        buffers = {(buffer, key): _checked_buffer(state[f"{buffer}.{key}"], f"{buffer}.{key}",
-                                                  arr, nonnegative=buffer == "s")
-                   for buffer in self._buffers for key, arr in getattr(self, buffer).items()}
+        t = _checked_step_count(_scalar(state["t"], "t"), "state['t']")
+        # The averages are checked as a layer's parameters are (shape, numbers,
+        # finite); those of squares must also not be negative.
+        owner = f"{type(self).__name__}.load_state_dict"
+        buffers = _checked_params(
+            {f"{b}.{key}": arr for b in self._buffers for key, arr in getattr(self, b).items()},
+            {f"{b}.{key}": state[f"{b}.{key}"] for b in self._buffers
+             for key in getattr(self, b)}, owner)
+        for name, value in buffers.items():
+            if name.startswith("s.") and np.any(value < 0):
+                raise ValueError(f"{owner}: state[{name!r}] is a running average of squares: "
+                                 f"it must not be negative, got {float(value.min())!r}")
         old = {name: getattr(self, name) for name in self._hypers()}
         try:  # each as its assignment checks it; all or none
             for name in ("decay_bn", *[n for n in old if n != "decay_bn"]):
@@ -439,7 +425,8 @@ class Optimizer:
             for name, value in old.items():
                 setattr(self, "_" + name, value)
             raise
-        for (buffer, key), value in buffers.items():
+        for name, value in buffers.items():
+            buffer, key = name.split(".", 1)
             getattr(self, buffer)[key][...] = value
         self.t = t
 

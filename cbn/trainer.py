@@ -200,10 +200,8 @@ def _all_modules(model):
 
 def _flat_layers(model):
     """The model's leaf layers in order: a Sequential (also nested) is expanded."""
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, (list, tuple)):
-        return [leaf for layer in layers for leaf in _flat_layers(layer)]
-    return [model]
+    return [m for m in _all_modules(model)
+            if not isinstance(getattr(m, "layers", None), (list, tuple))]
 
 
 # Layers that pass their input width through unchanged.

@@ -174,11 +174,11 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target-time", "nan"], "target time must be a non-negative float"),
-    (["--target-time", "-1"], "target time must be a non-negative float"),
-    (["--cache-mib", "nan"], "cache size must be a positive float"),
-    (["--max-repeats", "0"], "max repeats must be a positive int"),
-    (["--rounds", "-3"], "rounds must be a positive int"),
+    (["--target-time", "nan"], "expected a non-negative, finite float"),
+    (["--target-time", "-1"], "expected a non-negative, finite float"),
+    (["--cache-mib", "nan"], "--cache-mib: expected a positive, finite float"),
+    (["--max-repeats", "0"], "--max-repeats: expected a positive, finite int"),
+    (["--rounds", "-3"], "--rounds: expected a positive, finite int"),
     (["--min-repeats", "10", "--max-repeats", "2"], "must not exceed --max-repeats"),
     (["--shapes", "1x4"], "one value per channel"),
     (["--threads", "99999999"], "threads must be at most"),

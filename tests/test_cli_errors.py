@@ -72,9 +72,9 @@ def test_unwritable_json_directory_is_refused_before_training(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--lr", "1e308"], "--lr 1e+308 is not a float32 learning rate"),
-    (["--lr", "1e-50"], "--lr 1e-50 is not a float32 learning rate"),
-    (["--lr-sweep", "0.1,1e-50"], "--lr-sweep 1e-50 is not a float32"),
+    (["--lr", "1e308"], "--lr 1e+308 overflows to inf in float32"),
+    (["--lr", "1e-50"], "--lr 1e-50 rounds to 0 in float32"),
+    (["--lr-sweep", "0.1,1e-50"], "--lr-sweep 1e-50 rounds to 0"),
     (["--batch-size", "1"], "--batch-size must be at least 2"),
     (["--threads", "2000000"], "--threads must be at most"),
     (["--dataset", "idx"], "--dataset idx needs --data-dir"),

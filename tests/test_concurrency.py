@@ -83,20 +83,34 @@ def _state(bn):
     return (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked)
 
 
+# Rows through the direct kernel call, NCHW maps, channels-last maps (axis=-1).
+LAYOUTS = {"rows": ((16, 5), 1), "maps": ((6, 5, 3, 2), 1), "channels-last": ((6, 3, 2, 5), -1)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_an_interrupt_anywhere_in_a_training_step_leaves_the_layer_usable_and_whole(momentum):
+def test_an_interrupt_anywhere_in_a_training_step_leaves_the_layer_usable_and_whole(
+        momentum, dtype, layout):
     """A Ctrl-C at any point of forward or backward: the next call works (the
     guard is never left taken), and the running statistics and their count
     changed together or not at all."""
     rng = np.random.default_rng()
-    x = _batch(rng)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
+    shape, axis = LAYOUTS[layout]
+
+    def batch():
+        return (rng.standard_normal(shape) * 1.5 + 0.3).astype(dtype)
+
+    def layer():
+        return BatchNorm(5, momentum=momentum, dtype=dtype, axis=axis)
+
+    x, dy = batch(), batch()
     for step in ("forward", "backward"):
         k, interrupted = 0, True
         while interrupted:
             k += 1
-            bn = BatchNorm(5, momentum=momentum)
-            bn(_batch(rng))  # running statistics away from their initial values
+            bn = layer()
+            bn(batch())  # running statistics away from their initial values
             if step == "backward":
                 bn(x)
             before = _state(bn)
@@ -105,7 +119,7 @@ def test_an_interrupt_anywhere_in_a_training_step_leaves_the_layer_usable_and_wh
             after = _state(bn)
             if step == "forward" and after[2] != before[2]:
                 assert after[2] == before[2] + 1
-                ref = BatchNorm(5, momentum=momentum)
+                ref = layer()
                 ref.load_state_dict(dict(zip(
                     ("running_mean", "running_var", "num_batches_tracked"), before),
                     gamma=bn.gamma, beta=bn.beta))

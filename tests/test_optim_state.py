@@ -84,11 +84,11 @@ def _bad_states(state):
     return [
         (edit(**{key: None}), KeyError, r"missing keys \['v.0.W'\]"),
         (dict(state, extra=np.ones(1)), KeyError, r"unexpected keys \['extra'\]"),
-        (edit(**{key: np.ones((2, 2))}), ValueError, "must have shape"),
+        (edit(**{key: np.ones((2, 2))}), ValueError, "has shape"),
         (edit(**{key: np.full(shape, np.nan)}), ValueError, "NaN or Inf"),
         (edit(**{key: np.full(shape, 1e300)}), ValueError, "NaN or Inf"),
         (edit(**{"s.0.W": -np.ones(shape)}), ValueError, "must not be negative"),
-        (edit(**{key: np.full(shape, "x")}), TypeError, "float array"),
+        (edit(**{key: np.full(shape, "x")}), TypeError, "must be numeric"),
         (edit(**{key: masked}), TypeError, "masked"),
         (edit(t=np.array(-1)), ValueError, "non-negative"),
         (edit(t=1.5), TypeError, "non-negative int"),
