@@ -30,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on how cbn was installe
     ) from exc
 
 from . import functional, reference
+from .functional import cache_info, empty_cache, set_cache_limit
 from .layer import BatchNorm
 
 __version__ = "0.1.0"
@@ -49,7 +50,8 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_SUBMODULES])
-__all__ = ["BatchNorm", "functional", "reference", "build_info", "__version__"]
+__all__ = ["BatchNorm", "functional", "reference", "build_info", "cache_info", "empty_cache",
+           "set_cache_limit", "__version__"]
 
 
 def build_info():

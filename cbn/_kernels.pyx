@@ -3782,6 +3782,143 @@ cdef inline size_t _page_gap(size_t a, size_t b) noexcept:
     return d if d <= PAGE_BYTES // 2 else PAGE_BYTES - d
 
 
+# Reuse of large outputs
+# ======================
+# glibc's malloc serves a block of 32 MiB or more (its highest dynamic mmap
+# threshold) from pages mapped for it and unmapped at free, so each output that
+# large page-faults on its first write: a (32, 64, 112, 112) float32 evaluation
+# through the layer took 16.6 ms against 5.5 ms into warm memory (Zen 4,
+# session 24), and PyTorch's module pays the same. Smaller blocks come back from
+# glibc's heap warm. So the memory behind outputs of CACHE_MIN_BYTES or more is
+# a _Block, which on release goes to a small cache that the next output of about
+# its size takes (a training loop frees y and dx of the step before as it makes
+# this step's). The cache holds at most CACHE_SLOTS blocks and _cache_limit bytes
+# (cbn.set_cache_limit; cbn.empty_cache frees it all). Only the GIL guards it:
+# blocks are taken in _fresh and given back by deallocation, both under the GIL.
+
+cdef extern from "Python.h":
+    int PyTraceMalloc_Track(unsigned int domain, uintptr_t ptr, size_t size)
+    int PyTraceMalloc_Untrack(unsigned int domain, uintptr_t ptr)
+
+cdef enum:
+    CACHE_MIN_BYTES = 33554432  # glibc's largest mmap threshold (64-bit)
+    CACHE_SLOTS = 8
+    TRACE_DOMAIN = 389047       # NumPy's tracemalloc domain, so its tools count these
+
+cdef char* _cache_ptr[CACHE_SLOTS]   # oldest first
+cdef size_t _cache_size[CACHE_SLOTS]
+cdef int _cache_count = 0
+cdef size_t _cache_bytes = 0
+cdef size_t _cache_limit = 0          # set by cbn at import (set_cache_limit)
+
+
+cdef void _release(char* ptr) noexcept:
+    """Return a block's memory to the system."""
+    PyTraceMalloc_Untrack(TRACE_DOMAIN, <uintptr_t>ptr)
+    free(ptr)
+
+
+cdef void _cache_drop(int i) noexcept:
+    """Free cached block ``i`` and close the gap, keeping the age order."""
+    global _cache_count, _cache_bytes
+    cdef int j
+    _release(_cache_ptr[i])
+    _cache_bytes -= _cache_size[i]
+    _cache_count -= 1
+    for j in range(i, _cache_count):
+        _cache_ptr[j] = _cache_ptr[j + 1]
+        _cache_size[j] = _cache_size[j + 1]
+
+
+cdef void _cache_put(char* ptr, size_t size) noexcept:
+    """Keep a released block (evicting the oldest to make room), or free it
+    if it alone exceeds the limit."""
+    global _cache_count, _cache_bytes
+    if size > _cache_limit:
+        _release(ptr)
+        return
+    while _cache_count == CACHE_SLOTS or _cache_bytes + size > _cache_limit:
+        _cache_drop(0)
+    _cache_ptr[_cache_count] = ptr
+    _cache_size[_cache_count] = size
+    _cache_count += 1
+    _cache_bytes += size
+
+
+cdef char* _cache_take(size_t need, size_t* got) noexcept:
+    """The smallest cached block of ``need`` to 5/4 ``need`` bytes, removed
+    from the cache (its size in ``got``), or NULL."""
+    global _cache_count, _cache_bytes
+    cdef int i, j, best = -1
+    for i in range(_cache_count):
+        if need <= _cache_size[i] <= need + need // 4 and (
+                best < 0 or _cache_size[i] < _cache_size[best]):
+            best = i
+    if best < 0:
+        return NULL
+    cdef char* ptr = _cache_ptr[best]
+    got[0] = _cache_size[best]
+    _cache_bytes -= got[0]
+    _cache_count -= 1
+    for j in range(best, _cache_count):
+        _cache_ptr[j] = _cache_ptr[j + 1]
+        _cache_size[j] = _cache_size[j + 1]
+    return ptr
+
+
+cdef class _Block:
+    """The memory behind one large output array (its ``base``); it goes to the
+    cache when the last array using it is freed."""
+    cdef char* ptr
+    cdef size_t size
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            _cache_put(self.ptr, self.size)
+            self.ptr = NULL
+
+
+cdef _Block _new_block(size_t size):
+    """A block of at least ``size`` bytes, from the cache if it has one that
+    fits, else from malloc (MemoryError if there is no memory for it)."""
+    cdef _Block block = _Block.__new__(_Block)
+    cdef size_t got = 0
+    block.ptr = _cache_take(size, &got)
+    if block.ptr == NULL:
+        block.ptr = <char*>malloc(size)
+        if block.ptr == NULL:
+            raise MemoryError(f"Unable to allocate {size / 2.0 ** 30:.3g} GiB for an output of cbn")
+        PyTraceMalloc_Track(TRACE_DOMAIN, <uintptr_t>block.ptr, size)
+        got = size
+    block.size = got
+    return block
+
+
+def set_cache_limit(nbytes):
+    """Keep at most ``nbytes`` of released large outputs for reuse (0: none);
+    frees the oldest cached blocks beyond it. Returns the previous limit."""
+    global _cache_limit
+    cdef size_t previous = _cache_limit
+    _cache_limit = nbytes
+    while _cache_count and _cache_bytes > _cache_limit:
+        _cache_drop(0)
+    return previous
+
+
+def empty_cache():
+    """Free every cached block; return the bytes freed."""
+    cdef size_t freed = _cache_bytes
+    while _cache_count:
+        _cache_drop(0)
+    return freed
+
+
+def cache_info():
+    """``{"blocks", "bytes", "limit", "min_bytes", "slots"}`` of the cache."""
+    return {"blocks": _cache_count, "bytes": _cache_bytes, "limit": _cache_limit,
+            "min_bytes": CACHE_MIN_BYTES, "slots": CACHE_SLOTS}
+
+
 cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
                    const char* near, Py_ssize_t nbytes, const char* other):
     """A new C-contiguous array for the result of a pass over the batch at ``near``.
@@ -3807,11 +3944,17 @@ cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
     if other != NULL and _page_gap(<size_t>other % PAGE_BYTES, want) < 256:
         want = (want + shift) % PAGE_BYTES
     cdef cnp.npy_intp total = nbytes + PAGE_BYTES
-    cdef cnp.ndarray raw = cnp.PyArray_EMPTY(1, &total, cnp.NPY_UINT8, 0)
-    cdef char* base = <char*>cnp.PyArray_DATA(raw)
+    cdef object owner
+    cdef char* base
+    if total >= CACHE_MIN_BYTES:  # see "Reuse of large outputs"
+        owner = _new_block(total)
+        base = (<_Block>owner).ptr
+    else:
+        owner = cnp.PyArray_EMPTY(1, &total, cnp.NPY_UINT8, 0)
+        base = <char*>cnp.PyArray_DATA(<cnp.ndarray>owner)
     cdef size_t start = (want + PAGE_BYTES - <size_t>base % PAGE_BYTES) % PAGE_BYTES
     cdef cnp.ndarray arr = cnp.PyArray_SimpleNewFromData(nd, dims, typenum, base + start)
-    cnp.set_array_base(arr, raw)
+    cnp.set_array_base(arr, owner)
     return arr
 
 

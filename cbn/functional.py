@@ -43,6 +43,9 @@ __all__ = [
     "resolve_threads",
     "streams",
     "channel_view",
+    "set_cache_limit",
+    "empty_cache",
+    "cache_info",
     "FLOAT_DTYPES",
     "ACTIVATIONS",
 ]
@@ -193,6 +196,70 @@ _kernels.set_one_row_bytes(FORWARD_ONE_ROW_BYTES, forward=True)
 def streams(nbytes):
     """Whether an output of ``nbytes`` bytes is written with streaming stores."""
     return nbytes >= STREAM_MIN_BYTES
+
+
+# ---------------------------------------------------------------------------
+# Reuse of large outputs
+# ---------------------------------------------------------------------------
+# Outputs of 32 MiB and more (y, dx) live in blocks that, once released, are
+# kept for the next output of about their size: glibc's malloc maps such blocks
+# afresh every time, and their page faults cost as much as the pass (see
+# _kernels, "Reuse of large outputs"). The cache keeps at most 8 blocks and
+# CACHE_LIMIT bytes: 1 GiB, or a sixteenth of physical memory if that is less;
+# the environment variable CBN_CACHE_BYTES overrides it (0: no cache).
+
+
+def _physical_memory_bytes(default=16 << 30):
+    """The machine's physical memory, else ``default``."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux
+        return default
+
+
+def _cache_limit():
+    """The output cache's default limit in bytes (see above)."""
+    return _env_bytes("CBN_CACHE_BYTES", min(1 << 30, _physical_memory_bytes() // 16))
+
+
+CACHE_LIMIT = _cache_limit()
+
+
+def set_cache_limit(nbytes):
+    """Keep at most ``nbytes`` of released large outputs for reuse (0: none).
+
+    Outputs of 32 MiB and more that cbn allocates (``y``, ``dx``) are, once
+    freed, kept for the next output of about their size, which then writes
+    into memory already mapped instead of page-faulting on every page (as a
+    fresh block from ``malloc`` does). Blocks beyond the new limit are freed
+    at once, the oldest first. Returns the previous limit.
+    """
+    if isinstance(nbytes, (bool, np.bool_)):
+        raise TypeError(f"nbytes must be an int, got {nbytes!r}")
+    try:
+        n = operator.index(nbytes)
+    except TypeError:
+        raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}") from None
+    if n < 0:
+        raise ValueError(f"nbytes must be >= 0, got {n}")
+    global CACHE_LIMIT
+    CACHE_LIMIT = n
+    return _kernels.set_cache_limit(min(n, np.iinfo(np.uint64).max))
+
+
+def empty_cache():
+    """Free every cached output block now (as ``torch.cuda.empty_cache``);
+    return the bytes freed. Arrays still in use keep their memory."""
+    return _kernels.empty_cache()
+
+
+def cache_info():
+    """The output cache: ``blocks`` and ``bytes`` held now, ``limit`` (bytes),
+    ``min_bytes`` (the smallest block it keeps) and ``slots`` (most blocks)."""
+    return _kernels.cache_info()
+
+
+_kernels.set_cache_limit(CACHE_LIMIT)
 
 
 # ---------------------------------------------------------------------------
