@@ -45,8 +45,8 @@ class History:
     steps : list of int
         Total optimizer steps at the end of each epoch.
     train_loss, train_acc : list of float
-        Mean loss and accuracy over the epoch's mini-batches, in training
-        mode (as Keras reports them).
+        Mean loss and accuracy over the epoch's examples (each mini-batch
+        weighted by its size), in training mode (as Keras reports them).
     val_loss, val_acc : list of float
         On the validation set, in evaluation mode (NaN without validation).
     time : list of float
