@@ -224,3 +224,34 @@ def test_the_environment_sets_the_limit_at_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"CBN_CACHE_BYTES": "12345", "PATH": ""}, cwd="/", check=True)
     assert out.stdout.strip() == "12345"
+
+
+def test_an_output_without_memory_raises_memoryerror_and_changes_nothing():
+    """x fits, y does not (an address-space limit set after x exists)."""
+    if cbn.build_info()["sanitized"]:
+        pytest.skip("AddressSanitizer reserves its shadow memory: RLIMIT_AS would stop it")
+    code = """
+import resource, numpy as np, cbn
+from cbn import functional as F
+rng = np.random.default_rng()
+x = rng.standard_normal((64, 4, 512, 256)).astype(np.float32)  # 128 MiB
+bn = cbn.BatchNorm(4)
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+for call in (lambda: bn(x), lambda: F.batch_norm_train(x)):
+    try:
+        call()
+    except MemoryError as exc:
+        assert "Unable to allocate" in str(exc) and "cbn" in str(exc), exc
+    else:
+        raise SystemExit("no MemoryError")
+assert bn.num_batches_tracked == 0 and not bn.running_mean.any()
+assert (bn.running_var == 1).all()
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+y = bn(x)  # memory again: the layer works
+assert bn.num_batches_tracked == 1 and abs(float(y.mean())) < 1e-3
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
