@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on how cbn was installe
 
 from . import functional, reference
 from .functional import cache_info, empty_cache, set_cache_limit
-from .layer import BatchNorm
+from .layer import BatchNorm, is_grad_enabled, no_grad
 
 __version__ = "0.1.0"
 
@@ -51,7 +51,7 @@ def __getattr__(name):
 def __dir__():
     return sorted([*globals(), *_SUBMODULES])
 __all__ = ["BatchNorm", "functional", "reference", "build_info", "cache_info", "empty_cache",
-           "set_cache_limit", "__version__"]
+           "is_grad_enabled", "no_grad", "set_cache_limit", "__version__"]
 
 
 def build_info():

@@ -3244,6 +3244,38 @@ cdef class SharedGuard:
         return False
 
 
+cdef extern from *:
+    """
+    static __thread long cbn_no_grad_depth = 0;  /* open no_grad blocks, per thread */
+    """
+    long cbn_no_grad_depth
+
+
+cdef class NoGrad:
+    """The grad mode switch behind ``cbn.no_grad``: while a block is open in a
+    thread, forwards there keep nothing for backward. Compiled for the same
+    reason as :class:`Guard`: a KeyboardInterrupt between a Python
+    ``__enter__``'s count and its return would leave the thread's forwards
+    keeping nothing for good. The count is a C thread-local (threads as the
+    OS sees them, as Python's are)."""
+
+    def __enter__(self):
+        global cbn_no_grad_depth
+        cbn_no_grad_depth += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        global cbn_no_grad_depth
+        cbn_no_grad_depth -= 1
+        return False
+
+
+def grad_enabled():
+    """Whether forwards in this thread keep what backward needs (no
+    ``no_grad`` block open)."""
+    return cbn_no_grad_depth == 0
+
+
 # ---------------------------------------------------------------------------
 # Composites: one Python call and one nogil region per layer call. The
 # per-channel scratch (coefficients, sums) lives on the C heap for the call.

@@ -1,5 +1,6 @@
 """The batch-norm layer: parameters, running statistics, forward and backward."""
 
+import contextlib
 import numbers
 import operator
 import threading
@@ -19,7 +20,24 @@ from .functional import (
     streams,
 )
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "no_grad", "is_grad_enabled"]
+
+class no_grad(_kernels.NoGrad, contextlib.ContextDecorator):
+    """Forwards inside keep nothing for ``backward`` (as ``torch.no_grad``).
+
+    A layer keeps what its last forward needs for backward (its input, by
+    reference) until the next forward. In ``with cbn.no_grad():`` (or in a
+    function decorated with ``@cbn.no_grad()``) the forwards of
+    ``cbn.BatchNorm`` and of the ``cbn.nn`` layers keep nothing and leave the
+    forward kept before in place: a validation pass between a training
+    forward and its backward does not change what backward differentiates,
+    and inference holds no input alive. Running statistics update as usual in
+    training mode (as in PyTorch). Per thread, as PyTorch's grad mode; blocks
+    nest. ``cbn.trainer.predict`` and ``evaluate`` run in one.
+    """
+
+
+is_grad_enabled = _kernels.grad_enabled
 
 
 def _check_flag(value, name):
@@ -516,9 +534,10 @@ class BatchNorm:
                 return self._checked_forward(x)
         # What backward differentiates: the settings this forward ran with,
         # whatever is assigned to the layer before backward is called.
-        self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
-                       _kernels.sample_bits(x, *self._learned()), threading.get_ident())
-        self._stale = None
+        if _kernels.grad_enabled():
+            self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
+                           _kernels.sample_bits(x, *self._learned()), threading.get_ident())
+            self._stale = None
         return y
 
     def _checked_forward(self, x):
@@ -569,10 +588,11 @@ class BatchNorm:
                 self.eps,
                 self.dtype,
             )
-        self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
-                       self._activation, _kernels.sample_bits(x_c, *self._learned()),
-                       threading.get_ident())
-        self._stale = None
+        if is_grad_enabled():
+            self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
+                           self._activation, _kernels.sample_bits(x_c, *self._learned()),
+                           threading.get_ident())
+            self._stale = None
         return y
 
     def _learned(self):

@@ -145,7 +145,9 @@ class Module:
 
     def _keep(self, **cache):
         """Store what backward needs (the attributes of ``_forward_cache``) and
-        the thread whose forward it is."""
+        the thread whose forward it is; nothing inside ``cbn.no_grad()``."""
+        if not bn_layer.is_grad_enabled():
+            return
         for name, value in cache.items():
             setattr(self, name, value)
         self._thread = threading.get_ident()

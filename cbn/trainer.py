@@ -597,6 +597,9 @@ def _batches(n, batch_size):
 def predict(model, X, *, batch_size=1024):
     """Return the model's outputs (logits) for ``X``, computed in evaluation mode.
 
+    The forwards run in :class:`cbn.no_grad`: no layer keeps a batch of ``X``,
+    and what each kept from its last training forward stays for its backward.
+
     Parameters
     ----------
     model : Sequential or any layer
@@ -626,7 +629,7 @@ def predict(model, X, *, batch_size=1024):
     if len(X) == 0:
         _check_width(X, _edge_width(model, "in"), "X")  # as a row would be
         return _empty_logits(model, X.dtype)
-    with _mode_restored(model):
+    with _mode_restored(model), bn_layer.no_grad():  # keeps no batch alive
         model.eval()
         outs = [model.forward(X[s]) for s in _batches(len(X), batch_size)]
     return np.concatenate(outs)

@@ -50,3 +50,24 @@ def test_trainer_example_runs(tmp_path, monkeypatch):
     loss, acc = evaluate(namespace["model"], namespace["X_test"], namespace["y_test"])
     assert acc > 0.9, f"the README's trainer example reached only {acc:.3f}"
     assert (tmp_path / "digits.npz").exists()
+
+
+def test_one_forward_one_backward_example_runs_after_the_layer_example():
+    """no_grad leaves the training forward for backward; the accumulated
+    dgamma and the shared layer's dgamma are those of the whole batch."""
+    namespace = {}
+    exec(compile(_block("bn = cbn.BatchNorm(100)"), str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(_block("cbn.no_grad()"), str(README), "exec"), namespace)  # noqa: S102
+    np, cbn = namespace["np"], namespace["cbn"]
+    x, dy = namespace["x"], namespace["dy"]
+    ref = cbn.BatchNorm(8, axis=-1, dtype=np.float64)
+    ref(x)
+    np.testing.assert_array_equal(namespace["dx"], ref.backward(dy))
+    halves = np.zeros(8)
+    for xb, dyb in ((x[:8], dy[:8]), (x[8:], dy[8:])):
+        ref(xb)
+        ref.backward(dyb)
+        halves += ref.dgamma
+    np.testing.assert_allclose(namespace["dgamma"], halves, rtol=1e-14)
+    np.testing.assert_allclose(namespace["dgamma_shared"], halves, rtol=1e-12)
+    assert namespace["y_val"].shape == x.shape
