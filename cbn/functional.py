@@ -415,9 +415,12 @@ def channel_view(x, axis, name="x", dtype=None, n_features=None):
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
     if n_features is not None and channels != n_features:
+        # torch: "expected 4D input (got 3D input)" for an image without its batch axis
+        hint = ("; one example without its batch axis? add it: x[None]"
+                if axis != 0 and x.shape[0] == n_features else "")
         raise ValueError(
             f"{name} has {channels} channels along axis {axis} (shape {x.shape}), "
-            f"expected {n_features} (num_features)"
+            f"expected {n_features} (num_features){hint}"
         )
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); a batch needs at least one value")
@@ -440,8 +443,9 @@ def _aligned_copy(x, dtype=None):
     return np.array(x, dtype=dtype, order="C", copy=True)
 
 
-def _channel_vector(v, name, channels, dtype, default):
-    """A per-channel parameter as a C-contiguous, aligned (C,) array of ``dtype``."""
+def _channel_vector(v, name, channels, dtype, default, axis=None):
+    """A per-channel parameter as a C-contiguous, aligned (C,) array of ``dtype``
+    (``axis``: x's channel axis, for the message)."""
     if (type(v) is np.ndarray and v.dtype == dtype and v.shape == (channels,)
             and v.flags.c_contiguous and v.flags.aligned):
         return v  # already what the kernels take: the common case, kept cheap
@@ -449,7 +453,8 @@ def _channel_vector(v, name, channels, dtype, default):
         return np.full(channels, default, dtype=dtype)
     v = _as_float_array(v, name, integers=True)
     if v.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
+        along = "" if axis is None else f" (one value per channel of x along axis {axis})"
+        raise ValueError(f"{name} must have shape ({channels},){along}, got {v.shape}")
     v = np.ascontiguousarray(v, dtype=dtype)
     return v if v.flags.aligned else _aligned_copy(v)
 
@@ -482,7 +487,7 @@ def _same_buffer(a, b):
     )
 
 
-def _stats_vectors(mean, var, channels):
+def _stats_vectors(mean, var, channels, axis=None):
     """Running or given statistics as float64 (C,) arrays.
 
     A negative ``var`` is found by the kernel, in the pass that reads it
@@ -493,8 +498,8 @@ def _stats_vectors(mean, var, channels):
     if mean is None or var is None:
         missing = " and ".join(n for n, v in (("mean", mean), ("var", var)) if v is None)
         raise TypeError(f"{missing} must be given (the statistics to normalize with), got None")
-    mean = _channel_vector(mean, "mean", channels, np.float64, 0.0)
-    var = _channel_vector(var, "var", channels, np.float64, 1.0)
+    mean = _channel_vector(mean, "mean", channels, np.float64, 0.0, axis)
+    var = _channel_vector(var, "var", channels, np.float64, 1.0, axis)
     return mean, var
 
 
@@ -666,8 +671,8 @@ def _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape {x_c.shape}"
         )
-    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0)
-    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0)
+    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0, axis)
+    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0, axis)
     y, y3 = _result(out, x_c, x3, sources=(x_c,))
     mean = np.empty(channels)
     var = np.empty(channels)
@@ -737,9 +742,9 @@ def _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threa
     eps = check_eps(eps)
     x_c, x3 = channel_view(x, axis)
     channels = x3.shape[1]
-    mean, var = _stats_vectors(mean, var, channels)
-    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0)
-    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0)
+    mean, var = _stats_vectors(mean, var, channels, axis)
+    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0, axis)
+    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0, axis)
     y, y3 = _result(out, x_c, x3, sources=(x_c,))
     status = _kernels.forward_eval(
         x3, y3, mean, var, gamma, beta, eps, relu, resolve_threads(n_threads, x3.size),
@@ -833,9 +838,9 @@ def _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training, activa
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape {x_c.shape}"
         )
-    mean, var = _stats_vectors(mean, var, channels)
-    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0)
-    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0)
+    mean, var = _stats_vectors(mean, var, channels, axis)
+    gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0, axis)
+    beta = _channel_vector(beta, "beta", channels, x_c.dtype, 0.0, axis)
     dx, dx3 = _result(out, x_c, x3, name="out", sources=(dy_c, x_c))
     dgamma = np.empty(channels, dtype=x_c.dtype)
     dbeta = np.empty(channels, dtype=x_c.dtype)

@@ -658,7 +658,10 @@ class BatchNorm:
 
     def _backward(self, dy):
         if self._cache is None:
-            raise RuntimeError("backward() called before forward(): there is nothing to differentiate")
+            raise RuntimeError(
+                "backward() called before forward(): there is nothing to differentiate (a "
+                "copy, a pickle or a loaded layer keeps no forward, nor do forwards inside "
+                "cbn.no_grad())")
         if self._stale is not None:
             # PyTorch raises likewise when a saved tensor was modified in place.
             raise RuntimeError(

@@ -158,7 +158,9 @@ class Module:
         thread would differentiate the other thread's batch)."""
         value = getattr(self, attr, None)
         if value is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called before forward (a copy, a pickle or "
+                "a loaded model keeps no forward, nor do forwards inside cbn.no_grad())")
         if self.__dict__.get("_thread", threading.get_ident()) != threading.get_ident():
             raise RuntimeError(
                 f"the last forward of this {type(self).__name__} ran in another thread: a "

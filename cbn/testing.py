@@ -4,6 +4,8 @@ Use them to check a custom layer or a whole model built around
 :class:`cbn.BatchNorm` (in float64: central differences need the precision).
 """
 
+import warnings
+
 import numpy as np
 
 __all__ = ["numerical_grad"]
@@ -25,7 +27,19 @@ def numerical_grad(f, arr, h=1e-6):
     Returns
     -------
     ndarray, shape and dtype of ``arr``
+
+    Warns
+    -----
+    UserWarning
+        ``arr`` is not float64 (as ``torch.autograd.gradcheck`` warns): in
+        float32 a step of 1e-6 is below the spacing of most values, and the
+        differences come out wrong by tens of per cent.
     """
+    if getattr(arr, "dtype", None) != np.float64:
+        warnings.warn(
+            f"numerical_grad of a {getattr(arr, 'dtype', type(arr).__name__)} array: central "
+            "differences need float64 (use .astype(np.float64) for the model and its data)",
+            UserWarning, stacklevel=2)
     grad = np.zeros_like(arr)
     for i in np.ndindex(arr.shape):
         old = arr[i]
