@@ -1,7 +1,10 @@
 """Arguments at the edges, found by a fuzzing audit: each is refused by name, never
 read as something else, and a refused call changes nothing."""
 
+import copy
 import os
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import cbn
 from cbn import functional as F
 from cbn import nn, optim, trainer
 from cbn.__main__ import main as cli
+from cbn.testing import numerical_grad
 
 
 @pytest.fixture
@@ -234,3 +238,61 @@ def test_functional_gamma_and_beta_take_integers_and_lists(rng):
         np.testing.assert_array_equal(F.batch_norm_train(x, gamma, beta)[0], expected)
     with pytest.raises(TypeError, match="array of numbers"):
         F.batch_norm_train(x, ["a", "b", "c", "d"])
+
+
+# ---------------------------------------------------------------------------
+# Messages a convolutional trainer's author met (an integration audit)
+# ---------------------------------------------------------------------------
+
+
+def test_a_parameter_of_the_wrong_length_names_the_channel_axis():
+    """Channels-last data through the functional API without axis=-1."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((4, 5, 5, 3)).astype(np.float32)
+    gamma = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(5,\) \(one value per "
+                                         r"channel of x along axis 1\), got \(3,\)"):
+        F.batch_norm_train(x, gamma)
+    with pytest.raises(ValueError, match=r"mean must have shape \(3,\).*axis -1"):
+        F.batch_norm_eval(x, np.zeros(4), np.ones(3), axis=-1)
+
+
+def test_an_example_without_its_batch_axis_is_told_to_add_it():
+    rng = np.random.default_rng()
+    bn = cbn.BatchNorm(4).eval()
+    image = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"without its batch axis\? add it: x\[None\]"):
+        bn(image)
+    assert bn(image[None]).shape == (1, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"expected 4 \(num_features\)$"):
+        bn(rng.standard_normal((2, 3, 3)).astype(np.float32))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "nn-deepcopy"])
+def test_backward_of_a_copy_says_copies_keep_no_forward(how):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((6, 3))
+    if how == "nn-deepcopy":
+        layer = nn.Linear(3, 2, dtype=np.float64, rng=0)
+        layer(x)
+        copy_ = copy.deepcopy(layer)
+        dy = rng.standard_normal((6, 2))
+    else:
+        layer = cbn.BatchNorm(3, dtype=np.float64)
+        layer(x)
+        copy_ = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+        dy = rng.standard_normal((6, 3))
+    with pytest.raises(RuntimeError, match="a copy, a pickle or a loaded"):
+        copy_.backward(dy)
+
+
+def test_numerical_grad_warns_on_float32_as_gradcheck_does():
+    rng = np.random.default_rng()
+    a32 = rng.standard_normal(3).astype(np.float32)
+    with pytest.warns(UserWarning, match="float32 array: central differences need float64"):
+        numerical_grad(lambda: float((a32 ** 2).sum()), a32)
+    a64 = a32.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(numerical_grad(lambda: float((a64 ** 2).sum()), a64),
+                                   2 * a64, rtol=1e-8)
