@@ -376,17 +376,18 @@ def _check_plot_available(path):
     return None
 
 
-def _output_path_problem(option, path):
-    """Why ``path`` (of ``--json`` or ``--plot``) cannot be written, or None; before training."""
+def _output_path_problem(option, path, command="cbn demo"):
+    """Why ``path`` (of an output option such as ``--json``) cannot be written, or
+    None; checked before the run (training, benchmarking)."""
     if path is None:
         return None
     if not path:
-        return f"cbn demo: {option} needs a file name"
+        return f"{command}: {option} needs a file name"
     if os.path.isdir(path):
-        return f"cbn demo: {option} {path!r} is a directory; name a file to write"
+        return f"{command}: {option} {path!r} is a directory; name a file to write"
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        return f"cbn demo: {option}: directory {parent!r} does not exist"
+        return f"{command}: {option}: directory {parent!r} does not exist"
     # Opening is the test that holds for every user (os.access lets root pass
     # everywhere, and a read-only file system refuses root too).
     existed = os.path.exists(path)
@@ -394,7 +395,7 @@ def _output_path_problem(option, path):
         with open(path, "ab"):
             pass
     except OSError as exc:
-        return f"cbn demo: {option}: {_os_error_message(exc)}"
+        return f"{command}: {option}: {_os_error_message(exc)}"
     finally:
         if not existed:
             with contextlib.suppress(OSError):
@@ -402,7 +403,7 @@ def _output_path_problem(option, path):
     return None
 
 
-def _plot_format_problem(path):
+def _plot_format_problem(path, command="cbn demo"):
     """Why matplotlib would not write ``path`` (an unknown extension), or None."""
     if not path:
         return None
@@ -411,7 +412,7 @@ def _plot_format_problem(path):
     formats = Figure().canvas.get_supported_filetypes()
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext not in formats:
-        return (f"cbn demo: --plot {path!r}: name a file ending in one of "
+        return (f"{command}: --plot {path!r}: name a file ending in one of "
                 f"{', '.join('.' + f for f in sorted(formats))}")
     return None
 

@@ -1521,14 +1521,17 @@ def main(argv=None, *, reexec=True):
         if problem:
             sys.stderr.write(problem + "\n")
             return 2
-    for path in (args.json, args.plot, args.markdown):
-        parent = os.path.dirname(os.path.abspath(path)) if path else None
-        if parent and not os.path.isdir(parent):
-            sys.stderr.write(f"cbn bench: directory {parent!r} does not exist\n")
-            return 2
-        if path and os.path.isdir(path):
-            sys.stderr.write(f"cbn bench: {path!r} is a directory, not a file\n")
-            return 2
+    # The demo's checks: each output opened before the run, the plot's format known.
+    from .__main__ import _output_path_problem, _plot_format_problem
+
+    problems = [_output_path_problem(f"--{name}", getattr(args, name), "cbn bench")
+                for name in ("json", "plot", "markdown")]
+    if args.plot:
+        problems.append(_plot_format_problem(args.plot, "cbn bench"))
+    problems = [p for p in problems if p]
+    if problems:
+        sys.stderr.write(problems[0] + "\n")
+        return 2
     config = config_from_args(args)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     result = run_benchmark(config, progress)

@@ -533,9 +533,12 @@ class Sequential(Module):
             rejects a value's type.
         ValueError
             (strict) a key names no child with a state, or the state lacks
-            children's keys (named); or a child rejects its part.
+            any child's key (all named); or a child rejects its part.
         KeyError
-            A ``BatchNorm`` child's part lacks or adds keys.
+            A ``BatchNorm`` child's part has a key it does not know, or (not
+            strict) lacks one.
+
+        A child's error names it: ``layer <index> (<type>): ...``.
         """
         if not hasattr(state, "keys") or not hasattr(state, "items"):
             raise TypeError("state must be a dict of '<index>.<name>' keys to arrays, "
@@ -543,13 +546,13 @@ class Sequential(Module):
         stateful = self._state_keys()
         per_child = self._split_state(state, stateful, strict)
         if strict:
-            missing = [f"{i}.{key}" for i, keys in stateful.items() if i not in per_child
-                       for key in keys]
+            missing = [f"{i}.{key}" for i, keys in stateful.items() for key in keys
+                       if not _has_key(per_child.get(i, {}), key)]
             if missing:
                 raise ValueError(f"state lacks the keys {missing}; pass strict=False to load "
                                  "only part of the model")
         checked = {i: part for i, part in per_child.items()
-                   if _check_child_state(self.layers[i], part)}
+                   if _check_child_state(self.layers[i], part, i)}
         unchecked = {i: part for i, part in per_child.items() if i not in checked}
         self._load_with_rollback(unchecked)
         for index, child_state in checked.items():
@@ -727,18 +730,30 @@ def _split_key(key, n_layers):
     return position, name
 
 
-def _check_child_state(layer, state):
-    """Raise what ``layer.load_state_dict(state)`` would, without changing ``layer``.
+def _has_key(part, key):
+    """Whether a child's part of a state holds ``key`` (BatchNorm also takes
+    PyTorch's ``weight``/``bias`` for ``gamma``/``beta``)."""
+    return key in part or {"gamma": "weight", "beta": "bias"}.get(key) in part
+
+
+def _check_child_state(layer, state, index):
+    """Raise what ``layer.load_state_dict(state)`` would, without changing
+    ``layer``, its message prefixed by ``layer <index> (<type>)``.
 
     Returns False, having checked nothing, for a layer that offers no way to
     check ahead (not a cbn ``Linear`` or ``BatchNorm``).
     """
-    if type(layer) is Linear:
-        _checked_params(layer.params, state, "Linear")
-    elif type(layer) is BatchNorm:
-        layer.check_state_dict(state)
-    else:
-        return False
+    try:
+        if type(layer) is Linear:
+            _checked_params(layer.params, state, "Linear")
+        elif type(layer) is BatchNorm:
+            layer.check_state_dict(state)
+        else:
+            return False
+    except (KeyError, ValueError, TypeError) as exc:
+        if type(exc) not in (KeyError, ValueError, TypeError) or len(exc.args) != 1:
+            raise
+        raise type(exc)(f"layer {index} ({type(layer).__name__}): {exc.args[0]}") from exc
     return True
 
 

@@ -270,3 +270,21 @@ def test_side_script_helpers(tmp_path, capsys):
     rows, status = B.run_children(str(child), [], 2, seen.append)
     assert rows is None and status == 5
     assert "child broke" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, path, message", [
+    ("--json", "/proc/no-such.json", "--json: "),
+    ("--markdown", "/nonexistent-dir/t.md", "does not exist"),
+    ("--plot", "{tmp}/chart.foo", "name a file ending in one of"),
+])
+def test_outputs_are_checked_by_opening_them_before_the_run(option, path, message, tmp_path,
+                                                            capsys):
+    """As cbn demo checks its outputs: before, a bad --plot format or an
+    unwritable --json ran the whole benchmark, then ended in a traceback."""
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    path = path.format(tmp=tmp_path)
+    assert B.main(["--shapes", "8x4", option, path], reexec=False) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cbn bench: {option}") and message in err
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written

@@ -1,5 +1,7 @@
 """Sequential.load_state_dict: strict by default, all or nothing, and clear errors."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -182,3 +184,30 @@ def test_largest_int64_count_loads_and_saves(tmp_path):
     layer.load_state_dict(state)
     layer.save(tmp_path / "bn.npz")
     assert cbn.BatchNorm.load(tmp_path / "bn.npz").num_batches_tracked == 2**63 - 1
+
+
+def test_a_key_missing_from_a_mentioned_child_is_named_and_child_errors_name_the_child():
+    """Strict: every missing key is a ValueError naming it, whether or not the
+    child has other keys in the state (a docs audit found a bare KeyError);
+    a child's own refusal is prefixed by its index and type."""
+    rng = np.random.default_rng()
+    model = mlp([4, 5, 5, 3], activation="sigmoid", rng=int(rng.integers(1 << 30)))
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    for key in ("1.running_var", "6.b", "0.W"):
+        state = model.state_dict()
+        del state[key]
+        with pytest.raises(ValueError, match=re.escape(f"state lacks the keys ['{key}']")):
+            model.load_state_dict(state)
+    state = model.state_dict()
+    state["1.weight"] = state.pop("1.gamma")  # PyTorch's name is no missing key
+    model.load_state_dict(state)
+    state = model.state_dict()
+    state["1.gamma"] = np.ones(7, np.float32)
+    with pytest.raises(ValueError, match=r"^layer 1 \(BatchNorm\): gamma must have shape"):
+        model.load_state_dict(state)
+    state = model.state_dict()
+    del state["1.running_var"]
+    with pytest.raises(KeyError, match=r"layer 1 \(BatchNorm\): state does not match"):
+        model.load_state_dict(state, strict=False)
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])

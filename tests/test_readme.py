@@ -71,3 +71,16 @@ def test_one_forward_one_backward_example_runs_after_the_layer_example():
     np.testing.assert_allclose(namespace["dgamma"], halves, rtol=1e-14)
     np.testing.assert_allclose(namespace["dgamma_shared"], halves, rtol=1e-12)
     assert namespace["y_val"].shape == x.shape
+
+
+def test_the_trainer_guide_examples_run_in_order(tmp_path, monkeypatch):
+    """docs/trainer.md's quick start, then its checkpoint example: the resumed
+    optimizer takes the saved state (a docs audit found it built another kind)."""
+    guide = README.parent / "docs" / "trainer.md"
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(guide), "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "model.npz").exists() and namespace["opt"].t > 0
