@@ -175,8 +175,13 @@ def _check_data(model, X, y, name="X"):
     refuse_masked(X, name)
     refuse_masked(y, f"labels for {name}")
     X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, features), got shape {X.shape}")
+    if X.ndim < 2 or (X.ndim > 2 and _takes_rows(model)):
+        raise ValueError(f"{name} must be 2-D (N, features) for this model, whose first "
+                         f"layer with a shape is a Linear, got shape {X.shape}"
+                         if X.ndim > 2 else
+                         f"{name} must have a batch axis and features: 2-D (N, features), or "
+                         f"(N, C, ...) for a model whose first layer takes images; got shape "
+                         f"{X.shape}")
     if X.dtype.kind not in "fiub":
         raise TypeError(f"{name} must be numeric, got dtype {X.dtype}")
     X = np.ascontiguousarray(X, dtype=_model_dtype(model))
@@ -187,6 +192,15 @@ def _check_data(model, X, y, name="X"):
         if y.shape != (len(X),):
             raise ValueError(f"labels for {name} must have shape ({len(X)},), got {y.shape}")
     return X, y
+
+
+def _takes_rows(model):
+    """Whether the model's first layer that cares about shapes is a Linear
+    (which takes (N, features) only); activations take any shape."""
+    for layer in _flat_layers(model):
+        if not isinstance(layer, _WIDTH_KEEPING):
+            return isinstance(layer, Linear)
+    return False
 
 
 def _all_modules(model):
@@ -431,7 +445,7 @@ def fit(model, X, y, *, epochs, batch_size, optimizer, loss=None, shuffle=True, 
     ----------
     model : Sequential or any layer
         Has ``forward``, ``backward``, ``train`` and ``eval`` (and ``params``).
-    X : ndarray of shape (N, features)
+    X : ndarray of shape (N, features), or (N, C, ...) for a model whose first layer takes images
         Converted once to the model's dtype (that of its first parameter).
     y : ndarray of shape (N,), integer class labels
     epochs : int
@@ -603,7 +617,7 @@ def predict(model, X, *, batch_size=1024):
     Parameters
     ----------
     model : Sequential or any layer
-    X : ndarray of shape (N, features)
+    X : ndarray of shape (N, features), or (N, C, ...) (see :func:`fit`)
         Converted to the model's dtype.
     batch_size : int, default 1024
         Rows per forward call; in eval mode the result does not depend on it,
@@ -651,7 +665,7 @@ def evaluate(model, X, y, *, loss=None, batch_size=1024):
     Parameters
     ----------
     model : Sequential or any layer
-    X : ndarray of shape (N, features)
+    X : ndarray of shape (N, features), or (N, C, ...) (see :func:`fit`)
     y : ndarray of shape (N,), integer labels
     loss : object, optional
         With ``forward(logits, y) -> float`` (a mean over the rows);

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+import cbn
+
 from cbn.__main__ import DEFAULTS
 from cbn.data import load_digits, standardize, train_test_split
 from cbn.nn import Linear, SoftmaxCrossEntropy, mlp
@@ -322,3 +324,77 @@ def test_a_step_evaluator_is_checked_before_any_step():
             fit(model, X, y, epochs=1, batch_size=4, optimizer=opt, verbose=0,
                 callbacks=[StepEvaluator(bad_X, bad_y, every=2)])
     assert opt.t == 0
+
+
+class _Conv1x1:
+    """A 1x1 convolution over NCHW maps (no bias: batch norm follows)."""
+
+    training = True
+
+    def __init__(self, c_in, c_out, rng):
+        self.W = rng.standard_normal((c_in, c_out)) / np.sqrt(c_in)
+        self.dW = np.zeros_like(self.W)
+
+    params = property(lambda self: {"W": self.W})
+    grads = property(lambda self: {"W": self.dW})
+
+    def forward(self, x):
+        self._x = x
+        return np.einsum("nchw,cd->ndhw", x, self.W)
+
+    def backward(self, dy):
+        self.dW[...] = np.einsum("nchw,ndhw->cd", self._x, dy)
+        return np.einsum("ndhw,cd->nchw", dy, self.W)
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+class _GlobalAveragePool(_Conv1x1):
+    """(N, C, H, W) -> (N, C)."""
+
+    def __init__(self):
+        pass
+
+    params = grads = property(lambda self: {})
+
+    def forward(self, x):
+        self._shape = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dy):
+        n, c, h, w = self._shape
+        return np.broadcast_to(dy[:, :, None, None] / (h * w), self._shape).copy()
+
+
+def test_fit_takes_image_batches_for_a_model_whose_first_layer_takes_them():
+    """A convolutional model of the user's own layers around cbn.BatchNorm
+    trains with fit, evaluate and predict on (N, C, H, W) data; a model whose
+    first layer is a Linear still refuses them up front."""
+    from cbn.nn import ReLU, Sequential
+    from cbn.optim import Adam
+
+    rng = np.random.default_rng()
+    n, classes = 96, 3
+    y = rng.integers(0, classes, n)
+    X = rng.standard_normal((n, 2, 5, 5)) * 0.5
+    X[:, 0] += (y - 1)[:, None, None]  # the class in channel 0's level
+    model = Sequential(_Conv1x1(2, 6, rng), cbn.BatchNorm(6, dtype=np.float64), ReLU(),
+                       _GlobalAveragePool(), Linear(6, classes, dtype=np.float64, rng=1))
+    opt = Adam(model.params, model.grads, lr=0.05)
+    history = fit(model, X, y, epochs=15, batch_size=16, optimizer=opt, seed=1, verbose=0,
+                  validation=(X, y))
+    assert len(history.epoch) == 15 and history.train_loss[-1] < history.train_loss[0]
+    loss, acc = evaluate(model, X, y)
+    assert acc > 0.8, acc
+    assert predict(model, X[:5]).shape == (5, classes)
+    mlp_model = mlp([50, 4, classes], dtype=np.float64, rng=0)
+    with pytest.raises(ValueError, match=r"2-D \(N, features\) for this model"):
+        fit(mlp_model, X, y, epochs=1, batch_size=16, verbose=0,
+            optimizer=Adam(mlp_model.params, mlp_model.grads))
+    with pytest.raises(ValueError, match="batch axis"):
+        predict(model, X[0, 0, 0])
