@@ -370,9 +370,13 @@ def _as_float_array(x, name, dtype=None, integers=False):
         x = x.astype(dtype or np.float64)
     if dtype is not None:
         if x.dtype != dtype:
+            whose = "the layer's dtype" if name == "x" else "the dtype of x"
+            # NEP 50: a float32 array times a np.float64 scalar is float64
+            hint = ("; NumPy 2 makes float64 of a float32 array combined with float64 "
+                    "arrays or np.float64 scalars" if x.dtype == np.float64 else "")
             raise TypeError(
-                f"{name} has dtype {x.dtype}, expected {dtype} (the dtype of the "
-                f"layer or of x); convert it with {name}.astype(numpy.{dtype})"
+                f"{name} has dtype {x.dtype}, expected {dtype} ({whose}); convert it "
+                f"with {name}.astype(numpy.{dtype}){hint}"
             )
     elif x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")

@@ -296,3 +296,18 @@ def test_numerical_grad_warns_on_float32_as_gradcheck_does():
         warnings.simplefilter("error")
         np.testing.assert_allclose(numerical_grad(lambda: float((a64 ** 2).sum()), a64),
                                    2 * a64, rtol=1e-8)
+
+
+def test_a_dtype_mismatch_says_whose_dtype_and_how_numpy_2_makes_float64():
+    rng = np.random.default_rng()
+    bn = cbn.BatchNorm(3)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    bn(x)
+    dy = rng.standard_normal((4, 3)).astype(np.float32) * np.float64(0.5)  # NEP 50: float64
+    with pytest.raises(TypeError, match=r"dy has dtype float64, expected float32 \(the dtype "
+                                        r"of x\).*NumPy 2 makes float64"):
+        bn.backward(dy)
+    with pytest.raises(TypeError, match=r"x has dtype float16, expected float32 \(the "
+                                        r"layer's dtype\); convert it with x.astype"
+                                        r"\(numpy.float32\)$"):
+        bn(x.astype(np.float16))
