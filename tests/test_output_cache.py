@@ -3,6 +3,7 @@ the next output of about their size (``_kernels``, "Reuse of large outputs"):
 fresh blocks from malloc page-fault on every page."""
 
 import gc
+import os
 import subprocess
 import sys
 import threading
@@ -222,7 +223,8 @@ def test_the_limit_comes_from_the_environment(monkeypatch):
 def test_the_environment_sets_the_limit_at_import():
     code = "import cbn; print(cbn.cache_info()['limit'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"CBN_CACHE_BYTES": "12345", "PATH": ""}, cwd="/", check=True)
+                         env={**os.environ, "CBN_CACHE_BYTES": "12345"}, cwd="/",
+                         check=True)
     assert out.stdout.strip() == "12345"
 
 
