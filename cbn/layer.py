@@ -420,8 +420,9 @@ class BatchNorm:
     def reset_parameters(self):
         """Restart the layer as built: :meth:`reset_running_stats`, gamma 1, beta 0.
 
-        As PyTorch's method of that name. Like assigning gamma or beta, it makes
-        a backward of an earlier forward raise.
+        As PyTorch's method of that name. With ``affine=True``, like assigning
+        gamma or beta, it makes a backward of an earlier forward raise (with
+        ``affine=False`` nothing that backward uses changes).
         """
         self.reset_running_stats()
         if self.affine:
@@ -651,7 +652,10 @@ class BatchNorm:
         TypeError, ValueError
             dy does not match the input of the forward pass.
         FloatingPointError
-            dy contains NaN or Inf; dgamma and dbeta are left unchanged.
+            dy contains NaN or Inf; dgamma and dbeta are left unchanged. With
+            ``activation="relu"``, dy where the output was clamped to 0 is
+            masked out, so a NaN there never reaches the gradient and does
+            not raise (PyTorch's relu after batch norm gives the same result).
         """
         with self._busy:
             return self._backward(dy)
