@@ -20,7 +20,7 @@ from .functional import (
     streams,
 )
 
-__all__ = ["BatchNorm", "no_grad", "is_grad_enabled"]
+__all__ = ["BatchNorm", "is_grad_enabled", "no_grad"]
 
 class no_grad(_kernels.NoGrad, contextlib.ContextDecorator):
     """Forwards inside keep nothing for ``backward`` (as ``torch.no_grad``).

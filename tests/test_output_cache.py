@@ -255,5 +255,6 @@ y = bn(x)  # memory again: the layer works
 assert bn.num_batches_tracked == 1 and abs(float(y.mean())) < 1e-3
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                         check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -77,7 +77,7 @@ def test_the_trainer_guide_examples_run_in_order(tmp_path, monkeypatch):
     """docs/trainer.md's quick start, then its checkpoint example: the resumed
     optimizer takes the saved state (a docs audit found it built another kind)."""
     guide = README.parent / "docs" / "trainer.md"
-    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.DOTALL)
     assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
     namespace = {}

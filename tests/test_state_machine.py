@@ -739,23 +739,25 @@ class BatchNormMachine(RuleBasedStateMachine):
             assert (p.layer.freeze() if on else p.layer.unfreeze()) is p.layer
             p.model.frozen = on
 
+    @staticmethod
+    def _reset_model_stats(m):
+        """The model's side of ``reset_running_stats``."""
+        if m.track:
+            m.rm, m.rv, m.nbt = np.zeros(m.C, m.dtype), np.ones(m.C, m.dtype), 0
+            m.rm_scale, m.rv_scale = np.zeros(m.C), np.zeros(m.C)
+
     @rule()
     def reset_running_stats(self):
         for p in self.pairs:
             p.layer.reset_running_stats()
-            m = p.model
-            if m.track:
-                m.rm, m.rv, m.nbt = np.zeros(m.C, m.dtype), np.ones(m.C, m.dtype), 0
-                m.rm_scale, m.rv_scale = np.zeros(m.C), np.zeros(m.C)
+            self._reset_model_stats(p.model)
 
     @rule()
     def reset_parameters(self):
         for p in self.pairs:
             p.layer.reset_parameters()
             m = p.model
-            if m.track:
-                m.rm, m.rv, m.nbt = np.zeros(m.C, m.dtype), np.ones(m.C, m.dtype), 0
-                m.rm_scale, m.rv_scale = np.zeros(m.C), np.zeros(m.C)
+            self._reset_model_stats(m)
             if m.affine:
                 m.gamma, m.beta = np.ones(m.C, m.dtype), np.zeros(m.C, m.dtype)
                 if m.cache is not None:
