@@ -22,6 +22,7 @@ from .functional import (
 
 __all__ = ["BatchNorm", "is_grad_enabled", "no_grad"]
 
+
 class no_grad(_kernels.NoGrad, contextlib.ContextDecorator):
     """Forwards inside keep nothing for ``backward`` (as ``torch.no_grad``).
 
