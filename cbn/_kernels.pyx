@@ -3850,16 +3850,25 @@ cdef void _release(char* ptr) noexcept:
     free(ptr)
 
 
-cdef void _cache_drop(int i) noexcept:
-    """Free cached block ``i`` and close the gap, keeping the age order."""
+cdef char* _cache_pop(int i, size_t* size) noexcept:
+    """Remove cached block ``i`` (its size in ``size``), closing the gap so
+    that the rest keep their age order; return its memory."""
     global _cache_count, _cache_bytes
     cdef int j
-    _release(_cache_ptr[i])
-    _cache_bytes -= _cache_size[i]
+    cdef char* ptr = _cache_ptr[i]
+    size[0] = _cache_size[i]
+    _cache_bytes -= size[0]
     _cache_count -= 1
     for j in range(i, _cache_count):
         _cache_ptr[j] = _cache_ptr[j + 1]
         _cache_size[j] = _cache_size[j + 1]
+    return ptr
+
+
+cdef void _cache_drop(int i) noexcept:
+    """Free cached block ``i``."""
+    cdef size_t size
+    _release(_cache_pop(i, &size))
 
 
 cdef void _cache_put(char* ptr, size_t size) noexcept:
@@ -3880,22 +3889,12 @@ cdef void _cache_put(char* ptr, size_t size) noexcept:
 cdef char* _cache_take(size_t need, size_t* got) noexcept:
     """The smallest cached block of ``need`` to 5/4 ``need`` bytes, removed
     from the cache (its size in ``got``), or NULL."""
-    global _cache_count, _cache_bytes
-    cdef int i, j, best = -1
+    cdef int i, best = -1
     for i in range(_cache_count):
         if need <= _cache_size[i] <= need + need // 4 and (
                 best < 0 or _cache_size[i] < _cache_size[best]):
             best = i
-    if best < 0:
-        return NULL
-    cdef char* ptr = _cache_ptr[best]
-    got[0] = _cache_size[best]
-    _cache_bytes -= got[0]
-    _cache_count -= 1
-    for j in range(best, _cache_count):
-        _cache_ptr[j] = _cache_ptr[j + 1]
-        _cache_size[j] = _cache_size[j + 1]
-    return ptr
+    return NULL if best < 0 else _cache_pop(best, got)
 
 
 cdef class _Block:

@@ -205,7 +205,8 @@ def streams(nbytes):
 # kept for the next output of about their size: glibc's malloc maps such blocks
 # afresh every time, and their page faults cost as much as the pass (see
 # _kernels, "Reuse of large outputs"). The cache keeps at most 8 blocks and
-# CACHE_LIMIT bytes: 1 GiB, or a sixteenth of physical memory if that is less;
+# CACHE_LIMIT bytes by default (set_cache_limit changes it; cache_info tells the
+# limit in force): 1 GiB, or a sixteenth of physical memory if that is less;
 # the environment variable CBN_CACHE_BYTES overrides it (0: no cache).
 
 
@@ -242,8 +243,6 @@ def set_cache_limit(nbytes):
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}") from None
     if n < 0:
         raise ValueError(f"nbytes must be >= 0, got {n}")
-    global CACHE_LIMIT
-    CACHE_LIMIT = n
     return _kernels.set_cache_limit(min(n, np.iinfo(np.uint64).max))
 
 

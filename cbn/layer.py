@@ -536,7 +536,7 @@ class BatchNorm:
                 return self._checked_forward(x)
         # What backward differentiates: the settings this forward ran with,
         # whatever is assigned to the layer before backward is called.
-        if _kernels.grad_enabled():
+        if is_grad_enabled():
             self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
                            _kernels.sample_bits(x, *self._learned()), threading.get_ident())
             self._stale = None

@@ -197,10 +197,7 @@ def _check_data(model, X, y, name="X"):
 def _takes_rows(model):
     """Whether the model's first layer that cares about shapes is a Linear
     (which takes (N, features) only); activations take any shape."""
-    for layer in _flat_layers(model):
-        if not isinstance(layer, _WIDTH_KEEPING):
-            return isinstance(layer, Linear)
-    return False
+    return isinstance(_first_shaped(model, "in"), Linear)
 
 
 def _all_modules(model):
@@ -230,16 +227,21 @@ def _edge_width(model, end):
     activations keep the width.  Any other layer might change the width, so
     past one the answer is None (and the checks that need it are skipped).
     """
+    layer = _first_shaped(model, end)
+    if isinstance(layer, Linear):
+        return layer.in_features if end == "in" else layer.out_features
+    if isinstance(layer, BatchNorm):
+        return layer.num_features if layer.axis in (1, -1) else None
+    return None
+
+
+def _first_shaped(model, end):
+    """The first leaf layer from that end (``"in"`` or ``"out"``) that is not an
+    activation (activations keep any shape), or None."""
     layers = _flat_layers(model)
-    if end == "out":
-        layers = layers[::-1]
-    for layer in layers:
-        if isinstance(layer, Linear):
-            return layer.in_features if end == "in" else layer.out_features
-        if isinstance(layer, BatchNorm):
-            return layer.num_features if layer.axis in (1, -1) else None
+    for layer in layers if end == "in" else layers[::-1]:
         if not isinstance(layer, _WIDTH_KEEPING):
-            return None
+            return layer
     return None
 
 

@@ -21,14 +21,16 @@ def batch(rng, shape, dtype=np.float64):
 @pytest.mark.parametrize("shape, axis", [((12, 5), 1), ((4, 5, 3, 3), 1), ((4, 3, 3, 5), -1)])
 @pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
 @pytest.mark.parametrize("relu", [None, "relu"])
-def test_backward_differentiates_the_forward_before_a_no_grad_one(shape, axis, mode, relu):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_differentiates_the_forward_before_a_no_grad_one(shape, axis, mode, relu,
+                                                                  dtype):
     """A validation forward inside no_grad between a training forward and its
     backward: dx, dgamma, dbeta are those of the training forward alone; a
     training-mode forward inside still updates the running statistics."""
     rng = np.random.default_rng()
-    x, other, dy = batch(rng, shape), batch(rng, shape), batch(rng, shape)
-    bn = cbn.BatchNorm(5, dtype=np.float64, axis=axis, activation=relu)
-    ref = cbn.BatchNorm(5, dtype=np.float64, axis=axis, activation=relu)
+    x, other, dy = (batch(rng, shape, dtype) for _ in range(3))
+    bn = cbn.BatchNorm(5, dtype=dtype, axis=axis, activation=relu)
+    ref = cbn.BatchNorm(5, dtype=dtype, axis=axis, activation=relu)
     gamma, beta = rng.uniform(0.5, 2, 5), rng.uniform(-1, 1, 5)
     for layer in (bn, ref):
         layer.gamma, layer.beta = gamma, beta
