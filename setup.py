@@ -112,7 +112,23 @@ OPENMP_PROBE = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 
 
 
 class BuildExt(build_ext):
-    """``build_ext`` that adds the optimisation, OpenMP and debug flags the compiler accepts."""
+    """``build_ext`` that cythonizes, then adds the optimisation, OpenMP and
+    debug flags the compiler accepts."""
+
+    def run(self):
+        # Here rather than at import: pip runs setup.py three times for one
+        # install (requirements, metadata, wheel), and only this one compiles.
+        # The .pyx sources become .c in place: the Extension objects keep what
+        # finalize_options set on them.
+        for ext in self.extensions:
+            ext.sources = cythonize(
+                [ext],
+                compiler_directives=DIRECTIVES,
+                # A debug build must not reuse the optimised build's C file, and vice versa.
+                force=True,
+                quiet=True,
+            )[0].sources
+        super().run()
 
     def build_extensions(self):
         cc = self.compiler
@@ -182,16 +198,7 @@ extensions = [
     )
 ]
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        compiler_directives=DIRECTIVES,
-        # A debug build must not reuse the optimised build's C file, and vice versa.
-        force=True,
-        quiet=True,
-    ),
-    cmdclass={"build_ext": BuildExt},
-)
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})
 
 if __name__ == "__main__" and len(sys.argv) == 1:
     print(__doc__)
