@@ -19,15 +19,23 @@ if _missing:  # checked before the extension loads: its first vector loop would 
 try:
     from . import _kernels
 except ImportError as exc:  # pragma: no cover - depends on how cbn was installed
+    import glob as _glob
     import os as _os
 
-    raise ImportError(
-        "cbn's compiled extension cbn._kernels could not be imported "
-        f"({exc}). If you are running from a source checkout "
-        f"({_os.path.dirname(_os.path.dirname(__file__))}), either install it "
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    # Without the extension file, Python's own words ("partially initialized
+    # module ... circular import") would point the wrong way: not chained then.
+    _source = not any(_glob.glob(_os.path.join(_here, "_kernels*" + ext))
+                      for ext in (".so", ".pyd"))
+    _why = f"{_here} is cbn's source folder, without the compiled extension" if _source else exc
+    _error = ImportError(
+        f"cbn's compiled extension cbn._kernels could not be imported ({_why}). "
+        "If you are running from a source checkout "
+        f"({_os.path.dirname(_here)}), either install it "
         "(pip install .) and run from another directory, or build it in place "
         "(pip install -e .)."
-    ) from exc
+    )
+    raise _error from (None if _source else exc)
 
 from . import functional, reference
 from .functional import cache_info, empty_cache, set_cache_limit

@@ -992,15 +992,21 @@ cdef extern from *:
     }
     #include <float.h>
     #define CBN_COEFS(S, T, TMIN, TMAX)                                               \\
-    /* coef rows m, a, b, `stride` apart: m = mean, a = gamma*invstd, b = beta, */ \\
-    /* in T, for C channels.                                                     */ \\
+    /* coef rows m, a, b, `stride` apart: m = mean rounded to T, a =            */ \\
+    /* gamma*invstd, b = beta + (m - mean)*a, in T, for C channels. b takes back */ \\
+    /* what rounding the mean cost (0 in float64): x - m is exact for x near m, */ \\
+    /* so y is within an ulp or two of its scale whatever the offset; b = beta  */ \\
+    /* was off by up to ulp(mean)/2 * a (1e4 ulps of y at an offset of 1e5     */ \\
+    /* std in float32). A constant channel still gives b = beta exactly.       */ \\
     static int cbn_forward_coefs_##S(Py_ssize_t C, Py_ssize_t stride,               \\
             const double* mean, const double* invstd, const T* gamma, const T* beta,  \\
             T* coef) {                                                               \\
         T chk = 0;                                                                   \\
         _Pragma("omp simd reduction(+:chk)")                                         \\
         for (Py_ssize_t c = 0; c < C; c++) {                                         \\
-            T m = (T)mean[c], a = (T)(gamma[c] * invstd[c]), b = beta[c];            \\
+            double ad = gamma[c] * invstd[c];                                        \\
+            T m = (T)mean[c], a = (T)ad;                                             \\
+            T b = (T)(beta[c] + ((double)m - mean[c]) * ad);                         \\
             coef[c] = m; coef[stride + c] = a; coef[2 * stride + c] = b;             \\
             chk += (m - m) + (a - a) + (b - b);                                      \\
         }                                                                            \\
@@ -1025,9 +1031,9 @@ cdef extern from *:
         if (bad)                                                                     \\
             return 0;                                                                \\
         for (Py_ssize_t c = 0; c < C; c++) {                                         \\
-            double a = (double)coef[C + c], b = (double)coef[2 * C + c];             \\
+            double a = (double)coef[C + c];                                          \\
             coef[c] = (T)a;                                                          \\
-            coef[C + c] = (T)(b - mean[c] * a);                                      \\
+            coef[C + c] = (T)((double)beta[c] - mean[c] * a);                        \\
         }                                                                            \\
         return 1;                                                                    \\
     }                                                                                \\
@@ -3190,6 +3196,15 @@ def ema_update(floating[::1] running_mean,     # IN/OUT (C,)
     return bad
 
 
+cdef class _GuardState:
+    """What a :class:`Guard` and its shared side both read and write. Held by
+    both, pointing at neither: a Guard that referred to its shared side and
+    back would be a reference cycle, freed only by the cyclic collector (two
+    objects per layer, kept for good where an application disables gc)."""
+    cdef int holders          # -1: exclusive; n >= 0: n shared
+    cdef object message
+
+
 cdef class Guard:
     """Who is inside a layer's calls: one exclusive holder (``with guard:``)
     or any number of shared ones (``with guard.shared:``).
@@ -3201,46 +3216,46 @@ cdef class Guard:
     this type enters in C and has its exit armed before any Python signal
     handler can run. Relies on the GIL (one thread at a time in C here).
     """
-    cdef int holders          # -1: exclusive; n >= 0: n shared
-    cdef object message
+    cdef _GuardState state
     cdef readonly SharedGuard shared
 
     def __cinit__(self, message):
-        self.holders = 0
-        self.message = message
-        self.shared = SharedGuard(self)
+        self.state = _GuardState()
+        self.state.holders = 0
+        self.state.message = message
+        self.shared = SharedGuard(self.state)
 
     def __enter__(self):
-        if self.holders != 0:
-            raise RuntimeError(self.message)
-        self.holders = -1
+        if self.state.holders != 0:
+            raise RuntimeError(self.state.message)
+        self.state.holders = -1
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.holders = 0
+        self.state.holders = 0
         return False
 
     @property
     def holding(self):
         """-1 while held exclusively, else the number of shared holders."""
-        return self.holders
+        return self.state.holders
 
 
 cdef class SharedGuard:
     """The shared side of a :class:`Guard` (its ``shared`` attribute)."""
-    cdef Guard guard
+    cdef _GuardState state
 
-    def __cinit__(self, Guard guard):
-        self.guard = guard
+    def __cinit__(self, _GuardState state):
+        self.state = state
 
     def __enter__(self):
-        if self.guard.holders < 0:
-            raise RuntimeError(self.guard.message)
-        self.guard.holders += 1
+        if self.state.holders < 0:
+            raise RuntimeError(self.state.message)
+        self.state.holders += 1
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.guard.holders -= 1
+        self.state.holders -= 1
         return False
 
 

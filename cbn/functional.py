@@ -563,8 +563,9 @@ def _raise_for_status(status, what, params=(), eps=None, dtype=None):
         )
     inputs = "x" if what == "output" else "dy or x"
     raise FloatingPointError(
-        f"the {what} is not finite: {inputs} contains NaN or Inf, or the result "
-        "overflows the dtype"
+        f"the {what} is not finite: {inputs} contains NaN or Inf, or a value on the way "
+        "overflows the dtype (the result, or x - mean for values of both signs near its "
+        "largest); float64 holds larger values"
     )
 
 

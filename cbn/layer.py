@@ -245,7 +245,9 @@ class BatchNorm:
         try:
             self._allocate_state()
         except (MemoryError, ValueError) as exc:  # numpy: "array is too big"
-            raise type(exc)(
+            # MemoryError, not type(exc): NumPy's _ArrayMemoryError takes two arguments.
+            kind = MemoryError if isinstance(exc, MemoryError) else ValueError
+            raise kind(
                 f"num_features={self.num_features}: cannot allocate the layer's per-channel "
                 f"arrays ({exc})") from None
         # One int64 that the kernel updating the running statistics sets in the

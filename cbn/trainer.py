@@ -34,6 +34,19 @@ class StopTraining(Exception):
     """
 
 
+def _json_value(v):
+    """``v`` for JSON: lists element by element, NumPy scalars as Python ones,
+    NaN and Inf as None. (Module-level: a nested recursive function would be a
+    reference cycle through its own closure on every call.)"""
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, np.generic):  # a NumPy scalar appended by a callback
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
 @dataclasses.dataclass
 class History:
     """What :func:`fit` measured.
@@ -83,16 +96,7 @@ class History:
 
     def to_dict(self):
         """Return the history as a JSON-serializable dict (NaN becomes ``None``)."""
-        def clean(v):
-            if isinstance(v, list):
-                return [clean(x) for x in v]
-            if isinstance(v, np.generic):  # a NumPy scalar appended by a callback
-                v = v.item()
-            if isinstance(v, float) and not np.isfinite(v):
-                return None
-            return v
-
-        return {f.name: clean(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 class StepEvaluator:

@@ -303,7 +303,9 @@ def test_a_dtype_mismatch_says_whose_dtype_and_how_numpy_2_makes_float64():
     bn = cbn.BatchNorm(3)
     x = rng.standard_normal((4, 3)).astype(np.float32)
     bn(x)
-    dy = rng.standard_normal((4, 3)).astype(np.float32) * np.float64(0.5)  # NEP 50: float64
+    # What NumPy 2 (NEP 50) makes of float32 * np.float64(0.5); NumPy 1 kept
+    # float32 there, and the package supports it, so the float64 is explicit.
+    dy = rng.standard_normal((4, 3)).astype(np.float32).astype(np.float64) * 0.5
     with pytest.raises(TypeError, match=r"dy has dtype float64, expected float32 \(the dtype "
                                         r"of x\).*NumPy 2 makes float64"):
         bn.backward(dy)
@@ -311,3 +313,11 @@ def test_a_dtype_mismatch_says_whose_dtype_and_how_numpy_2_makes_float64():
                                         r"layer's dtype\); convert it with x.astype"
                                         r"\(numpy.float32\)$"):
         bn(x.astype(np.float16))
+
+
+def test_a_layer_too_large_to_allocate_raises_memory_error_naming_num_features():
+    """NumPy's own allocation error type takes two arguments: the layer's message
+    must still come out as a MemoryError, not a TypeError from re-raising it."""
+    with pytest.raises(MemoryError, match=r"num_features=1152921504606846976: cannot allocate "
+                                          r"the layer's per-channel arrays"):
+        cbn.BatchNorm(1 << 60)

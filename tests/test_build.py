@@ -1,6 +1,7 @@
 """The build records what it compiled for, and import refuses a CPU without it."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -62,3 +63,26 @@ def test_submodules_load_on_first_use():
                           check=False, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.__file__)))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_importing_the_uncompiled_source_folder_says_so(tmp_path):
+    """``python -m cbn`` in a checkout's root imports its source folder, which has
+    no extension: the error names that, not Python's "partially initialized
+    module ... circular import", which points the wrong way."""
+    src = os.path.dirname(os.path.abspath(cbn.__file__))
+    pkg = tmp_path / "cbn"
+    pkg.mkdir()
+    for name in ("__init__.py", "_cpu.py"):
+        (pkg / name).write_bytes(pathlib.Path(src, name).read_bytes())
+    # Only the path finder: an editable install's finder would find the
+    # checkout's extension by its full name and hide the error.
+    code = ("import importlib.machinery as m, sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if f in "
+            "(m.BuiltinImporter, m.FrozenImporter, m.PathFinder)]\n"
+            "import cbn\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env=os.environ.copy(), check=False)
+    assert run.returncode != 0
+    assert f"({pkg} is cbn's source folder, without the compiled extension)" in run.stderr
+    assert "pip install ." in run.stderr
+    assert "circular import" not in run.stderr

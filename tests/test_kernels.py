@@ -151,11 +151,13 @@ def kink_free_beta(x64, mean, var, gamma, rng):
 
 
 def forward_coef(mean, var, gamma, beta, dtype):
-    """Rows m, a, b of the coefficient table, as functional builds them."""
+    """Rows m, a, b of the coefficient table, as the kernels build them: b takes
+    back what rounding the mean to ``dtype`` cost, (m - mean) * a."""
     invstd = 1.0 / np.sqrt(var + EPS)
-    return np.ascontiguousarray(
-        np.stack([mean, gamma.astype(np.float64) * invstd, beta.astype(np.float64)]), dtype=dtype
-    )
+    a = gamma.astype(np.float64) * invstd
+    m = np.asarray(mean).astype(dtype).astype(np.float64)
+    b = beta.astype(np.float64) + (m - mean) * a
+    return np.ascontiguousarray(np.stack([mean, a, b]), dtype=dtype)
 
 
 def backward_coef(coef3, mean, var, sum_g, sum_gd, count, training, dtype):
