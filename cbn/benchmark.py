@@ -1171,7 +1171,7 @@ def format_report(result, markdown=False):
             text += f", torch BatchNorm1d {s['torch_us']:.1f} us (x{s['speedup_torch']:.2f})"
         lines.append(text)
     lines.append("")
-    lines.append("targets (speed goals; see benchmarks/README.md):")
+    lines.append("targets (speed goals; see benchmarks/README.md in cbn's source):")
     for t in result.get("targets", []):
         mark = {"pass": "PASS", "fail": "FAIL"}.get(t["status"], "n/a ")
         lines.append(f"{'- ' if markdown else '  '}{'**' + mark + '**' if markdown else mark}  "
