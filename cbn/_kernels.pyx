@@ -1425,6 +1425,9 @@ cdef enum:
                                 # about this much of x (see _group_channels; 1-4 MiB
                                 # measured alike, 8 MiB lost on two threads)
     GROUP_MIN_STRETCH = 49152   # and only if each image's part of a group is this long
+    ONE_CHANNEL_MAX = 4194304   # backward: a channel of x and dy beyond the group
+                                # budget, up to this many bytes, is a group alone
+    ONE_CHANNEL_STRETCH = 16384 # if its output streams and each image's run is this long
 
 # Status codes of the composites; cbn.functional turns them into exceptions.
 cdef enum:
@@ -3357,9 +3360,17 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     Backward (arrays == 2) takes groups of _group_budget bytes of x and dy
     (an eighth of the per-core cache) on batches larger than twice that: on
     a Xeon (2 MiB L2, 256 KiB groups), cold data, one process, 8x256x28x28
-    1.11-1.30x, one and two threads; shapes whose single channel exceeds
-    the budget take whole passes. Budgets of 512 KiB-1 MiB lost on some
-    shapes (0.84x). The training forward (arrays == 1) takes groups only for
+    1.11-1.30x, one and two threads. Budgets of 512 KiB-1 MiB lost on some
+    shapes (0.84x). A channel larger than the budget, up to ONE_CHANNEL_MAX,
+    is a group by itself when dx streams (the batch is too large to stay
+    cached) and each image's run of it is at least ONE_CHANNEL_STRETCH
+    bytes: its second read then comes from the last-level cache. On the Zen
+    4 EPYC, cold data, against whole passes (one thread / two): float64
+    32x64x56x56 1.16x / 1.35x, 16x32x112x112 float64 1.24x / 1.30x and
+    float32 1.10x / 1.26x, 8x64x112x112 float32 1.12x / 1.36x; shorter runs
+    lost on one thread (float32 32x64x56x56, runs of 12 KiB: 0.92x; 6-8
+    KiB: 0.83-0.96x), as did batches that stay cached (64x16x32x32: 0.73x);
+    other shapes take whole passes. The training forward (arrays == 1) takes groups only for
     float64 outputs that stream (batches too large for the last-level
     cache), of GROUP_BYTES: against the statistics pass first, on an AMD
     EPYC, 32x64x56x56 1.07-1.16x, 16x32x112x112 1.05-1.20x; where each
@@ -3374,6 +3385,9 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
         return 0
     if _group_budget and arrays == 2 and per_channel * <size_t>g.channels > 2 * _group_budget:
         cg = <Py_ssize_t>(_group_budget // per_channel)
+        if (cg == 0 and stream and per_channel <= ONE_CHANNEL_MAX
+                and <size_t>g.inner * item_bytes >= ONE_CHANNEL_STRETCH):
+            cg = 1
     elif arrays == 1 and item_bytes == sizeof(double) and stream:
         cg = GROUP_BYTES // <Py_ssize_t>per_channel
         if cg * g.inner * <Py_ssize_t>item_bytes < GROUP_MIN_STRETCH:
@@ -3579,7 +3593,7 @@ cdef int _backward(const floating* dy, const floating* x, const Geometry* g,
                        or _overlap(dx, dx_bytes, beta, c_bytes)
                        or _overlap(dx, dx_bytes, mean, C * sizeof(double))
                        or _overlap(dx, dx_bytes, var, C * sizeof(double))):
-        cg = _group_channels(g, sizeof(floating), 2, False)
+        cg = _group_channels(g, sizeof(floating), 2, stream)
     if scratch == NULL or coef == NULL:
         status = STATUS_NO_MEMORY
     else:

@@ -990,6 +990,13 @@ def test_backward_groups_are_taken_only_where_they_pay(group_budget):
     assert K.group_channels(4096, 64, 12, 4, 2) == 0  # short runs, taken as rows
     assert K.group_channels(2, 4, 1024, 4, 2) == 0  # the batch fits twice the budget
     assert K.group_channels(8, 256, 784, 4, 1, False) == 0  # the forward: not by budget
+    # A channel beyond the budget is a group by itself where dx streams, if it holds
+    # at most 4 MiB of x and dy and each image's run of it is at least 16 KiB.
+    assert K.group_channels(32, 64, 3136, 8, 2, True) == 1  # float64 runs of 24.5 KiB
+    assert K.group_channels(32, 64, 3136, 8, 2, False) == 0  # dx not streamed
+    assert K.group_channels(32, 64, 3136, 4, 2, True) == 0  # float32 runs of 12 KiB
+    assert K.group_channels(64, 8, 4096, 8, 2, True) == 1  # 4 MiB of x and dy
+    assert K.group_channels(65, 8, 4096, 8, 2, True) == 0  # more than 4 MiB
     group_budget(0)
     assert K.group_channels(8, 256, 784, 4, 2) == 0
     with pytest.raises(ValueError, match="group bytes"):
@@ -1051,6 +1058,27 @@ def test_grouped_backward_equals_the_two_passes(group_budget, dtype, relu, mode)
     assert 1 <= cg < C, (geometry, budget)
     _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, training, True, relu),
                                f"{geometry}, groups of {cg}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_channel_beyond_the_budget_alone_equals_the_two_passes(group_budget, dtype, relu):
+    """A channel larger than the group budget is a group by itself when dx streams
+    (runs of 16 KiB and more): the same bits as the two passes, on any thread count."""
+    rng = np.random.default_rng()
+    geometry = (int(rng.integers(2, 5)), int(rng.integers(3, 7)), int(rng.integers(4096, 6000)))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.standard_normal(geometry).astype(dtype)
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    group_budget(0)
+    want = _backward_run(dy, x, mean, var, gamma, beta, True, True, relu, 1)
+    assert want[0] == K.OK
+    outer, _, inner = geometry
+    group_budget(outer * inner * np.dtype(dtype).itemsize)  # half a channel of x and dy
+    assert K.group_channels(*geometry, np.dtype(dtype).itemsize, 2, True) == 1
+    assert K.group_channels(*geometry, np.dtype(dtype).itemsize, 2, False) == 0
+    _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, True, True, relu),
+                               f"{geometry}, one channel per group when streamed")
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
