@@ -1,5 +1,6 @@
 """Shared fixtures."""
 
+import gc
 import importlib.util
 from pathlib import Path
 
@@ -22,3 +23,17 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def empty_output_cache():
+    """An empty output cache of 1 GiB for the test, restored (and emptied) afterwards."""
+    import cbn
+
+    gc.collect()
+    cbn.empty_cache()
+    previous = cbn.set_cache_limit(1 << 30)
+    yield
+    gc.collect()
+    cbn.set_cache_limit(previous)
+    cbn.empty_cache()

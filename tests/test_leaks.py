@@ -713,18 +713,6 @@ def test_failing_kernel_passes_free_their_scratch(case):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def empty_output_cache():
-    """An empty output cache of 1 GiB, restored (and emptied) afterwards."""
-    gc.collect()
-    cbn.empty_cache()
-    previous = cbn.set_cache_limit(1 << 30)
-    yield
-    gc.collect()
-    cbn.set_cache_limit(previous)
-    cbn.empty_cache()
-
-
 def test_large_outputs_come_back_to_baseline_after_empty_cache(empty_output_cache):
     """Outputs of 32 MiB and more, on failing and succeeding paths of the
     functions and the layer: the inputs' reference counts return, the cache

@@ -2,7 +2,6 @@
 the next output of about their size (``_kernels``, "Reuse of large outputs"):
 fresh blocks from malloc page-fault on every page."""
 
-import gc
 import os
 import subprocess
 import sys
@@ -19,15 +18,8 @@ MIN = cbn.cache_info()["min_bytes"]
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache():
-    """Each test starts with an empty cache of the default limit and leaves one."""
-    gc.collect()
-    cbn.empty_cache()
-    previous = cbn.set_cache_limit(1 << 30)
-    yield
-    gc.collect()
-    cbn.set_cache_limit(previous)
-    cbn.empty_cache()
+def fresh_cache(empty_output_cache):
+    """Each test starts with an empty cache of 1 GiB and leaves one (conftest)."""
 
 
 def big_batch(rng, dtype=np.float32, channels=None, extra=0):
