@@ -41,7 +41,7 @@ are timed in alternating rounds (``rounds``, default 5), so that drift in the
 machine's speed falls on all of them alike rather than on their ratio. When an
 array is smaller than twice the last-level cache, the inputs and outputs rotate
 through enough buffers to span twice the cache, so that caches do not flatter.
-Large allocations are recycled at fixed glibc thresholds
+Allocations are recycled from glibc's heap, at fixed thresholds and with mmap off
 (:func:`steady_allocator`), so no implementation pays page faults that another's
 frees caused. Threads:
 cbn through ``n_threads``, NumPy through threadpoolctl, torch through
@@ -520,27 +520,34 @@ def _threadpool_info():
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _MMAP_THRESHOLD_MAX = 32 * MIB  # glibc's ceiling on 64-bit systems
 _TRIM_THRESHOLD = 2**31 - 1
 
 
 def steady_allocator():
-    """Make glibc recycle freed blocks of up to 32 MiB instead of unmapping them.
+    """Make glibc recycle freed blocks from its heap instead of unmapping them.
 
     Torch's backward, cbn's backward without ``out=`` and the layer allocate
     their outputs. By default glibc serves a large request from a fresh mmap
     (page faults, zeroing) or from its heap depending on a threshold that
     moves with the history of frees, so whether a call pays for fresh pages
     depended on which call freed last: the same torch backward measured 3.7x
-    apart between two orders of the same calls. With fixed thresholds every
-    request of up to 32 MiB is served from recycled heap memory, as in a
-    steady training loop; larger ones are mmap-ed for everyone alike.
+    apart between two orders of the same calls. With fixed thresholds and no
+    mmap at all, every request is served from recycled heap memory, as in a
+    steady training loop. (With mmap still allowed from 32 MiB, a request
+    that large was mmap-ed and faulted on every call unless earlier cases
+    had grown the heap enough to hold it: PyTorch's float64 32x64x56x56
+    backward took 33-48 ms in a run of that shape alone and about 10 ms in
+    the full run. cbn's own outputs of 32 MiB and more come from its output
+    cache either way. ``benchmarks/layer_step.py`` measures what fresh pages
+    cost, with glibc as a user's process has it.)
 
     Returns
     -------
     dict
-        What was set (``mmap_threshold``, ``trim_threshold``), or
-        ``{"unavailable": reason}`` when this is not glibc.
+        What was set (``mmap_threshold``, ``trim_threshold``, ``mmap_max``),
+        or ``{"unavailable": reason}`` when this is not glibc.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -550,10 +557,12 @@ def steady_allocator():
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     ok = (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-          and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1)
+          and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+          and mallopt(_M_MMAP_MAX, 0) == 1)
     if not ok:
         return {"unavailable": "mallopt refused the thresholds"}
-    return {"mmap_threshold": _MMAP_THRESHOLD_MAX, "trim_threshold": _TRIM_THRESHOLD}
+    return {"mmap_threshold": _MMAP_THRESHOLD_MAX, "trim_threshold": _TRIM_THRESHOLD,
+            "mmap_max": 0}
 
 
 def machine_info():

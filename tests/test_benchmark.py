@@ -74,11 +74,11 @@ def test_time_interleaved_alternates_and_shares_one_rotation():
 
 def test_steady_allocator_sets_fixed_thresholds_or_says_why_not():
     info = B.steady_allocator()
-    assert set(info) in ({"mmap_threshold", "trim_threshold"}, {"unavailable"})
+    assert set(info) in ({"mmap_threshold", "trim_threshold", "mmap_max"}, {"unavailable"})
     if "mmap_threshold" in info:
-        assert info["mmap_threshold"] == 32 * B.MIB
-        big = np.ones(4 * B.MIB)  # 32 MiB: still allocates and frees normally
-        assert big.sum() == 4 * B.MIB
+        assert info["mmap_threshold"] == 32 * B.MIB and info["mmap_max"] == 0
+        big = np.ones(8 * B.MIB)  # 64 MiB, from the heap: still allocates and frees normally
+        assert big.sum() == 8 * B.MIB
 
 
 def test_write_record_keeps_the_data_beside_the_machine(tmp_path):
