@@ -3370,8 +3370,10 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     float32 1.10x / 1.26x, 8x64x112x112 float32 1.12x / 1.36x; shorter runs
     lost on one thread (float32 32x64x56x56, runs of 12 KiB: 0.92x; 6-8
     KiB: 0.83-0.96x), as did batches that stay cached (64x16x32x32: 0.73x);
-    other shapes take whole passes. The training forward (arrays == 1) takes groups only for
-    float64 outputs that stream (batches too large for the last-level
+    other shapes take whole passes.
+
+    The training forward (arrays == 1) takes groups only for float64
+    outputs that stream (batches too large for the last-level
     cache), of GROUP_BYTES: against the statistics pass first, on an AMD
     EPYC, 32x64x56x56 1.07-1.16x, 16x32x112x112 1.05-1.20x; where each
     image's part of a group is under GROUP_MIN_STRETCH bytes (64x16x32x32:
