@@ -1,6 +1,7 @@
 """Structure of the benchmark engine's table and JSON (no timing assertions)."""
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -132,11 +133,21 @@ def test_main_writes_table_and_json(tmp_path, capsys):
         for impl in ("cbn", "layer", "numpy"):
             t = c["times"][impl]
             assert t["median_s"] > 0 and 2 <= t["repeats"] <= 3
-        assert c["gbps"] > 0 and c["frac_copy"] > 0 and c["speedup_numpy"] > 0
+        assert c["gbps"] > 0 and c["copy_gbps"] > 0 and c["speedup_numpy"] > 0
+        assert "copy" not in c["times"]  # timed in the rounds, reported as copy_gbps
+        # np.copyto runs on one thread: a fraction of it only for one thread
+        assert (c["frac_copy"] is not None) == (c["threads"] == 1)
+        if c["threads"] == 1:
+            assert c["frac_copy"] == pytest.approx(c["gbps"] / c["copy_gbps"])
         assert (c["speedup_torch"] is not None) == torch_there
     names = [t["target"] for t in result["targets"]]
     assert len(names) == 6
     assert {t["status"] for t in result["targets"]} <= {"pass", "fail", "n/a"}
+    # NumPy runs on one thread whatever the budget: the median per thread count is shown
+    vs_numpy = next(t for t in result["targets"] if "NumPy" in t["target"])
+    for n, label in ((1, "1 thread"), (2, "2 threads")):
+        med = statistics.median(c["speedup_numpy"] for c in cases if c["threads"] == n)
+        assert f"{label} x{med:.1f}" in vs_numpy["detail"]
     assert result["small_step"]["cbn_us"] > 0
     # Markdown rendering of the same result
     md = B.format_report(result, markdown=True)
