@@ -1428,6 +1428,8 @@ cdef enum:
     ONE_CHANNEL_MAX = 4194304   # backward: a channel of x and dy beyond the group
                                 # budget, up to this many bytes, is a group alone
     ONE_CHANNEL_STRETCH = 16384 # if its output streams and each image's run is this long
+    SHARED_CHANNEL_MAX = 2097152    # on two threads and more: up to this many bytes,
+    SHARED_CHANNEL_STRETCH = 3072   # with runs this long
 
 # Status codes of the composites; cbn.functional turns them into exceptions.
 cdef enum:
@@ -3348,7 +3350,7 @@ def group_bytes():
 
 
 cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int arrays,
-                                       bint stream) noexcept nogil:
+                                       bint stream, bint several=False) noexcept nogil:
     """Channels per group of a pass taken group by group (0: not so).
 
     A training forward reads x twice (statistics, then normalization), a
@@ -3369,8 +3371,14 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     32x64x56x56 1.16x / 1.35x, 16x32x112x112 float64 1.24x / 1.30x and
     float32 1.10x / 1.26x, 8x64x112x112 float32 1.12x / 1.36x; shorter runs
     lost on one thread (float32 32x64x56x56, runs of 12 KiB: 0.92x; 6-8
-    KiB: 0.83-0.96x), as did batches that stay cached (64x16x32x32: 0.73x);
-    other shapes take whole passes.
+    KiB: 0.83-0.96x), as did batches that stay cached (64x16x32x32: 0.73x).
+    On more than one thread (``several``) the two passes are paced by memory
+    rather than by the strided reads, and channels of up to
+    SHARED_CHANNEL_MAX with runs of SHARED_CHANNEL_STRETCH bytes and more are
+    groups alone too (two threads: float32 32x64x56x56 1.19x, 128x64x28x28
+    float64 1.28x, float32 1.11x, 32x128x28x28 float32 1.16x, 64x32x28x28
+    float64 1.14x; a 4 MiB channel, 256x16x32x32 float64, 0.96x). Other
+    shapes take whole passes. The thread count changes no bit.
 
     The training forward (arrays == 1) takes groups only for float64
     outputs that stream (batches too large for the last-level
@@ -3382,13 +3390,17 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     with budgets of 256 KiB-1 MiB on the Xeon, 0.81-1.19x.
     """
     cdef size_t per_channel = <size_t>(g.outer * g.inner) * item_bytes * <size_t>arrays
+    cdef size_t run
     cdef Py_ssize_t cg
     if g.inner == 1 or g.channels < 2 or _spreads(g, item_bytes, SPREAD_SUMS_BYTES):
         return 0
     if _group_budget and arrays == 2 and per_channel * <size_t>g.channels > 2 * _group_budget:
         cg = <Py_ssize_t>(_group_budget // per_channel)
-        if (cg == 0 and stream and per_channel <= ONE_CHANNEL_MAX
-                and <size_t>g.inner * item_bytes >= ONE_CHANNEL_STRETCH):
+        run = <size_t>g.inner * item_bytes
+        if cg == 0 and stream and (
+                (per_channel <= ONE_CHANNEL_MAX and run >= ONE_CHANNEL_STRETCH)
+                or (several and per_channel <= SHARED_CHANNEL_MAX
+                    and run >= SHARED_CHANNEL_STRETCH)):
             cg = 1
     elif arrays == 1 and item_bytes == sizeof(double) and stream:
         cg = GROUP_BYTES // <Py_ssize_t>per_channel
@@ -3406,11 +3418,12 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
 
 
 def group_channels(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-                   Py_ssize_t item_bytes, int arrays=1, bint stream=True):
+                   Py_ssize_t item_bytes, int arrays=1, bint stream=True, bint several=False):
     """Channels per group that a training forward (``arrays=1``) or a backward
-    (``arrays=2``) takes on this geometry (0: whole passes); for the tests."""
+    (``arrays=2``, on more than one thread if ``several``) takes on this
+    geometry (0: whole passes); for the tests."""
     cdef Geometry g = _geometry(outer, channels, inner)
-    return _group_channels(&g, <size_t>item_bytes, arrays, stream)
+    return _group_channels(&g, <size_t>item_bytes, arrays, stream, several)
 
 
 cdef int _train_group(const floating* x, floating* y, const Geometry* g, Py_ssize_t c0,
@@ -3595,7 +3608,7 @@ cdef int _backward(const floating* dy, const floating* x, const Geometry* g,
                        or _overlap(dx, dx_bytes, beta, c_bytes)
                        or _overlap(dx, dx_bytes, mean, C * sizeof(double))
                        or _overlap(dx, dx_bytes, var, C * sizeof(double))):
-        cg = _group_channels(g, sizeof(floating), 2, stream)
+        cg = _group_channels(g, sizeof(floating), 2, stream, n_threads > 1)
     if scratch == NULL or coef == NULL:
         status = STATUS_NO_MEMORY
     else:

@@ -997,6 +997,12 @@ def test_backward_groups_are_taken_only_where_they_pay(group_budget):
     assert K.group_channels(32, 64, 3136, 4, 2, True) == 0  # float32 runs of 12 KiB
     assert K.group_channels(64, 8, 4096, 8, 2, True) == 1  # 4 MiB of x and dy
     assert K.group_channels(65, 8, 4096, 8, 2, True) == 0  # more than 4 MiB
+    # On more than one thread, also channels of up to 2 MiB with runs of 3 KiB and more.
+    assert K.group_channels(32, 64, 3136, 4, 2, True, True) == 1  # float32 runs of 12 KiB
+    assert K.group_channels(128, 64, 784, 4, 2, True, True) == 1  # runs of 3 KiB
+    assert K.group_channels(128, 64, 784, 4, 2, False, True) == 0  # dx not streamed
+    assert K.group_channels(128, 64, 700, 4, 2, True, True) == 0  # runs under 3 KiB
+    assert K.group_channels(256, 16, 1024, 8, 2, True, True) == 0  # a 4 MiB channel
     group_budget(0)
     assert K.group_channels(8, 256, 784, 4, 2) == 0
     with pytest.raises(ValueError, match="group bytes"):
@@ -1079,6 +1085,28 @@ def test_a_channel_beyond_the_budget_alone_equals_the_two_passes(group_budget, d
     assert K.group_channels(*geometry, np.dtype(dtype).itemsize, 2, False) == 0
     _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, True, True, relu),
                                f"{geometry}, one channel per group when streamed")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shorter_channels_alone_on_several_threads_equal_the_two_passes(group_budget, dtype):
+    """Runs of 3-16 KiB: whole passes on one thread, a channel per group on more
+    (when dx streams); the same bits either way."""
+    rng = np.random.default_rng()
+    item = np.dtype(dtype).itemsize
+    geometry = (int(rng.integers(2, 5)), int(rng.integers(3, 7)),
+                int(rng.integers(3072 // item, 16384 // item)))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.standard_normal(geometry).astype(dtype)
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    group_budget(0)
+    want = _backward_run(dy, x, mean, var, gamma, beta, True, True, False, 1)
+    assert want[0] == K.OK
+    outer, _, inner = geometry
+    group_budget(outer * inner * item)  # half a channel of x and dy
+    assert K.group_channels(*geometry, item, 2, True, False) == 0
+    assert K.group_channels(*geometry, item, 2, True, True) == 1
+    _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, True, True, False),
+                               f"{geometry}, one channel per group on several threads")
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
