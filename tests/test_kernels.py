@@ -1066,47 +1066,47 @@ def test_grouped_backward_equals_the_two_passes(group_budget, dtype, relu, mode)
                                f"{geometry}, groups of {cg}")
 
 
+def _single_channel_case(group_budget, dtype, relu, run_bytes):
+    """A batch whose runs are ``run_bytes`` (lo, hi) long, its two-pass backward (no
+    groups), and the budget then set to half a channel of x and dy: what a
+    single-channel group is checked against. Returns (args, want, geometry)."""
+    rng = np.random.default_rng()
+    item = np.dtype(dtype).itemsize
+    geometry = (int(rng.integers(2, 5)), int(rng.integers(3, 7)),
+                int(rng.integers(run_bytes[0] // item, run_bytes[1] // item)))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.standard_normal(geometry).astype(dtype)
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    args = (dy, x, mean, var, gamma, beta, True, True, relu)
+    group_budget(0)
+    want = _backward_run(*args, 1)
+    assert want[0] == K.OK
+    group_budget(geometry[0] * geometry[2] * item)
+    return args, want, geometry
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu", [False, True])
 def test_a_channel_beyond_the_budget_alone_equals_the_two_passes(group_budget, dtype, relu):
     """A channel larger than the group budget is a group by itself when dx streams
     (runs of 16 KiB and more): the same bits as the two passes, on any thread count."""
-    rng = np.random.default_rng()
-    geometry = (int(rng.integers(2, 5)), int(rng.integers(3, 7)), int(rng.integers(4096, 6000)))
-    x, gamma, beta = make_batch(rng, geometry, dtype)
-    dy = rng.standard_normal(geometry).astype(dtype)
-    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
-    group_budget(0)
-    want = _backward_run(dy, x, mean, var, gamma, beta, True, True, relu, 1)
-    assert want[0] == K.OK
-    outer, _, inner = geometry
-    group_budget(outer * inner * np.dtype(dtype).itemsize)  # half a channel of x and dy
-    assert K.group_channels(*geometry, np.dtype(dtype).itemsize, 2, True) == 1
-    assert K.group_channels(*geometry, np.dtype(dtype).itemsize, 2, False) == 0
-    _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, True, True, relu),
-                               f"{geometry}, one channel per group when streamed")
+    args, want, geometry = _single_channel_case(group_budget, dtype, relu, (16384, 24000))
+    item = np.dtype(dtype).itemsize
+    assert K.group_channels(*geometry, item, 2, True) == 1
+    assert K.group_channels(*geometry, item, 2, False) == 0
+    _assert_backward_same_bits(want, args, f"{geometry}, one channel per group when streamed")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_shorter_channels_alone_on_several_threads_equal_the_two_passes(group_budget, dtype):
     """Runs of 3-16 KiB: whole passes on one thread, a channel per group on more
     (when dx streams); the same bits either way."""
-    rng = np.random.default_rng()
+    args, want, geometry = _single_channel_case(group_budget, dtype, False, (3072, 16384))
     item = np.dtype(dtype).itemsize
-    geometry = (int(rng.integers(2, 5)), int(rng.integers(3, 7)),
-                int(rng.integers(3072 // item, 16384 // item)))
-    x, gamma, beta = make_batch(rng, geometry, dtype)
-    dy = rng.standard_normal(geometry).astype(dtype)
-    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
-    group_budget(0)
-    want = _backward_run(dy, x, mean, var, gamma, beta, True, True, False, 1)
-    assert want[0] == K.OK
-    outer, _, inner = geometry
-    group_budget(outer * inner * item)  # half a channel of x and dy
     assert K.group_channels(*geometry, item, 2, True, False) == 0
     assert K.group_channels(*geometry, item, 2, True, True) == 1
-    _assert_backward_same_bits(want, (dy, x, mean, var, gamma, beta, True, True, False),
-                               f"{geometry}, one channel per group on several threads")
+    _assert_backward_same_bits(want, args, f"{geometry}, one channel per group on several "
+                                           "threads")
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
