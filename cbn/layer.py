@@ -536,12 +536,7 @@ class BatchNorm:
             )
             if type(y) is not np.ndarray:
                 return self._checked_forward(x)
-        # What backward differentiates: the settings this forward ran with,
-        # whatever is assigned to the layer before backward is called.
-        if is_grad_enabled():
-            self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
-                           _kernels.sample_bits(x, *self._learned()), threading.get_ident())
-            self._stale = None
+        self._keep(x, mean, var, batch_stats)
         return y
 
     def _checked_forward(self, x):
@@ -592,12 +587,17 @@ class BatchNorm:
                 self.eps,
                 self.dtype,
             )
-        if is_grad_enabled():
-            self._cache = (x_c, mean, var, self.uses_batch_stats, self._axis, self._eps,
-                           self._activation, _kernels.sample_bits(x_c, *self._learned()),
-                           threading.get_ident())
-            self._stale = None
+        self._keep(x_c, mean, var, self.uses_batch_stats)
         return y
+
+    def _keep(self, x, mean, var, batch_stats):
+        """Keep what backward differentiates: this forward's input and statistics
+        and the settings it ran with, whatever is assigned to the layer before
+        backward is called; nothing inside :class:`no_grad`."""
+        if is_grad_enabled():
+            self._cache = (x, mean, var, batch_stats, self._axis, self._eps, self._activation,
+                           _kernels.sample_bits(x, *self._learned()), threading.get_ident())
+            self._stale = None
 
     def _learned(self):
         """``(gamma, beta)``, or ``()`` when ``affine=False``: what backward's

@@ -200,18 +200,8 @@ def test_outputs_from_several_threads():
     assert cbn.cache_info()["blocks"] <= 8
 
 
-def test_the_limit_comes_from_the_environment(monkeypatch):
-    value = int(np.random.default_rng().integers(0, 1 << 40))
-    monkeypatch.setenv("CBN_CACHE_BYTES", str(value))
-    assert F._cache_limit() == value
-    for bad in ("lots", "-1", "1.5"):
-        monkeypatch.setenv("CBN_CACHE_BYTES", bad)
-        with pytest.raises(ValueError, match="CBN_CACHE_BYTES"):
-            F._cache_limit()
-    monkeypatch.delenv("CBN_CACHE_BYTES")
-    assert F._cache_limit() == min(1 << 30, F._physical_memory_bytes() // 16)
-
-
+# CBN_CACHE_BYTES's parsing is tested with the other byte settings
+# (test_streaming.py::test_byte_settings_from_environment).
 def test_the_environment_sets_the_limit_at_import():
     code = "import cbn; print(cbn.cache_info()['limit'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

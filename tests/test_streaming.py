@@ -425,11 +425,13 @@ def test_layer_streams_the_same_numbers(monkeypatch):
      lambda: F._cache_sizes().get(2, 1 << 20) // 8),
     ("CBN_ONE_ROW_BYTES", lambda: F._one_row_bytes(),
      lambda: 4 * F._cache_sizes().get(2, 1 << 20)),
+    ("CBN_CACHE_BYTES", lambda: F._cache_limit(),
+     lambda: min(1 << 30, F._physical_memory_bytes() // 16)),
 ])
 def test_byte_settings_from_environment(monkeypatch, name, read, default):
-    """The streaming threshold, the backward's group budget and its one-row
-    threshold: an integer from
-    the environment, a clear ValueError naming the variable, else from the caches."""
+    """The streaming threshold, the backward's group budget, its one-row
+    threshold and the output cache's limit: an integer from the environment, a
+    clear ValueError naming the variable, else from the caches (or memory)."""
     value = int(np.random.default_rng().integers(0, 1 << 30))
     monkeypatch.setenv(name, str(value))
     assert read() == value
