@@ -146,8 +146,11 @@ def test_bounds_from_the_cached_floor(ceiling):
     assert two["cbn_over_cached"] == pytest.approx(0.8)
     assert two["torch_over_cached"] == pytest.approx(0.96)
     assert two["torch_at_most_cached"] == pytest.approx(1.25 / 1.2)
+    assert one["torch_two_pass_cached"] == pytest.approx(4.8 / 2.1)
+    assert two["torch_two_pass_cached"] == pytest.approx(1.25 / 1.6)
     for r in ceiling.bounds((rows, "float32", "fwd-eval"), times):
         assert "torch_over_cached" in r and "torch_at_most_cached" not in r
+        assert "torch_two_pass_cached" not in r
     no_torch = {k: v for k, v in times.items() if k != "torch"}
     for r in ceiling.bounds((nchw, "float32", "backward"), no_torch):
         assert "cbn_over_cached" in r and "torch_over_cached" not in r
@@ -156,13 +159,18 @@ def test_bounds_from_the_cached_floor(ceiling):
 def test_summary_names_the_cases_at_the_cached_floor(ceiling, capsys):
     rows = [{"case": "a 1T", "torch_over_cached": 0.97},
             {"case": "b 1T", "torch_over_cached": 0.80},
-            {"case": "c 2T", "torch_at_most_cached": 2.8, "torch_over_cached": 0.99}]
+            {"case": "c 2T", "torch_at_most_cached": 2.8, "torch_over_cached": 0.99,
+             "torch_two_pass_cached": 2.1},
+            {"case": "d 1T", "torch_at_most_cached": 4.0, "torch_over_cached": 0.3,
+             "torch_two_pass_cached": 3.2}]
     ceiling._summary(rows)
     out = capsys.readouterr().out
     assert "PyTorch at 0.95 of the cached floor or more" in out
-    assert "in 2 of 3: a 1T, c 2T" in out
-    assert "the cached floor (y written through the cache) (bound under 3.0) in 1 of 1: c 2T" \
+    assert "in 2 of 4: a 1T, c 2T" in out
+    assert "the cached floor (y written through the cache) (bound under 3.0) in 1 of 2: c 2T" \
         in out
+    assert ("the two-pass cached floor (a pass reading x, then y written through the cache) "
+            "(bound under 3.0) in 1 of 2: c 2T") in out
 
 
 def test_the_floor_loop_moves_the_least_traffic_of_each_op(ceiling):
