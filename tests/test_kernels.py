@@ -57,7 +57,10 @@ GEOMETRIES = [
     (1030, 40, 4),  # row blocks, four rows an odd number apart, tail rows
     (9, 2100, 4),  # 8400 columns in five blocks
     (3, 70000, 2),  # float32 rows of 547 KiB; float64 rows over SPREAD_ROW_BYTES: runs
-    (5, 3, 25),  # float32: reductions as rows, the elementwise passes as runs
+    (5, 3, 25),  # float32: statistics as rows, backward sums and elementwise passes as runs
+    (40, 3, 25),  # float32: both reductions as rows, the elementwise passes as runs
+    (8, 6, 49),  # float32 runs of 196 bytes on few rows: every pass as runs (_spread_sums)
+    (24, 5, 16),  # float32: reductions as rows; float64: backward sums as runs
 ]
 
 
@@ -858,6 +861,32 @@ def test_channel_groups_are_taken_only_where_they_pay():
     assert K.group_channels(4, 300, 1, 8) == 0  # rows (inner == 1)
     assert K.group_channels(4096, 64, 12, 8) == 0  # short runs, taken as rows
     assert K.group_channels(2, 16, 8192, 8) == 0  # one group would hold every channel
+
+
+def test_short_runs_are_summed_as_rows_only_where_that_pays():
+    # (outer, C, inner) -> (statistics, backward sums) as rows, float32 / float64.
+    routes = {
+        (8, 2048, 49): ((False, False), (False, False)),  # 196-byte runs, few images
+        (16, 512, 49): ((False, False), (False, False)),  # 3 * 16 <= 49
+        (17, 512, 49): ((True, False), (False, False)),  # float32: statistics as rows
+        (32, 512, 49): ((True, False), (False, False)),  # float64: 392-byte runs, no rows
+        (8, 1024, 36): ((False, False), (False, False)),  # 6x6
+        (8, 1024, 25): ((True, False), (False, False)),  # float32 5x5: 100-byte runs
+        (32, 1024, 25): ((True, True), (True, False)),  # more images than values a run
+        (8, 2048, 16): ((True, False), (True, False)),  # 4x4 float64 runs: 128 bytes
+        (32, 1024, 16): ((True, True), (True, False)),
+        (8, 4096, 9): ((True, True), (True, True)),  # 3x3: rows whatever the batch
+        (16, 8192, 4): ((True, True), (True, True)),  # 2x2
+        (4, 300, 1): ((False, False), (False, False)),  # rows already (inner == 1)
+    }
+    for geometry, want in routes.items():
+        for item, (stats, sums) in zip((4, 8), want):
+            assert K.spread_sums(*geometry, item) == stats, (geometry, item)
+            assert K.spread_sums(*geometry, item, True) == sums, (geometry, item)
+            if not sums and geometry[2] > 1:  # runs, so channel groups may be taken
+                assert K.group_channels(*geometry, item, 2, False) > 0, (geometry, item)
+            elif sums:
+                assert K.group_channels(*geometry, item, 2, False) == 0, (geometry, item)
 
 
 def test_channel_groups_fit_the_statistics_stack():
