@@ -1427,6 +1427,8 @@ cdef enum:
                                 # about this much of x (see _group_channels; 1-4 MiB
                                 # measured alike, 8 MiB lost on two threads)
     GROUP_MIN_STRETCH = 49152   # and only if each image's part of a group is this long
+    GROUP_STRETCH = 2048        # backward: the fewest channels a group that make
+                                # each image's run of it this long (see _group_channels)
     ONE_CHANNEL_MAX = 4194304   # backward: a channel of x and dy beyond the group
                                 # budget, up to this many bytes, is a group alone
     ONE_CHANNEL_STRETCH = 16384 # if its output streams and each image's run is this long
@@ -3393,11 +3395,19 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     group in cache instead of memory. Results are the same bits: each
     channel's block sums and their merge are those of the two whole passes.
 
-    Backward (arrays == 2) takes groups of _group_budget bytes of x and dy
-    (an eighth of the per-core cache) on batches larger than twice that: on
-    a Xeon (2 MiB L2, 256 KiB groups), cold data, one process, 8x256x28x28
-    1.11-1.30x, one and two threads. Budgets of 512 KiB-1 MiB lost on some
-    shapes (0.84x). A channel larger than the budget, up to ONE_CHANNEL_MAX,
+    Backward (arrays == 2) takes groups of at most _group_budget bytes of x
+    and dy (an eighth of the per-core cache) on batches larger than twice
+    that: on a Xeon (2 MiB L2, 256 KiB groups), cold data, one process,
+    8x256x28x28 1.11-1.30x, one and two threads. Budgets of 512 KiB-1 MiB
+    lost on some shapes (0.84x). Within the budget a group takes the fewest
+    channels that make each image's part of it GROUP_STRETCH bytes long
+    (runs of 2 KiB and more: one channel): on the same Xeon (session 26),
+    cold data, one process, one and two threads, against budget-sized groups:
+    8x256x28x28 float32 1.15-1.17x, 8x512x7x7 float32 1.10-1.31x, 8x2048x7x7
+    1.08-1.13x, 8x1024x7x7 float64 1.08-1.12x, 32x256x14x14 float32
+    1.03-1.05x, and 0.99-1.02x on 32x512x7x7, 32x2048x7x7, 16x1024x7x7,
+    16x128x28x28 and 32x128x14x14 float64. Parts of 1 KiB lost on 7x7 maps of
+    32 images (0.93-0.94x), of 4 KiB on 8x256x28x28 (0.87x). A channel larger than the budget, up to ONE_CHANNEL_MAX,
     is a group by itself when dx streams (the batch is too large to stay
     cached) and each image's run of it is at least ONE_CHANNEL_STRETCH
     bytes: its second read then comes from the last-level cache. On the Zen
@@ -3431,6 +3441,7 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     if _group_budget and arrays == 2 and per_channel * <size_t>g.channels > 2 * _group_budget:
         cg = <Py_ssize_t>(_group_budget // per_channel)
         run = <size_t>g.inner * item_bytes
+        cg = _min(cg, <Py_ssize_t>((GROUP_STRETCH + run - 1) // run))
         if cg == 0 and stream and (
                 (per_channel <= ONE_CHANNEL_MAX and run >= ONE_CHANNEL_STRETCH)
                 or (several and per_channel <= SHARED_CHANNEL_MAX

@@ -1011,9 +1011,14 @@ def group_budget():
 def test_backward_groups_are_taken_only_where_they_pay(group_budget):
     group_budget(1 << 18)
     assert K.group_bytes() == 1 << 18
-    per_channel = 8 * 784 * 4 * 2  # x and dy of one channel, float32
-    assert K.group_channels(8, 256, 784, 4, 2) == (1 << 18) // per_channel == 5
-    assert K.group_channels(8, 256, 784, 8, 2) == 2  # float64: half as many
+    # The fewest channels that make each image's part of a group 2 KiB, within the budget.
+    assert K.group_channels(8, 2048, 196, 4, 2) == 3  # float32 runs of 784 bytes
+    assert K.group_channels(8, 2048, 196, 8, 2) == 2  # float64: half as many
+    assert K.group_channels(8, 2048, 100, 4, 2) == 6  # 2400 bytes (5 make 2000)
+    per_channel = 64 * 49 * 4 * 2  # x and dy of one channel, float32
+    assert K.group_channels(64, 512, 49, 4, 2) == (1 << 18) // per_channel == 10  # not 11
+    assert K.group_channels(8, 256, 784, 4, 2) == 1  # runs of 3 KiB: a channel a group
+    assert K.group_channels(8, 256, 784, 8, 2) == 1
     assert K.group_channels(32, 64, 3136, 4, 2) == 0  # one channel exceeds the budget
     assert K.group_channels(4, 300, 1, 4, 2) == 0  # rows (inner == 1)
     assert K.group_channels(4096, 64, 12, 4, 2) == 0  # short runs, taken as rows
@@ -1065,7 +1070,9 @@ def _grouped_case(rng, dtype):
     last one short, with one or two reduction blocks per channel."""
     outer = int(rng.integers(2, 7))
     C = int(rng.integers(5, 23))
-    inner = int(rng.integers(60, 3000))  # runs of 240 B and more: not taken as rows
+    # Runs of 240 B and more (not taken as rows) and under 2 KiB in float64, so that
+    # a group may hold several channels (GROUP_STRETCH).
+    inner = int(rng.integers(60, 256))
     per_channel = outer * inner * np.dtype(dtype).itemsize * 2
     cg = int(rng.integers(1, max(2, C // 2)))
     return (outer, C, inner), cg * per_channel + int(rng.integers(per_channel))
