@@ -446,8 +446,8 @@ def _summary(rows):
               "torch_two_pass_cached"), 3.0, ">= 3x PyTorch, NCHW training forward")):
         for key, floor in zip(keys, ("the floor", "the two-pass floor",
                                      "the cached floor (y written through the cache)",
-                                     "the two-pass cached floor (a pass reading x, then y "
-                                     "written through the cache)")):
+                                     ("the two-pass cached floor (a pass reading x, then y "
+                                      "written through the cache)"))):
             vals = [r for r in rows if key in r]
             if vals:
                 under = [r["case"] for r in vals if r[key] < target]
