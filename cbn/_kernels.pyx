@@ -1238,13 +1238,14 @@ cdef extern from *:
     /* s1 += sum(g), s2 += sum(g * (x - mu)) over a run, g = dy masked by ReLU. */   \\
     static inline void cbn_run_grad_sums_##S(const T* dy, const T* x, Py_ssize_t n,  \\
                                              double mu, T m, T a, T b, int relu,     \\
+                                             Py_ssize_t ahead,                       \\
                                              double* s1_out, double* s2_out) {       \\
         cbn_d8 a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0};                               \\
         Py_ssize_t i = 0;                                                            \\
         if (relu)                                                                    \\
             for (; i + 16 <= n; i += 16) {                                           \\
-                CBN_RUN_PREFETCH(x + i, RUN_GRAD_AHEAD)                              \\
-                CBN_RUN_PREFETCH(dy + i, RUN_GRAD_AHEAD)                             \\
+                CBN_RUN_PREFETCH(x + i, ahead)                                       \\
+                CBN_RUN_PREFETCH(dy + i, ahead)                                      \\
                 cbn_d8 g0 = cbn_masked_##S(dy + i, x + i, m - (cbn_v_##S){0},         \\
                                            a - (cbn_v_##S){0}, b - (cbn_v_##S){0});  \\
                 cbn_d8 g1 = cbn_masked_##S(dy + i + 8, x + i + 8, m - (cbn_v_##S){0}, \\
@@ -1255,8 +1256,8 @@ cdef extern from *:
             }                                                                        \\
         else                                                                         \\
             for (; i + 16 <= n; i += 16) {                                           \\
-                CBN_RUN_PREFETCH(x + i, RUN_GRAD_AHEAD)                              \\
-                CBN_RUN_PREFETCH(dy + i, RUN_GRAD_AHEAD)                             \\
+                CBN_RUN_PREFETCH(x + i, ahead)                                       \\
+                CBN_RUN_PREFETCH(dy + i, ahead)                                      \\
                 cbn_d8 g0 = cbn_wide_##S(dy + i), g1 = cbn_wide_##S(dy + i + 8);     \\
                 a1 += g0; b1 += g1;                                                  \\
                 a2 += g0 * (cbn_wide_##S(x + i) - mu);                               \\
@@ -1288,6 +1289,7 @@ cdef extern from *:
                                const double* mu, const double* m, const double* a,
                                const double* b, int relu, double* s1, double* s2) noexcept nogil
     void cbn_store_fence() noexcept nogil
+    enum: RUN_GRAD_AHEAD
     int cbn_invstd(Py_ssize_t C, const double* var, double eps, double* invstd) noexcept nogil
     int cbn_forward_coefs_f(Py_ssize_t C, Py_ssize_t stride, const double* mean,
                             const double* invstd, const float* gamma, const float* beta,
@@ -1304,7 +1306,7 @@ cdef extern from *:
     void cbn_run_sums_f(const float* x, Py_ssize_t n, double shift,
                         double* s1_out, double* s2_out) noexcept nogil
     void cbn_run_grad_sums_f(const float* dy, const float* x, Py_ssize_t n, double mu,
-                             float m, float a, float b, int relu,
+                             float m, float a, float b, int relu, Py_ssize_t ahead,
                              double* s1_out, double* s2_out) noexcept nogil
     void cbn_rows_grad_sums_f(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t stride,
                               Py_ssize_t n, const double* mu, const float* m, const float* a,
@@ -1358,7 +1360,7 @@ cdef extern from *:
     void cbn_run_sums_d(const double* x, Py_ssize_t n, double shift,
                         double* s1_out, double* s2_out) noexcept nogil
     void cbn_run_grad_sums_d(const double* dy, const double* x, Py_ssize_t n, double mu,
-                             double m, double a, double b, int relu,
+                             double m, double a, double b, int relu, Py_ssize_t ahead,
                              double* s1_out, double* s2_out) noexcept nogil
     void cbn_rows_grad_sums_d(const double* dy, const double* x, Py_ssize_t rows, Py_ssize_t stride,
                               Py_ssize_t n, const double* mu, const double* m, const double* a,
@@ -1427,6 +1429,8 @@ cdef enum:
                                 # about this much of x (see _group_channels; 1-4 MiB
                                 # measured alike, 8 MiB lost on two threads)
     GROUP_MIN_STRETCH = 49152   # and only if each image's part of a group is this long
+    STRIDE_PREFETCH_BYTES = 8192  # backward sums: stretches this short prefetch
+                                # the next image's (see _run_grad_sums)
     GROUP_STRETCH = 2048        # backward: the fewest channels a group that make
                                 # each image's run of it this long (see _group_channels)
     ONE_CHANNEL_MAX = 4194304   # backward: a channel of x and dy beyond the group
@@ -2702,8 +2706,22 @@ cdef void _run_grad_sums(const floating* dy, const floating* x, const Geometry* 
                          Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
                          const double* mean, const floating* coef, bint relu,
                          restrict_doubles s1, restrict_doubles s2) noexcept nogil:
-    """_reduce_runs into s1[c - c0], s2[c - c0], restrict (see _shifted_row_sums)."""
+    """_reduce_runs into s1[c - c0], s2[c - c0], restrict (see _shifted_row_sums).
+
+    Each image's part of [c0, c1) is read as one stretch, prefetched
+    RUN_GRAD_AHEAD bytes ahead. A stretch of at most STRIDE_PREFETCH_BYTES (a
+    backward channel group, see _group_channels) ends before that helps, and
+    the next image's starts where nothing was fetched: its runs are
+    prefetched one image ahead instead, the next image's same values. On the
+    Xeon of session 26, cold data, one process, one and two threads, against
+    prefetching 2 KiB ahead: 32x512x7x7 float32 1.10-1.12x, 8x512x7x7
+    1.04-1.08x, 8x2048x7x7, 16x1024x7x7 and 8x512x14x14 1.03-1.05x,
+    8x1024x7x7 float64 1.03x, 8x256x28x28 float32 1.01x. (4 and 16 KiB
+    measured alike.)"""
     cdef Py_ssize_t C = g.channels, inner = g.inner, n, c, off
+    cdef Py_ssize_t ahead = RUN_GRAD_AHEAD
+    if (c1 - c0) * inner * <Py_ssize_t>sizeof(floating) <= STRIDE_PREFETCH_BYTES:
+        ahead = C * inner * <Py_ssize_t>sizeof(floating)
     for c in range(c0, c1):
         s1[c - c0] = 0.0
         s2[c - c0] = 0.0
@@ -2712,10 +2730,10 @@ cdef void _run_grad_sums(const floating* dy, const floating* x, const Geometry* 
             off = (n * C + c) * inner
             if floating is float:
                 cbn_run_grad_sums_f(dy + off, x + off, inner, mean[c], coef[c], coef[C + c],
-                                    coef[2 * C + c], relu, &s1[c - c0], &s2[c - c0])
+                                    coef[2 * C + c], relu, ahead, &s1[c - c0], &s2[c - c0])
             else:
                 cbn_run_grad_sums_d(dy + off, x + off, inner, mean[c], coef[c], coef[C + c],
-                                    coef[2 * C + c], relu, &s1[c - c0], &s2[c - c0])
+                                    coef[2 * C + c], relu, ahead, &s1[c - c0], &s2[c - c0])
 
 
 cdef inline void _reduce_task(const floating* dy, const floating* x, const Geometry* g,
