@@ -1431,8 +1431,8 @@ cdef enum:
     GROUP_MIN_STRETCH = 49152   # and only if each image's part of a group is this long
     STRIDE_PREFETCH_BYTES = 8192  # backward sums: stretches this short prefetch
                                 # the next image's (see _run_grad_sums)
-    GROUP_STRETCH = 2048        # backward: the fewest channels a group that make
-                                # each image's run of it this long (see _group_channels)
+    GROUP_STRETCH = 2048        # backward: a group takes the fewest channels that make
+                                # each image's part of it this long (see _group_channels)
     ONE_CHANNEL_MAX = 4194304   # backward: a channel of x and dy beyond the group
                                 # budget, up to this many bytes, is a group alone
     ONE_CHANNEL_STRETCH = 16384 # if its output streams and each image's run is this long
@@ -3425,10 +3425,11 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     1.08-1.13x, 8x1024x7x7 float64 1.08-1.12x, 32x256x14x14 float32
     1.03-1.05x, and 0.99-1.02x on 32x512x7x7, 32x2048x7x7, 16x1024x7x7,
     16x128x28x28 and 32x128x14x14 float64. Parts of 1 KiB lost on 7x7 maps of
-    32 images (0.93-0.94x), of 4 KiB on 8x256x28x28 (0.87x). A channel larger than the budget, up to ONE_CHANNEL_MAX,
-    is a group by itself when dx streams (the batch is too large to stay
-    cached) and each image's run of it is at least ONE_CHANNEL_STRETCH
-    bytes: its second read then comes from the last-level cache. On the Zen
+    32 images (0.93-0.94x), of 4 KiB on 8x256x28x28 (0.87x). A channel
+    larger than the budget, up to ONE_CHANNEL_MAX, is a group by itself
+    when dx streams (the batch is too large to stay cached) and each
+    image's run of it is at least ONE_CHANNEL_STRETCH bytes: its second read
+    then comes from the last-level cache. On the Zen
     4 EPYC, cold data, against whole passes (one thread / two): float64
     32x64x56x56 1.16x / 1.35x, 16x32x112x112 float64 1.24x / 1.30x and
     float32 1.10x / 1.26x, 8x64x112x112 float32 1.12x / 1.36x; shorter runs
