@@ -1610,7 +1610,9 @@ cdef inline bint _spreads(const Geometry* g, size_t item_bytes, size_t run_bytes
     as much. Costs a copy of the coefficient rows, C*inner values each, which
     long rows still repay: rows of 128 KiB-1 MiB (16x8192x2x2 to 4x32768x2x2)
     1.2-10x, where the runs made training forward 0.43-0.5x PyTorch. Should
-    the copy find no memory, the pass takes the runs.
+    the copy find no memory, the pass takes the runs. Those measurements
+    were on batches of many images: the reductions ask _spread_sums, which
+    keeps the runs of few images (session 26).
     """
     return g.inner > 1 and <size_t>g.inner * item_bytes <= run_bytes \
         and <size_t>(g.channels * g.inner) * item_bytes <= SPREAD_ROW_BYTES
