@@ -3854,24 +3854,83 @@ cdef bint _batch(object a, object axis, Batch* b):
     if ax < 0:
         ax += nd
     if (b.typenum != cnp.NPY_FLOAT and b.typenum != cnp.NPY_DOUBLE) or nd < 2 \
-            or not 0 <= ax < nd or cnp.PyArray_SIZE(arr) == 0 or not _plain(arr, _PLAIN):
+            or not 0 <= ax < nd or cnp.PyArray_SIZE(arr) == 0 \
+            or not _plain(arr, cnp.NPY_ARRAY_ALIGNED):
         return False
     dims = cnp.PyArray_DIMS(arr)
-    for i in range(ax):
-        outer *= dims[i]
-    for i in range(ax + 1, nd):
-        inner *= dims[i]
-    b.g = _geometry(outer, dims[ax], inner)
+    if _plain(arr, _PLAIN):
+        for i in range(ax):
+            outer *= dims[i]
+        for i in range(ax + 1, nd):
+            inner *= dims[i]
+        b.g = _geometry(outer, dims[ax], inner)
+    elif not _block_geometry(arr, nd, ax, &b.g):
+        return False
     b.nbytes = cnp.PyArray_NBYTES(arr)
     b.data = <char*>cnp.PyArray_DATA(arr)
     return True
 
 
+cdef bint _block_geometry(cnp.ndarray arr, int nd, int ax, Geometry* g) noexcept:
+    """Whether the values of ``arr`` (not C-contiguous) fill one block in some
+    order of its axes; if so, sets ``g`` to the (outer, C, inner) of that order.
+
+    The order is cbn.functional.memory_order's: the axes by decreasing stride,
+    ties (axes of length one) in index order, so that this path and the
+    checked one split the batch alike and give the same bits.
+    """
+    cdef int order[_MAX_AXIS]
+    cdef int i, j, k
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(arr)
+    cdef cnp.npy_intp* st = cnp.PyArray_STRIDES(arr)
+    cdef cnp.npy_intp expected = cnp.PyArray_ITEMSIZE(arr)
+    cdef Py_ssize_t outer = 1, inner = 1
+    for i in range(nd):  # a stable insertion sort: nd is at most 64
+        j = i
+        while j > 0 and st[order[j - 1]] < st[i]:
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = i
+    for k in range(nd - 1, -1, -1):  # fastest first; axes of length one take no room
+        i = order[k]
+        if dims[i] != 1:
+            if st[i] != expected:
+                return False
+            expected *= dims[i]
+    k = 0
+    while order[k] != ax:
+        outer *= dims[order[k]]
+        k += 1
+    for k in range(k + 1, nd):
+        inner *= dims[order[k]]
+    g[0] = _geometry(outer, dims[ax], inner)
+    return True
+
+
+cdef bint _same_layout(cnp.ndarray a, cnp.ndarray x) noexcept:
+    """Whether ``a`` has the shape of ``x`` and lies in memory as it does (equal
+    strides on every axis longer than one; both of one dtype)."""
+    cdef int i
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    if not cnp.PyArray_SAMESHAPE(a, x):
+        return False
+    for i in range(cnp.PyArray_NDIM(x)):
+        if dims[i] != 1 and cnp.PyArray_STRIDES(a)[i] != cnp.PyArray_STRIDES(x)[i]:
+            return False
+    return True
+
+
+cdef inline cnp.npy_intp* _strides_of(cnp.ndarray arr) noexcept:
+    """The strides a result laid out as ``arr`` takes; NULL (C order) if ``arr`` is
+    C-contiguous."""
+    return NULL if _plain(arr, _PLAIN) else cnp.PyArray_STRIDES(arr)
+
+
 cdef bint _like(object a, object x, const Batch* xb, object axis, Batch* b):
-    """Whether ``a`` is a batch (see ``_batch``) of the shape and dtype of ``x``."""
+    """Whether ``a`` is a batch (see ``_batch``) of the shape, dtype and layout of ``x``."""
     if not _batch(a, axis, b) or b.typenum != xb.typenum:
         return False
-    return cnp.PyArray_SAMESHAPE(<cnp.ndarray>a, <cnp.ndarray>x)
+    return _same_layout(<cnp.ndarray>a, <cnp.ndarray>x)
 
 
 cdef void* _vector(object v, int typenum, Py_ssize_t C):
@@ -4069,8 +4128,11 @@ def cache_info():
 
 
 cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
-                   const char* near, Py_ssize_t nbytes, const char* other):
-    """A new C-contiguous array for the result of a pass over the batch at ``near``.
+                   const char* near, Py_ssize_t nbytes, const char* other,
+                   cnp.npy_intp* strides=NULL):
+    """A new array for the result of a pass over the batch at ``near``: C-contiguous,
+    or with ``strides`` (the batch's, which fill one block of ``nbytes`` in some
+    order of the axes: the result is laid out as the batch).
 
     From NEAR_MIN_BYTES on, its data starts 512 or 1024 bytes further into a
     4 KiB page than ``near``'s (and not within 256 bytes of ``other``'s, if
@@ -4086,7 +4148,9 @@ cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
     memory per output.
     """
     if nbytes < NEAR_MIN_BYTES:
-        return cnp.PyArray_EMPTY(nd, dims, typenum, 0)
+        if strides == NULL:
+            return cnp.PyArray_EMPTY(nd, dims, typenum, 0)
+        return cnp.PyArray_New(cnp.ndarray, nd, dims, typenum, strides, NULL, 0, 0, None)
     cdef Py_ssize_t row = g.channels * (4 if typenum == cnp.NPY_FLOAT else 8)
     cdef size_t shift = 512 if g.inner != 1 or row % 2048 else 1024
     cdef size_t want = (<size_t>near + shift) % PAGE_BYTES
@@ -4102,7 +4166,8 @@ cdef object _fresh(int nd, cnp.npy_intp* dims, int typenum, const Geometry* g,
         owner = cnp.PyArray_EMPTY(1, &total, cnp.NPY_UINT8, 0)
         base = <char*>cnp.PyArray_DATA(<cnp.ndarray>owner)
     cdef size_t start = (want + PAGE_BYTES - <size_t>base % PAGE_BYTES) % PAGE_BYTES
-    cdef cnp.ndarray arr = cnp.PyArray_SimpleNewFromData(nd, dims, typenum, base + start)
+    cdef cnp.ndarray arr = cnp.PyArray_New(cnp.ndarray, nd, dims, typenum, strides, base + start,
+                                           0, cnp.NPY_ARRAY_WRITEABLE, None)
     cnp.set_array_base(arr, owner)
     return arr
 
@@ -4182,13 +4247,13 @@ cdef object _output(object out, object like, const Batch* x, char** data,
     cdef cnp.ndarray arr, src = <cnp.ndarray>like
     if out is None:
         arr = _fresh(cnp.PyArray_NDIM(src), cnp.PyArray_DIMS(src), x.typenum, &x.g, x.data,
-                     x.nbytes, other)
+                     x.nbytes, other, _strides_of(src))
     elif not cnp.PyArray_CheckExact(out):
         return None
     else:
         arr = <cnp.ndarray>out
-        if cnp.PyArray_TYPE(arr) != x.typenum or not cnp.PyArray_SAMESHAPE(arr, src) \
-                or not _plain(arr, _PLAIN_OUT):
+        if cnp.PyArray_TYPE(arr) != x.typenum or not _same_layout(arr, src) \
+                or not _plain(arr, cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE):
             return None
     data[0] = <char*>cnp.PyArray_DATA(arr)
     return arr

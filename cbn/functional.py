@@ -3,7 +3,8 @@
 Every function here checks its arguments, raises ``TypeError``/``ValueError``
 with a message that names the argument, the shape or dtype it got and what was
 expected, builds the ``(outer, C, inner)`` view that the kernels work on
-(copying once if the input is not C-contiguous), allocates outputs unless
+(copying once if the input's values do not fill one block, in C order or
+another order of its axes), allocates outputs laid out as the input is unless
 ``out=`` is given, and calls ``cbn._kernels`` without the GIL.
 
 Formulas (Ioffe & Szegedy 2015), per channel over the ``m`` values that share
@@ -43,6 +44,7 @@ __all__ = [
     "resolve_threads",
     "streams",
     "channel_view",
+    "memory_order",
     "set_cache_limit",
     "empty_cache",
     "cache_info",
@@ -395,12 +397,48 @@ def normalize_axis(axis, ndim, name="axis"):
     return axis % ndim
 
 
-def channel_view(x, axis, name="x", dtype=None, n_features=None):
+def memory_order(a):
+    """The axes of ``a`` from the slowest-varying in memory to the fastest, if its
+    values fill one block in that order without gaps or reversals, else None.
+
+    ``(0, 1, ..., ndim - 1)`` for a C-contiguous array; ``(0, 2, 3, 1)`` for an
+    NCHW view of channels-last memory (PyTorch's ``channels_last``), ``(1, 0)``
+    for a Fortran-ordered matrix. cbn normalizes such arrays where they lie and
+    returns its results in the same layout (NumPy's ``order="K"``).
+    """
+    if a.flags.c_contiguous:
+        return tuple(range(a.ndim))
+    strides = a.strides
+    order = tuple(sorted(range(a.ndim), key=lambda i: -strides[i]))
+    return order if a.transpose(order).flags.c_contiguous else None
+
+
+def _inverse(order):
+    """The permutation that undoes ``order``: ``a.transpose(order).transpose(_inverse(order))``
+    is ``a``'s layout again."""
+    inverse = [0] * len(order)
+    for i, axis in enumerate(order):
+        inverse[axis] = i
+    return tuple(inverse)
+
+
+def _out_order(out, x):
+    """The memory order an ``out=`` buffer for a result shaped like ``x`` asks
+    the pass to run in, or None (no ``out``, or one that _check_out refuses)."""
+    if type(out) is np.ndarray and out.shape == getattr(x, "shape", None):
+        return memory_order(out)
+    return None
+
+
+def channel_view(x, axis, name="x", dtype=None, n_features=None, order=None):
     """Validate a batch and return ``(x_c, x3)``.
 
-    ``x_c`` is ``x`` itself if it is C-contiguous and aligned, else a
-    C-contiguous, aligned copy;
-    ``x3`` is the ``(outer, C, inner)`` view of ``x_c`` that the kernels use.
+    ``x_c`` has x's shape and values, its memory filled in ``order`` (axes from
+    the slowest-varying to the fastest; default: x's own :func:`memory_order`,
+    else C order): ``x`` itself if it is laid out so and aligned, else an
+    aligned copy in that order. ``x3`` is the ``(outer, C, inner)`` view of
+    x_c's memory that the kernels use: outer spans the axes before the
+    channels in that order, inner the axes after them.
 
     Raises
     ------
@@ -428,12 +466,33 @@ def channel_view(x, axis, name="x", dtype=None, n_features=None):
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); a batch needs at least one value")
     flags = x.flags
-    if not (flags.c_contiguous and flags.aligned):
-        x = _aligned_copy(x)
-    shape = x.shape
-    if axis == 1 and len(shape) == 2:  # (N, C): the common case, kept cheap
-        return x, x.reshape(shape[0], channels, 1)
-    return x, x.reshape(math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
+    if order is None and flags.c_contiguous and flags.aligned:
+        shape = x.shape
+        if axis == 1 and len(shape) == 2:  # (N, C): the common case, kept cheap
+            return x, x.reshape(shape[0], channels, 1)
+        return x, x.reshape(math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
+    if order is None:
+        order = memory_order(x) or tuple(range(x.ndim))
+    t = x.transpose(order)
+    if not (t.flags.c_contiguous and flags.aligned):
+        t = _aligned_copy(t)
+        x = t.transpose(_inverse(order))
+    at = order.index(axis)  # where the channels lie in memory order
+    shape = t.shape
+    return x, t.reshape(math.prod(shape[:at]), channels, math.prod(shape[at + 1 :]))
+
+
+def empty_like_batch(x_c, x3, other=None):
+    """A new array shaped, typed and laid out like ``x_c`` (the batch whose
+    ``(outer, C, inner)`` view is ``x3``, from :func:`channel_view`), and its own
+    ``(outer, C, inner)`` view; its data placed apart from x3's and ``other``'s
+    within the page (see _kernels._fresh)."""
+    if x_c.flags.c_contiguous:
+        y = _kernels.empty_near(x_c, x3, other)
+        return y, y.reshape(x3.shape)
+    order = memory_order(x_c)
+    base = _kernels.empty_near(x_c.transpose(order), x3, other)
+    return base.transpose(_inverse(order)), base.reshape(x3.shape)
 
 
 def _aligned_copy(x, dtype=None):
@@ -472,8 +531,12 @@ def _check_out(out, x, name="out"):
             f"got shape {out.shape} and dtype {out.dtype}"
         )
     flags = out.flags
-    if not flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
+    order = memory_order(x)
+    if order is None or not out.transpose(order).flags.c_contiguous:
+        raise ValueError(
+            f"{name} must be C-contiguous or laid out in memory as x is (one block "
+            "without gaps or reversals, in any order of the axes)"
+        )
     if not flags.aligned:
         raise ValueError(
             f"{name} is not aligned to its dtype {out.dtype} (a view at an odd byte "
@@ -632,13 +695,15 @@ def batch_norm_train(
     activation : None or "relu"
         Fused activation applied in the same pass.
     out : ndarray, optional
-        C-contiguous, writable array of x's shape and dtype to write y into
-        (may be ``x`` itself).
+        Writable array of x's shape and dtype to write y into, C-contiguous or
+        laid out in any other order of the axes without gaps (the pass runs in
+        its order; x is copied into it if x lies otherwise); may be ``x`` itself.
     n_threads : int or None
 
     Returns
     -------
-    y : ndarray, shape and dtype of x, C-contiguous
+    y : ndarray, shape and dtype of x, laid out as x if x's values fill one block
+        in some order of its axes (:func:`memory_order`), else C-contiguous
     mean, var : ndarray of float64, shape (C,)
         Batch mean and biased variance, which :func:`batch_norm_backward` needs.
 
@@ -669,7 +734,7 @@ def _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads):
     """:func:`batch_norm_train` for arguments that need validation or conversion."""
     relu = check_activation(activation)
     eps = check_eps(eps)
-    x_c, x3 = channel_view(x, axis)
+    x_c, x3 = channel_view(x, axis, order=_out_order(out, x))
     channels = x3.shape[1]
     if x3.shape[0] * x3.shape[2] < 2:
         raise ValueError(
@@ -744,7 +809,7 @@ def _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threa
     """:func:`batch_norm_eval` for arguments that need validation or conversion."""
     relu = check_activation(activation)
     eps = check_eps(eps)
-    x_c, x3 = channel_view(x, axis)
+    x_c, x3 = channel_view(x, axis, order=_out_order(out, x))
     channels = x3.shape[1]
     mean, var = _stats_vectors(mean, var, channels, axis)
     gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0, axis)
@@ -835,7 +900,7 @@ def _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training, activa
         raise TypeError(f"training must be True or False, got {training!r}")
     relu = check_activation(activation)
     eps = check_eps(eps)
-    x_c, x3 = channel_view(x, axis)
+    x_c, x3 = channel_view(x, axis, order=_out_order(out, x))
     dy_c, dy3 = _matching_gradient(dy, x_c, axis)
     channels = x3.shape[1]
     if training and x3.shape[0] * x3.shape[2] < 2:
@@ -961,7 +1026,7 @@ def _result(out, x_c, x3, name="out", sources=()):
     if out is None:
         # Placed apart from the inputs within its page (see _kernels._fresh).
         other = next((src for src in sources if src is not x_c), None)
-        y = _kernels.empty_near(x_c, x3, other)
+        return empty_like_batch(x_c, x3, other)
     else:
         _check_out(out, x_c, name)
         for src in sources:
@@ -970,7 +1035,7 @@ def _result(out, x_c, x3, name="out", sources=()):
             if out is not src and np.may_share_memory(out, src) and not _same_buffer(out, src):
                 raise ValueError(f"{name} overlaps an input without being the same array")
         y = out
-    return y, y.reshape(x3.shape)
+    return y, y.transpose(memory_order(x_c)).reshape(x3.shape)
 
 
 def _matching_gradient(dy, x_c, axis):
@@ -980,4 +1045,4 @@ def _matching_gradient(dy, x_c, axis):
         raise ValueError(f"dy must have the shape of x, {x_c.shape}, got {dy.shape}")
     if dy.dtype != x_c.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}, expected {x_c.dtype} (the dtype of x)")
-    return channel_view(dy, axis, "dy")
+    return channel_view(dy, axis, "dy", order=memory_order(x_c))

@@ -16,6 +16,8 @@ from .functional import (
     channel_view,
     check_activation,
     check_eps,
+    empty_like_batch,
+    memory_order,
     resolve_threads,
     streams,
 )
@@ -191,7 +193,8 @@ class BatchNorm:
 
     Notes
     -----
-    ``forward`` keeps a reference to its (C-contiguous) input and the batch
+    ``forward`` keeps a reference to its input (or to the C-ordered copy it
+    normalized, for an input whose values do not fill one block) and the batch
     mean and variance for ``backward``, which differentiates the last forward.
     Writing into the input, ``gamma`` or ``beta`` between the two makes
     ``backward`` raise ``RuntimeError`` (as PyTorch does for a saved tensor
@@ -455,7 +458,9 @@ class BatchNorm:
         Returns
         -------
         ndarray
-            Same shape and dtype as x, C-contiguous.
+            Same shape and dtype as x, laid out as x if x's values fill one block
+            in some order of its axes (C, Fortran, an NCHW view of channels-last
+            memory; see :func:`cbn.functional.memory_order`), else C-contiguous.
 
         Raises
         ------
@@ -545,8 +550,7 @@ class BatchNorm:
         gamma, beta = (self._gamma, self._beta) if self.affine else self._unit_params()[:2]
         relu = self.activation == "relu"
         threads = resolve_threads(self.n_threads, x3.size)
-        y = _kernels.empty_near(x_c, x3)
-        y3 = y.reshape(x3.shape)
+        y, y3 = empty_like_batch(x_c, x3)
         C = self.num_features
         if self.uses_batch_stats:
             if count < 2:
@@ -706,10 +710,11 @@ class BatchNorm:
         dy = dy if isinstance(dy, np.ndarray) else F._as_float_array(dy, "dy", self.dtype)
         if dy.shape != x_c.shape:
             raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
-        dy_c, dy3 = channel_view(dy, axis, "dy", self.dtype, self.num_features)
-        dx = _kernels.empty_near(dy_c, x3, dy_c)
+        dy_c, dy3 = channel_view(dy, axis, "dy", self.dtype, self.num_features,
+                                 memory_order(x_c))
+        dx, dx3 = empty_like_batch(dy_c, x3, dy_c)
         status = _kernels.backward(
-            dy3, x3, mean, var, gamma, beta, eps, dx.reshape(x3.shape), dgamma, dbeta,
+            dy3, x3, mean, var, gamma, beta, eps, dx3, dgamma, dbeta,
             batch_stats, self.affine, activation == "relu",
             resolve_threads(self.n_threads, x3.size), streams(dx.nbytes),
         )

@@ -48,6 +48,7 @@ from hypothesis.stateful import (
     invariant,
     rule,
 )
+from test_functional import laid_out_as_input  # pythonpath: tests
 
 import cbn
 
@@ -448,7 +449,7 @@ class BatchNormMachine(RuleBasedStateMachine):
             STATS["forwards"] += 1
             assert np.array_equal(x, x_before, equal_nan=True), "forward wrote into x"
             assert type(y) is np.ndarray and y.dtype == model.dtype and y.shape == y_exp.shape
-            assert y.flags.c_contiguous
+            assert laid_out_as_input(y, x)
             _close(y, y_exp, scale, self.tol, f"forward output ({pair.origin})")
             commit()
             if grad:
@@ -479,7 +480,7 @@ class BatchNormMachine(RuleBasedStateMachine):
                 assert np.array_equal(dy, dy_before), "backward wrote into dy"
             STATS["backwards"] += 1
             assert type(dx) is np.ndarray and dx.dtype == model.dtype and dx.shape == dx_exp.shape
-            assert dx.flags.c_contiguous
+            assert laid_out_as_input(dx, layer._cache[0])  # the forward's batch
             commit()
             if ambiguous:
                 # A pre-activation within rounding of 0: the ReLU mask may differ in
