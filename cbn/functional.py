@@ -422,23 +422,17 @@ def _inverse(order):
     return tuple(inverse)
 
 
-def _out_order(out, x):
-    """The memory order an ``out=`` buffer for a result shaped like ``x`` asks
-    the pass to run in, or None (no ``out``, or one that _check_out refuses)."""
-    if type(out) is np.ndarray and out.shape == getattr(x, "shape", None):
-        return memory_order(out)
-    return None
-
-
-def channel_view(x, axis, name="x", dtype=None, n_features=None, order=None):
+def channel_view(x, axis, name="x", dtype=None, n_features=None, like=None):
     """Validate a batch and return ``(x_c, x3)``.
 
-    ``x_c`` has x's shape and values, its memory filled in ``order`` (axes from
-    the slowest-varying to the fastest; default: x's own :func:`memory_order`,
-    else C order): ``x`` itself if it is laid out so and aligned, else an
-    aligned copy in that order. ``x3`` is the ``(outer, C, inner)`` view of
-    x_c's memory that the kernels use: outer spans the axes before the
-    channels in that order, inner the axes after them.
+    ``x_c`` has x's shape and values: ``x`` itself if its values fill one block
+    (in any order of the axes: :func:`memory_order`) and it is aligned, else an
+    aligned copy in C order. With ``like`` (an ``out=`` array of x's shape that
+    fills one block), x must lie as ``like`` does, or is copied into like's
+    order. ``x3`` is the ``(outer, C, inner)`` view of x_c's memory that the
+    kernels use, split by ``memory_order(x_c)``: outer spans the axes before the
+    channels in that order, inner the axes after them (as the kernels' own
+    argument checks split it, so both give the same bits).
 
     Raises
     ------
@@ -466,20 +460,42 @@ def channel_view(x, axis, name="x", dtype=None, n_features=None, order=None):
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); a batch needs at least one value")
     flags = x.flags
-    if order is None and flags.c_contiguous and flags.aligned:
+    target = None
+    if type(like) is np.ndarray and like.shape == x.shape:
+        target = memory_order(like)
+    if target is None and flags.c_contiguous and flags.aligned:
         shape = x.shape
         if axis == 1 and len(shape) == 2:  # (N, C): the common case, kept cheap
             return x, x.reshape(shape[0], channels, 1)
         return x, x.reshape(math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
-    if order is None:
-        order = memory_order(x) or tuple(range(x.ndim))
-    t = x.transpose(order)
-    if not (t.flags.c_contiguous and flags.aligned):
-        t = _aligned_copy(t)
-        x = t.transpose(_inverse(order))
+    if target is None:
+        fits = memory_order(x) is not None
+        target = tuple(range(x.ndim))
+    else:
+        fits = x.transpose(target).flags.c_contiguous
+    if not (fits and flags.aligned):
+        x = _aligned_copy(x.transpose(target)).transpose(_inverse(target))
+    return x, _split(x, x, axis)
+
+
+def _split(a, x_c, axis):
+    """The ``(outer, C, inner)`` view of ``a``, laid out as ``x_c`` (equal strides
+    on every axis longer than one), split by ``memory_order(x_c)``."""
+    order = memory_order(x_c)
+    t = a.transpose(order)
     at = order.index(axis)  # where the channels lie in memory order
     shape = t.shape
-    return x, t.reshape(math.prod(shape[:at]), channels, math.prod(shape[at + 1 :]))
+    return t.reshape(math.prod(shape[:at]), shape[at], math.prod(shape[at + 1 :]))
+
+
+def view_like(a, x_c, axis):
+    """``(a_c, a3)``: ``a`` (of x_c's shape and dtype) laid out as the batch ``x_c``
+    from :func:`channel_view` (``a`` itself if it lies so and is aligned, else
+    an aligned copy), and its ``(outer, C, inner)`` view, split as x_c's."""
+    order = memory_order(x_c)
+    if not (a.transpose(order).flags.c_contiguous and a.flags.aligned):
+        a = _aligned_copy(a.transpose(order)).transpose(_inverse(order))
+    return a, _split(a, x_c, axis)
 
 
 def empty_like_batch(x_c, x3, other=None):
@@ -547,9 +563,12 @@ def _check_out(out, x, name="out"):
 
 
 def _same_buffer(a, b):
+    """Whether ``a`` and ``b`` (of one shape) are the same memory, element for
+    element: the same start and strides (on axes longer than one, which alone
+    take room)."""
     return (
         a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-        and a.strides == b.strides
+        and all(sa == sb for sa, sb, n in zip(a.strides, b.strides, a.shape) if n > 1)
     )
 
 
@@ -734,7 +753,7 @@ def _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads):
     """:func:`batch_norm_train` for arguments that need validation or conversion."""
     relu = check_activation(activation)
     eps = check_eps(eps)
-    x_c, x3 = channel_view(x, axis, order=_out_order(out, x))
+    x_c, x3 = channel_view(x, axis, like=out)
     channels = x3.shape[1]
     if x3.shape[0] * x3.shape[2] < 2:
         raise ValueError(
@@ -809,7 +828,7 @@ def _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threa
     """:func:`batch_norm_eval` for arguments that need validation or conversion."""
     relu = check_activation(activation)
     eps = check_eps(eps)
-    x_c, x3 = channel_view(x, axis, order=_out_order(out, x))
+    x_c, x3 = channel_view(x, axis, like=out)
     channels = x3.shape[1]
     mean, var = _stats_vectors(mean, var, channels, axis)
     gamma = _channel_vector(gamma, "gamma", channels, x_c.dtype, 1.0, axis)
@@ -900,7 +919,7 @@ def _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training, activa
         raise TypeError(f"training must be True or False, got {training!r}")
     relu = check_activation(activation)
     eps = check_eps(eps)
-    x_c, x3 = channel_view(x, axis, order=_out_order(out, x))
+    x_c, x3 = channel_view(x, axis, like=out)
     dy_c, dy3 = _matching_gradient(dy, x_c, axis)
     channels = x3.shape[1]
     if training and x3.shape[0] * x3.shape[2] < 2:
@@ -1035,14 +1054,15 @@ def _result(out, x_c, x3, name="out", sources=()):
             if out is not src and np.may_share_memory(out, src) and not _same_buffer(out, src):
                 raise ValueError(f"{name} overlaps an input without being the same array")
         y = out
-    return y, y.transpose(memory_order(x_c)).reshape(x3.shape)
+    return y, y.transpose(memory_order(x_c)).reshape(x3.shape)  # laid out as x_c: a view
 
 
 def _matching_gradient(dy, x_c, axis):
-    """Validate dy against x: same shape and dtype; returns ``(dy_c, dy3)``."""
+    """Validate dy against x: same shape and dtype; returns ``(dy_c, dy3)``, dy
+    laid out and split as x_c (see :func:`view_like`)."""
     dy = _as_float_array(dy, "dy")
     if dy.shape != x_c.shape:
         raise ValueError(f"dy must have the shape of x, {x_c.shape}, got {dy.shape}")
     if dy.dtype != x_c.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}, expected {x_c.dtype} (the dtype of x)")
-    return channel_view(dy, axis, "dy", order=memory_order(x_c))
+    return view_like(dy, x_c, normalize_axis(axis, x_c.ndim))

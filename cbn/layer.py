@@ -17,9 +17,9 @@ from .functional import (
     check_activation,
     check_eps,
     empty_like_batch,
-    memory_order,
     resolve_threads,
     streams,
+    view_like,
 )
 
 __all__ = ["BatchNorm", "is_grad_enabled", "no_grad"]
@@ -707,11 +707,10 @@ class BatchNorm:
         x_c, mean, var, batch_stats, axis, eps, activation = cache[:7]
         gamma, beta, dgamma, dbeta = params
         x3 = channel_view(x_c, axis)[1]
-        dy = dy if isinstance(dy, np.ndarray) else F._as_float_array(dy, "dy", self.dtype)
+        dy = F._as_float_array(dy, "dy", self.dtype)
         if dy.shape != x_c.shape:
             raise ValueError(f"dy must have the shape of the forward input, {x_c.shape}, got {dy.shape}")
-        dy_c, dy3 = channel_view(dy, axis, "dy", self.dtype, self.num_features,
-                                 memory_order(x_c))
+        dy_c, dy3 = view_like(dy, x_c, F.normalize_axis(axis, x_c.ndim))
         dx, dx3 = empty_like_batch(dy_c, x3, dy_c)
         status = _kernels.backward(
             dy3, x3, mean, var, gamma, beta, eps, dx3, dgamma, dbeta,

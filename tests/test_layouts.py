@@ -266,3 +266,52 @@ def test_the_direct_and_checked_paths_split_a_block_alike(dtype, seed):
     checked = F.batch_norm_backward(dyo, xo, mean, var, gamma.tolist(), beta, axis=axis)
     for a, b in zip(direct, checked):
         assert a.strides == b.strides and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_channel_with_out_in_another_order_of_its_length_one_axis(dtype):
+    """One channel: its axis takes no room, so x and out= may lie alike yet name
+    different memory orders. dy, out and x are split alike (found by a session-27
+    audit: backward raised 'arrays of shape (1, 1, 3200) and (3200, 1, 1) do not
+    match'), and the checked path gives the fast path's bits."""
+    rng = np.random.default_rng(seed_of("one-channel-out", dtype.__name__))
+    x = np.asfortranarray(rng.standard_normal((64, 1, 50)).astype(dtype))
+    dy = rng.standard_normal((64, 1, 50)).astype(dtype)  # C order: the checked path
+    dy_f = np.asfortranarray(dy)                           # x's layout: the fast path
+    out = np.empty((50, 64, 1), dtype).transpose(1, 2, 0)
+    assert F.memory_order(out) != F.memory_order(x)
+    fast = F.batch_norm_train(x, np.ones(1, dtype), axis=1)
+    checked = F.batch_norm_train(x, [1.0], axis=1, out=out)
+    assert checked[0] is out
+    for a, b in zip(fast, checked):
+        assert a.tobytes() == b.tobytes() if a.ndim == 1 else np.array_equal(a, b)
+    mean, var = fast[1:]
+    want = F.batch_norm_backward(dy_f, x, mean, var, axis=1)
+    for dy_in in (dy, dy_f):
+        out = np.empty((50, 64, 1), dtype).transpose(1, 2, 0)
+        got = F.batch_norm_backward(dy_in, x, mean, var, [1.0], axis=1, out=out)
+        assert got[0] is out
+        assert np.array_equal(got[0], want[0])
+        assert got[1].tobytes() == want[1].tobytes() and got[2].tobytes() == want[2].tobytes()
+
+
+def test_a_list_takes_the_order_of_out():
+    rng = np.random.default_rng(seed_of("list-out"))
+    x = rng.standard_normal((6, 4, 3))
+    out = np.empty(x.shape, order="F")
+    y = F.batch_norm_train(x.tolist(), out=out)[0]
+    assert y is out
+    assert_close(y, F.batch_norm_train(x)[0], np.float64)
+
+
+def test_in_place_out_may_differ_from_x_on_an_axis_of_length_one():
+    """The same memory, element for element, is in place, whatever strides the
+    axes of length one carry: both paths agree."""
+    b = np.asfortranarray(np.random.default_rng(seed_of("in-place-one")).random((6, 5)))
+    want = F.batch_norm_eval(b[:, None, :].copy(), np.zeros(1), np.ones(1), axis=1)
+    for gamma in (None, [1.0]):  # the fast path, then the checked one
+        c = b.copy(order="F")
+        x, out = c[:, None, :], c.reshape(6, 1, 5, order="F")
+        assert x.strides != out.strides and np.shares_memory(x, out)
+        y = F.batch_norm_eval(x, np.zeros(1), np.ones(1), gamma, axis=1, out=out)
+        assert y is out and np.array_equal(y, want)
