@@ -232,9 +232,11 @@ cdef extern from *:
     /* prefers 256-bit vectors but has AVX-512), the load waits for the stores */
     /* to reach the cache: a Xeon spent 60% of backward's dx pass on it, and   */
     /* in cache NCHW passes ran 1.5-2.8x faster without. CBN_EACHK (rows two  */
-    /* or four at a time) keeps the whole-line read: on cold (4096, 256) rows  */
-    /* the halves ran 0.80-0.87x; the stall paces the loop's loads and stores  */
-    /* (as session 12's loop clones found, RESULTS.md).                       */
+    /* or four at a time) kept the whole-line read until session 27, when its */
+    /* halves lost only where they raced ahead of a cold output's lines:      */
+    /* (4096, 256) float32 training forward into cold out= 0.83x. Halves with */
+    /* each output line prefetched for writing 1 KiB ahead (CBN_EACHK's ahead)*/
+    /* beat the whole-line read on every forward (RESULTS.md, session 27).    */
     #define CBN_CHECK_HALVES(half_t, z, lo, hi)                                       \\
     {                                                                                 \\
         half_t z0_, z1_;                                                              \\
@@ -563,15 +565,28 @@ cdef extern from *:
     /* CBN_EACH over K rows at once (K a literal 2 or 4), qs values apart: rows \\
        o = 0, qs (, 2qs, 3qs) of dst, where EXPR is a function of i and o. Each \\
        coefficient load serves K rows, and rows a K-th of the block apart make  \\
-       K sequential streams (see cbn_quad_sums). No streamed stores.            */\\
-    #define CBN_EACHK(T, n, dst, qs, K, chk, EXPR, STORE)                             \\
+       K sequential streams (see cbn_quad_sums). No streamed stores. AHEAD: the \\
+       bytes ahead at which each row's output lines are prefetched for writing  \\
+       (0: none). The forward's K rows run ahead of their outputs' reads for   \\
+       ownership without it: against the whole-line check of sessions 12-26,   \\
+       on the Xeon of session 27, cold rows one thread, training forward        \\
+       1.07-1.22x and evaluation 1.03-1.20x, the (64, 100) layer step 14.5     \\
+       against 16.6-17.0 us; the backward's dx, prefetched so, ran 0.93x on     \\
+       (4096, 256) float32 and takes 0.                                         */\\
+    #define EACHK_WRITE_AHEAD 1024
+    #define CBN_EACHK(T, n, dst, qs, K, chk, AHEAD, EXPR, STORE)                      \\
     {                                                                                 \\
         Py_ssize_t i0 = 0;                                                            \\
         const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
         typedef T line_t __attribute__((vector_size(64)));                            \\
-        line_t lane_chk = {0}, zs;                                                    \\
+        typedef T half_t __attribute__((vector_size(32)));                            \\
+        half_t chk_lo = {0}, chk_hi = {0};                                            \\
         for (; i0 + w <= (n); i0 += w) {                                              \\
             T z[64 / sizeof(T)];                                                      \\
+            if ((AHEAD) > 0)                                                          \\
+                for (int r_ = 0; r_ < (K); r_++)                                      \\
+                    __builtin_prefetch((dst) + r_ * (qs) + i0                         \\
+                                       + (AHEAD) / (Py_ssize_t)sizeof(T), 1, 3);      \\
             _Pragma("omp simd")                                                       \\
             for (Py_ssize_t k = 0; k < w; k++) {                                      \\
                 const Py_ssize_t i = i0 + k;                                          \\
@@ -589,17 +604,17 @@ cdef extern from *:
                 }                                                                     \\
                 z[k] = zk;                                                            \\
             }                                                                         \\
-            memcpy(&zs, z, 64);                                                       \\
-            lane_chk += zs;                                                           \\
+            CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                               \\
         }                                                                             \\
+        chk_lo += chk_hi;                                                             \\
+        if (cbn_any_bits(&chk_lo, 32))                                                \\
+            chk += 1;                                                                 \\
         for (Py_ssize_t rk = 0; rk < (K); rk++) {                                     \\
             const Py_ssize_t o = rk * (qs);                                           \\
             for (Py_ssize_t i = i0; i < (n); i++) {                                   \\
                 T v = EXPR; chk += v - v; (dst)[o + i] = STORE(v);                    \\
             }                                                                         \\
         }                                                                             \\
-        if (cbn_any_bits(&lane_chk, 64))                                              \\
-            chk += 1;                                                                 \\
     }
 
     /* The incoming gradient at (row q/p, channel j), masked by the fused ReLU. */
@@ -745,22 +760,22 @@ cdef extern from *:
             Py_ssize_t qs, int k, const T* m, const T* a, const T* b, int relu) {    \\
         T chk = 0;                                                                   \\
         if (relu && k == 2)                                                          \\
-            CBN_EACHK(T, n, y, qs, 2, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+            CBN_EACHK(T, n, y, qs, 2, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
         else if (relu)                                                               \\
-            CBN_EACHK(T, n, y, qs, 4, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+            CBN_EACHK(T, n, y, qs, 4, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
         else if (k == 2)                                                             \\
-            CBN_EACHK(T, n, y, qs, 2, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
+            CBN_EACHK(T, n, y, qs, 2, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
         else                                                                         \\
-            CBN_EACHK(T, n, y, qs, 4, chk, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
+            CBN_EACHK(T, n, y, qs, 4, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
         return chk != 0;                                                             \\
     }                                                                                \\
     static inline int cbn_affine2_rowk_##S(const T* x, T* y, Py_ssize_t n,           \\
             Py_ssize_t qs, int k, const T* a, const T* c) {                          \\
         T chk = 0;                                                                   \\
         if (k == 2)                                                                  \\
-            CBN_EACHK(T, n, y, qs, 2, chk, x[o + i] * a[i] + c[i], CBN_SAME)         \\
+            CBN_EACHK(T, n, y, qs, 2, chk, EACHK_WRITE_AHEAD, x[o + i] * a[i] + c[i], CBN_SAME)         \\
         else                                                                         \\
-            CBN_EACHK(T, n, y, qs, 4, chk, x[o + i] * a[i] + c[i], CBN_SAME)         \\
+            CBN_EACHK(T, n, y, qs, 4, chk, EACHK_WRITE_AHEAD, x[o + i] * a[i] + c[i], CBN_SAME)         \\
         return chk != 0;                                                             \\
     }                                                                                \\
     /* y = x*a + c, coefficients per element (row form, no ReLU): one           */\\
@@ -907,18 +922,18 @@ cdef extern from *:
             const T* kx, const T* k0, int relu) {                                    \\
         T chk = 0;                                                                   \\
         if (s == NULL && relu)                                                       \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
+            CBN_EACHK(T, n, dx, qs, 4, chk, 0,                                          \\
                       a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
                               + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME)        \\
         else if (s == NULL)                                                          \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
+            CBN_EACHK(T, n, dx, qs, 4, chk, 0,                                          \\
                       a[i] * (dy[o + i] + k0[i] + kx[i] * (x[o + i] - m[i])), CBN_SAME) \\
         else if (relu)                                                               \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
+            CBN_EACHK(T, n, dx, qs, 4, chk, 0,                                          \\
                       a[i] * ((CBN_Z(x[o + i], m[i], a[i], b[i]) > 0 ? dy[o + i] : (T)0) \\
                               + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), CBN_SAME) \\
         else                                                                         \\
-            CBN_EACHK(T, n, dx, qs, 4, chk,                                          \\
+            CBN_EACHK(T, n, dx, qs, 4, chk, 0,                                          \\
                       a[i] * (dy[o + i] + k0[i] + kx[i] * ((x[o + i] - m[i]) * s[i])), \\
                       CBN_SAME)                                                      \\
         return chk != 0;                                                             \\
@@ -957,7 +972,7 @@ cdef extern from *:
     static inline int cbn_scale_row4_##S(const T* dy, T* dx, Py_ssize_t n,           \\
                                          Py_ssize_t qs, const T* a) {                \\
         T chk = 0;                                                                   \\
-        CBN_EACHK(T, n, dx, qs, 4, chk, a[i] * dy[o + i], CBN_SAME)                  \\
+        CBN_EACHK(T, n, dx, qs, 4, chk, 0, a[i] * dy[o + i], CBN_SAME)                  \\
         return chk != 0;                                                             \\
     }                                                                                \\
     static inline int cbn_scale_run_##S(const T* dy, T* dx, Py_ssize_t n, T a,       \\
