@@ -18,7 +18,6 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/layer_step.py [--json FILE]
 """
 
-import argparse
 import resource
 import sys
 
@@ -30,20 +29,15 @@ from cbn import benchmark as B
 DEFAULT_CASES = ("32x64x112x112:float32", "32x64x56x56:float64", "32x64x56x56:float32")
 
 
+def _modules_take(spec):
+    """Refuse a shape PyTorch's BatchNorm modules do not take."""
+    if spec.channels_last or len(spec.shape) > 5:
+        raise ValueError("the channels must be axis 1 of 2 to 5 dimensions (as torch's modules)")
+
+
 def _case(text):
     """``SHAPE:DTYPE`` (channels on axis 1) as ``(ShapeSpec, dtype name)``."""
-    shape, _, dtype = text.rpartition(":")
-    if dtype not in B.DTYPES or not shape:
-        raise argparse.ArgumentTypeError(
-            f"case {text!r} is not SHAPE:DTYPE with DTYPE float32 or float64 (32x64x56x56:float32)")
-    try:
-        spec = B.parse_shape(shape)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if spec.channels_last or len(spec.shape) > 5:
-        raise argparse.ArgumentTypeError(
-            f"case {text!r}: the channels must be axis 1 of 2 to 5 dimensions (as torch's modules)")
-    return spec, dtype
+    return B.parse_case(text, _modules_take)
 
 
 def _cbn_step(x, dy, limit):
@@ -130,15 +124,7 @@ def _line(row):
 
 def main(argv=None):
     """Measure each case, print a line per case; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", type=lambda t: [_case(c) for c in t.split(",") if c.strip()],
-                   metavar="LIST", help="comma-separated SHAPE:DTYPE (default: "
-                   + ",".join(DEFAULT_CASES) + ")")
-    p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    args = p.parse_args(argv)
-    torch = None if args.no_torch else B._import_torch()
-    cases = args.cases or [_case(c) for c in DEFAULT_CASES]
+    cases, torch, args = B.case_command(__doc__, DEFAULT_CASES, _case, argv)
     rows = []
     for spec, dtype in cases:
         rows.append(measure(spec, dtype, torch))

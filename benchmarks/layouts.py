@@ -17,7 +17,6 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/layouts.py [--json FILE]
 """
 
-import argparse
 import sys
 
 import numpy as np
@@ -31,18 +30,15 @@ OPS = ("fwd-train", "fwd-eval", "backward")
 BUFFERS = 4
 
 
+def _nchw(spec):
+    """Refuse a shape that is not N x C x H x W."""
+    if spec.channels_last or len(spec.shape) != 4:
+        raise ValueError("give an NCHW shape, N x C x H x W")
+
+
 def _case(text):
     """``SHAPE:DTYPE`` of an NCHW batch as ``(shape tuple, dtype name)``."""
-    shape, _, dtype = text.rpartition(":")
-    if dtype not in B.DTYPES or not shape:
-        raise argparse.ArgumentTypeError(
-            f"case {text!r} is not SHAPE:DTYPE with DTYPE float32 or float64 (32x64x56x56:float32)")
-    try:
-        spec = B.parse_shape(shape)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if spec.channels_last or len(spec.shape) != 4:
-        raise argparse.ArgumentTypeError(f"case {text!r}: give an NCHW shape, N x C x H x W")
+    spec, dtype = B.parse_case(text, _nchw)
     return spec.shape, dtype
 
 
@@ -120,17 +116,10 @@ def _line(row):
 
 def main(argv=None):
     """Measure each case, print a line per op; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", type=lambda t: [_case(c) for c in t.split(",") if c.strip()],
-                   metavar="LIST", help="comma-separated SHAPE:DTYPE, NCHW (default: "
-                   + ",".join(DEFAULT_CASES) + ")")
-    p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    args = p.parse_args(argv)
-    torch = None if args.no_torch else B._import_torch()
+    cases, torch, args = B.case_command(__doc__, DEFAULT_CASES, _case, argv)
     allocator = B.steady_allocator()
     rows = []
-    for shape, dtype in args.cases or [_case(c) for c in DEFAULT_CASES]:
+    for shape, dtype in cases:
         for row in measure(shape, dtype, torch):
             rows.append(row)
             print(_line(row), flush=True)

@@ -1205,6 +1205,41 @@ def format_report(result, markdown=False):
     return "\n".join(lines)
 
 
+def parse_case(text, check=None):
+    """A side measurement's case ``SHAPE:DTYPE`` (a bench.py shape, float32 or
+    float64) as ``(ShapeSpec, dtype name)``. ``check(spec)`` may refuse the shape
+    with a ValueError; every refusal is an ``argparse.ArgumentTypeError`` naming
+    the case."""
+    shape, _, dtype = text.rpartition(":")
+    if dtype not in DTYPES or not shape:
+        raise argparse.ArgumentTypeError(
+            f"case {text!r} is not SHAPE:DTYPE with DTYPE float32 or float64 (32x64x56x56:float32)")
+    try:
+        spec = parse_shape(shape)
+        if check is not None:
+            check(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"case {text!r}: {exc}") from None
+    return spec, dtype
+
+
+def case_command(doc, default_cases, parse, argv=None):
+    """Parse the command line of a side measurement over ``SHAPE:DTYPE`` cases
+    (``--cases``, ``--no-torch``, ``--json``; ``parse`` turns one case into what
+    the script measures, ``doc``'s first paragraph describes it). Returns
+    ``(cases, torch, args)``: the cases (``default_cases`` without ``--cases``)
+    and PyTorch, or None if left out or not installed."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--cases", type=lambda t: [parse(c) for c in t.split(",") if c.strip()],
+                   metavar="LIST", help="comma-separated SHAPE:DTYPE (default: "
+                   + ",".join(default_cases) + ")")
+    p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    args = p.parse_args(argv)
+    torch = None if args.no_torch else _import_torch()
+    return args.cases or [parse(c) for c in default_cases], torch, args
+
+
 def side_measurement(doc, json_help, argv=None, add_arguments=None):
     """Start a side measurement of ``benchmarks/``: its command line, then the allocator.
 

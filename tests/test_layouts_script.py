@@ -44,3 +44,16 @@ def test_case_parsing_takes_nchw_shapes_only(benchmark_script):
     for bad in ("8x4x3x3", "8x4x3x3:int8", "8x4:float32", "8x3x3x4:nhwc:float32"):
         with pytest.raises(Exception, match="case|shape|layout"):
             script._case(bad)
+
+
+def test_main_measures_the_cases_and_writes_json(benchmark_script, tmp_path, capsys):
+    import json
+
+    script = benchmark_script("layouts")
+    out = tmp_path / "layouts.json"
+    assert script.main(["--cases", "4x3x2x2:float64", "--no-torch", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(script.OPS) and all("4x3x2x2 float64" in line for line in printed)
+    record = json.loads(out.read_text())
+    assert {"machine", "allocator", "cases"} <= set(record)
+    assert [r["op"] for r in record["cases"]] == list(script.OPS)
