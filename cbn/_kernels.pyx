@@ -569,11 +569,11 @@ cdef extern from *:
        bytes ahead at which each row's output lines are prefetched for writing  \\
        (0: none). The forward's K rows run ahead of their outputs' reads for   \\
        ownership without it: against the whole-line check of sessions 12-26,   \\
-       on the Xeon of session 27, cold rows one thread, training forward        \\
-       1.07-1.22x and evaluation 1.03-1.20x, the (64, 100) layer step 14.5     \\
-       against 16.6-17.0 us; the backward's dx, prefetched so, ran 0.93x on     \\
-       (4096, 256) float32 and takes 0.                                         */\\
-    #define EACHK_WRITE_AHEAD 1024
+       on the Xeon of session 27, cold rows, one and two threads, training      \\
+       forward 1.06-1.21x and evaluation 1.00-1.20x, the (64, 100) layer step   \\
+       13.8-15.2 against 16.1-17.4 us; the backward's dx, prefetched so, ran    \\
+       0.93x on (4096, 256) float32 and takes 0.                                */\\
+    #define CBN_EACHK_WRITE_AHEAD 1024
     #define CBN_EACHK(T, n, dst, qs, K, chk, AHEAD, EXPR, STORE)                      \\
     {                                                                                 \\
         Py_ssize_t i0 = 0;                                                            \\
@@ -760,22 +760,22 @@ cdef extern from *:
             Py_ssize_t qs, int k, const T* m, const T* a, const T* b, int relu) {    \\
         T chk = 0;                                                                   \\
         if (relu && k == 2)                                                          \\
-            CBN_EACHK(T, n, y, qs, 2, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+            CBN_EACHK(T, n, y, qs, 2, chk, CBN_EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
         else if (relu)                                                               \\
-            CBN_EACHK(T, n, y, qs, 4, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
+            CBN_EACHK(T, n, y, qs, 4, chk, CBN_EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_RELU_##S) \\
         else if (k == 2)                                                             \\
-            CBN_EACHK(T, n, y, qs, 2, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
+            CBN_EACHK(T, n, y, qs, 2, chk, CBN_EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
         else                                                                         \\
-            CBN_EACHK(T, n, y, qs, 4, chk, EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
+            CBN_EACHK(T, n, y, qs, 4, chk, CBN_EACHK_WRITE_AHEAD, CBN_Z(x[o + i], m[i], a[i], b[i]), CBN_SAME) \\
         return chk != 0;                                                             \\
     }                                                                                \\
     static inline int cbn_affine2_rowk_##S(const T* x, T* y, Py_ssize_t n,           \\
             Py_ssize_t qs, int k, const T* a, const T* c) {                          \\
         T chk = 0;                                                                   \\
         if (k == 2)                                                                  \\
-            CBN_EACHK(T, n, y, qs, 2, chk, EACHK_WRITE_AHEAD, x[o + i] * a[i] + c[i], CBN_SAME)         \\
+            CBN_EACHK(T, n, y, qs, 2, chk, CBN_EACHK_WRITE_AHEAD, x[o + i] * a[i] + c[i], CBN_SAME)         \\
         else                                                                         \\
-            CBN_EACHK(T, n, y, qs, 4, chk, EACHK_WRITE_AHEAD, x[o + i] * a[i] + c[i], CBN_SAME)         \\
+            CBN_EACHK(T, n, y, qs, 4, chk, CBN_EACHK_WRITE_AHEAD, x[o + i] * a[i] + c[i], CBN_SAME)         \\
         return chk != 0;                                                             \\
     }                                                                                \\
     /* y = x*a + c, coefficients per element (row form, no ReLU): one           */\\
