@@ -1453,6 +1453,8 @@ cdef enum:
     ONE_CHANNEL_STRETCH = 16384 # if its output streams and each image's run is this long
     SHARED_CHANNEL_MAX = 2097152    # on two threads and more: up to this many bytes,
     SHARED_CHANNEL_STRETCH = 3072   # with runs this long
+    CHANNEL_GROUP_STRETCH = 3072    # backward: a channel of at most _channel_budget bytes
+                                    # of x and dy with runs this long is a group alone
 
 # Status codes of the composites; cbn.functional turns them into exceptions.
 cdef enum:
@@ -3420,6 +3422,32 @@ def group_bytes():
     return _group_budget
 
 
+# Bytes of x and dy up to which a channel beyond the group budget, with runs of
+# CHANNEL_GROUP_STRETCH bytes and more, is a backward group by itself (see
+# _group_channels); 0: never. cbn.functional sets it at import.
+cdef size_t _channel_budget = 0
+
+
+def set_channel_group_bytes(Py_ssize_t nbytes):
+    """Set how many bytes of x and dy a backward channel with long runs may hold
+    and still be a group by itself (0: never; see ``_group_channels``).
+
+    cbn.functional calls it at import with half the per-core (L2) cache on
+    Intel CPUs and 0 elsewhere, or the environment variable
+    CBN_CHANNEL_GROUP_BYTES. Results do not depend on it; only speed does.
+    """
+    global _channel_budget
+    if nbytes < 0:
+        raise ValueError(f"channel group bytes must be >= 0, got {nbytes}")
+    _channel_budget = <size_t>nbytes
+
+
+def channel_group_bytes():
+    """Bytes of x and dy up to which a long-run channel is a backward group alone
+    (0: never; see ``set_channel_group_bytes``)."""
+    return _channel_budget
+
+
 cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int arrays,
                                        bint stream, bint several=False) noexcept nogil:
     """Channels per group of a pass taken group by group (0: not so).
@@ -3457,8 +3485,18 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     SHARED_CHANNEL_MAX with runs of SHARED_CHANNEL_STRETCH bytes and more are
     groups alone too (two threads: float32 32x64x56x56 1.19x, 128x64x28x28
     float64 1.28x, float32 1.11x, 32x128x28x28 float32 1.16x, 64x32x28x28
-    float64 1.14x; a 4 MiB channel, 256x16x32x32 float64, 0.96x). Other
-    shapes take whole passes. The thread count changes no bit.
+    float64 1.14x; a 4 MiB channel, 256x16x32x32 float64, 0.96x). And
+    whether dx streams or not, a channel of at most _channel_budget bytes of
+    x and dy (half the L2 cache on Intel CPUs; 0 elsewhere) whose runs are at
+    least CHANNEL_GROUP_STRETCH bytes is a group by itself: its second read
+    then comes from L2. On the Xeon (2 MiB L2), session 28, against whole
+    passes, one and two threads: cold, 64x32x28x28 float32 1.23-1.25x,
+    64x16x32x32 1.04-1.14x, 32x64x56x56 float32 1.11-1.12x, 128x64x28x28
+    float32 1.05-1.07x; in cache, 1.15-1.35x (64x16x32x32 float32 0.75x ->
+    0.94x PyTorch). Channels of 2 MiB lost (256x16x32x32 float32 0.86-0.88x),
+    as did runs of 2 KiB (256x64x16x16 float64, 1 MiB: 0.78-0.81x); on the
+    Zen 4 EPYC (1 MiB L2) a 512 KiB channel lost even in cache (64x16x32x32
+    0.73x). Other shapes take whole passes. The thread count changes no bit.
 
     The training forward (arrays == 1) takes groups only for float64
     outputs that stream (batches too large for the last-level
@@ -3478,6 +3516,8 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
         cg = <Py_ssize_t>(_group_budget // per_channel)
         run = <size_t>g.inner * item_bytes
         cg = _min(cg, <Py_ssize_t>((GROUP_STRETCH + run - 1) // run))
+        if cg == 0 and per_channel <= _channel_budget and run >= CHANNEL_GROUP_STRETCH:
+            cg = 1
         if cg == 0 and stream and (
                 (per_channel <= ONE_CHANNEL_MAX and run >= ONE_CHANNEL_STRETCH)
                 or (several and per_channel <= SHARED_CHANNEL_MAX

@@ -1002,10 +1002,23 @@ def test_grouped_training_forward_reports_a_nonfinite_output():
 
 @pytest.fixture
 def group_budget():
-    """Set the backward's group budget for a test (K.set_group_bytes), then restore it."""
-    before = K.group_bytes()
+    """Set the backward's group budget for a test (K.set_group_bytes), then restore
+    it; long-run channels are not groups alone meanwhile (channel_budget sets that)."""
+    before = K.group_bytes(), K.channel_group_bytes()
+    K.set_channel_group_bytes(0)
     yield K.set_group_bytes
-    K.set_group_bytes(before)
+    K.set_group_bytes(before[0])
+    K.set_channel_group_bytes(before[1])
+
+
+@pytest.fixture
+def channel_budget(group_budget):
+    """Set the group budget and the long-run channel budget for a test
+    (K.set_channel_group_bytes), then restore both."""
+    def set_both(group, channel):
+        group_budget(group)
+        K.set_channel_group_bytes(channel)
+    return set_both
 
 
 def test_backward_groups_are_taken_only_where_they_pay(group_budget):
@@ -1041,6 +1054,53 @@ def test_backward_groups_are_taken_only_where_they_pay(group_budget):
     assert K.group_channels(8, 256, 784, 4, 2) == 0
     with pytest.raises(ValueError, match="group bytes"):
         K.set_group_bytes(-1)
+
+
+def test_long_run_channels_are_groups_alone_up_to_their_budget(channel_budget):
+    """A channel beyond the group budget whose runs are at least 3 KiB is a group
+    by itself while its x and dy fit the channel budget, dx streamed or not."""
+    channel_budget(1 << 18, 1 << 20)
+    assert K.channel_group_bytes() == 1 << 20
+    for stream in (False, True):
+        assert K.group_channels(32, 64, 3136, 4, 2, stream) == 1  # 784 KiB, runs of 12 KiB
+        assert K.group_channels(64, 16, 1024, 8, 2, stream) == 1  # 1 MiB, runs of 8 KiB
+        assert K.group_channels(64, 32, 784, 4, 2, stream) == 1  # runs of 3136 bytes
+        assert K.group_channels(64, 32, 760, 4, 2, stream) == 0  # runs of 3040 bytes
+        assert K.group_channels(256, 64, 256, 8, 2, stream) == 0  # runs of 2 KiB
+        assert K.group_channels(64, 16, 1025, 8, 2, stream) == 0  # over 1 MiB
+    assert K.group_channels(64, 32, 784, 4, 1, False) == 0  # the forward: not by budget
+    assert K.group_channels(8, 2048, 196, 4, 2) == 3  # within the group budget: as before
+    channel_budget(0, 1 << 20)
+    assert K.group_channels(32, 64, 3136, 4, 2) == 0  # groups off: none at all
+    channel_budget(1 << 18, 0)
+    assert K.group_channels(32, 64, 3136, 4, 2) == 0
+    with pytest.raises(ValueError, match="channel group bytes"):
+        K.set_channel_group_bytes(-1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("mode", ["training", "frozen"])
+def test_a_long_run_channel_alone_equals_the_two_passes(channel_budget, dtype, relu, mode):
+    """A channel beyond the group budget with runs of 3 KiB and more, a group by
+    itself within the channel budget: the same bits as the two passes (checked
+    against the float64 reference by test_composites_match_reference), on any
+    thread count, dx streamed or not."""
+    rng = np.random.default_rng()
+    item = np.dtype(dtype).itemsize
+    geometry = (int(rng.integers(2, 6)), int(rng.integers(2, 7)),
+                int(rng.integers(3072 // item, 9000 // item)))
+    x, gamma, beta = make_batch(rng, geometry, dtype)
+    dy = rng.standard_normal(geometry).astype(dtype)
+    mean, var = ref.batch_stats(x.astype(np.float64), axis=1)
+    args = (dy, x, mean, var, gamma, beta, mode == "training", True, relu)
+    channel_budget(0, 0)
+    want = _backward_run(*args, 1)
+    assert want[0] == K.OK
+    per_channel = geometry[0] * geometry[2] * item * 2
+    channel_budget(1, per_channel)
+    assert K.group_channels(*geometry, item, 2, False) == 1
+    _assert_backward_same_bits(want, args, f"{geometry}, a long-run channel per group")
 
 
 def _backward_run(dy, x, mean, var, gamma, beta, training, need, relu, n, dx=None,

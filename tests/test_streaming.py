@@ -445,6 +445,7 @@ def test_byte_settings_from_environment(monkeypatch, name, read, default):
 
 def test_group_budget_is_set_at_import():
     assert K.group_bytes() == F.GROUP_BYTES
+    assert K.channel_group_bytes() == F.CHANNEL_GROUP_BYTES
     assert K.one_row_bytes() == F.ONE_ROW_BYTES
     assert K.one_row_bytes(forward=True) == F.FORWARD_ONE_ROW_BYTES
 
@@ -480,6 +481,28 @@ def test_forward_one_row_budget_follows_the_cpu(monkeypatch, tmp_path):
         monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", bad)
         with pytest.raises(ValueError, match="CBN_FORWARD_ONE_ROW_BYTES"):
             F._forward_one_row_bytes()
+
+
+def test_channel_group_budget_follows_the_cpu(monkeypatch):
+    """A long-run backward channel is a group alone up to half the L2 cache on
+    Intel CPUs (where it was measured to win), never elsewhere;
+    CBN_CHANNEL_GROUP_BYTES overrides either, refused by name when it is not a
+    byte count."""
+    l2 = F._cache_sizes().get(2, 1 << 20)
+    monkeypatch.delenv("CBN_CHANNEL_GROUP_BYTES", raising=False)
+    for model, want in [(("GenuineIntel", 6, 167), l2 // 2), (("GenuineIntel", None, None), l2 // 2),
+                        (("AuthenticAMD", 25, 0x11), 0), (("AuthenticAMD", 26, 2), 0),
+                        ((None, None, None), 0)]:
+        assert F._channel_group_wins(model[0]) is (want > 0)
+        monkeypatch.setattr(F, "_cpu_model", lambda model=model: model)
+        assert F._channel_group_bytes() == want
+    value = int(np.random.default_rng().integers(0, 1 << 30))
+    monkeypatch.setenv("CBN_CHANNEL_GROUP_BYTES", str(value))
+    assert F._channel_group_bytes() == value
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv("CBN_CHANNEL_GROUP_BYTES", bad)
+        with pytest.raises(ValueError, match="CBN_CHANNEL_GROUP_BYTES"):
+            F._channel_group_bytes()
 
 
 def test_stream_threshold_follows_the_cpu(monkeypatch):
