@@ -294,8 +294,10 @@ def test_numerical_grad_warns_on_float32_as_gradcheck_does():
     a64 = a32.astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # Rounding in f bounds the error absolutely: about eps * f / h = 1e-9 here,
+        # which is more than 1e-8 of an entry near zero (CI drew -0.0127).
         np.testing.assert_allclose(numerical_grad(lambda: float((a64 ** 2).sum()), a64),
-                                   2 * a64, rtol=1e-8)
+                                   2 * a64, rtol=1e-8, atol=1e-7)
 
 
 def test_a_dtype_mismatch_says_whose_dtype_and_how_numpy_2_makes_float64():
