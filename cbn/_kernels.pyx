@@ -388,6 +388,10 @@ cdef extern from *:
        backward of 65536x64, 32x56x56x64 (NHWC), 32x64x56x56 and 1024x4096:    \\
        0.94-1.10x, median 1.03. Same bits: each element's arithmetic is kept.  */\\
     #define CBN_EACH(T, n, dst, nt, chk, EXPR, STORE)                                 \\
+        CBN_EACH_AHEAD(T, n, dst, nt, chk, 0, EXPR, STORE)
+    /* CBN_EACH whose unstreamed loops ask for dst `ahead` bytes on for writing  \\
+       (see CBN_OR_LOOP_AHEAD; 0: not).                                          */\\
+    #define CBN_EACH_AHEAD(T, n, dst, nt, chk, ahead, EXPR, STORE)                    \\
     {                                                                                 \\
         Py_ssize_t i0 = 0;                                                            \\
         const Py_ssize_t w = (Py_ssize_t)(64 / sizeof(T));                            \\
@@ -436,13 +440,18 @@ cdef extern from *:
             }                                                                         \\
         } else if ((n) * (Py_ssize_t)sizeof(T) >= CBN_OR_CHECK_BYTES) {              \\
             CBN_BITS(T) acc = 0;                                                      \\
-            CBN_OR_LOOP(T, n, dst, acc, EXPR, STORE)                                  \\
+            if (ahead)                                                                \\
+                CBN_OR_LOOP_AHEAD(T, n, dst, acc, ahead, EXPR, STORE)                 \\
+            else                                                                      \\
+                CBN_OR_LOOP(T, n, dst, acc, EXPR, STORE)                              \\
             if (acc)                                                                  \\
                 chk += 1;                                                             \\
             i0 = (n);                                                                 \\
         } else {                                                                      \\
             for (; i0 + w <= (n); i0 += w) {                                          \\
                 T z[64 / sizeof(T)];                                                  \\
+                if (ahead)                                                            \\
+                    __builtin_prefetch((const char*)((dst) + i0) + (ahead), 1, 3);    \\
                 _Pragma("omp simd")                                                   \\
                 for (Py_ssize_t k = 0; k < w; k++) {                                  \\
                     Py_ssize_t i = i0 + k;                                            \\
@@ -590,17 +599,21 @@ cdef extern from *:
        13.8-15.2 against 16.1-17.4 us; the backward's dx, prefetched so, ran    \\
        0.93x on (4096, 256) float32 and takes 0.                                */\\
     #define CBN_EACHK_WRITE_AHEAD 1024
-    /* The same for the lean loop over NCHW runs of cbn_affine_runs (training  */
-    /* forward and evaluation, unstreamed runs of 2 KiB and more): each 1 KiB  */
-    /* span of y first asks for the 1 KiB after it for writing. On the Xeon  */
-    /* of session 28, cold data, one process per build, two processes, one    */
-    /* and two threads, against none: evaluation 1.12-1.20x (32x64x56x56,     */
-    /* 8x256x28x28, 64x16x32x32, both dtypes; PyTorch's time over cbn's       */
-    /* 0.96-1.05x -> 1.09-1.19x), training forward 1.08-1.11x; 2 and 4 KiB   */
-    /* ahead alike; in cache 0.99-1.13x. The write pass had been taken for    */
-    /* the floor of a pass through the cache (ceiling.py's loop, which asks  */
-    /* for nothing ahead). Backward's dx over runs, prefetched so, ran        */
-    /* 0.95-1.06x and takes none.                                             */
+    /* The same for the NCHW runs of training forward and evaluation           */
+    /* (cbn_affine_runs, cbn_affine_run; unstreamed): runs of 2 KiB and more   */
+    /* take each 1 KiB span of y after asking for the 1 KiB after it for      */
+    /* writing, shorter runs ask for the line 1 KiB on before each line (the  */
+    /* next runs of y follow in memory). On the Xeon of session 28, cold     */
+    /* data, one process per build, two processes, against none: runs of 2   */
+    /* KiB and more (32x64x56x56, 8x256x28x28, 64x16x32x32, both dtypes, one  */
+    /* and two threads) evaluation 1.12-1.20x (PyTorch's time over cbn's      */
+    /* 0.96-1.05x -> 1.09-1.19x), training forward 1.08-1.11x, 2 and 4 KiB   */
+    /* ahead alike, in cache 0.99-1.13x; shorter runs (14x14 and 10x10 maps,  */
+    /* 20x20 float32; one thread) evaluation 1.21-1.28x, training forward     */
+    /* 1.15-1.21x. Those passes had been taken to run at the floor of a pass  */
+    /* through the cache (ceiling.py's loop, which then asked for nothing     */
+    /* ahead). Backward's dx over runs, prefetched so, ran 0.95-1.06x and    */
+    /* takes none.                                                            */
     #ifndef CBN_RUNS_WRITE_AHEAD
     #define CBN_RUNS_WRITE_AHEAD 1024
     #endif
@@ -834,9 +847,11 @@ cdef extern from *:
         T chk = 0;                                                                   \\
         nt = cbn_lag(nt, y, x, NULL, NULL, NULL, NULL, NULL, NULL, NULL);            \\
         if (relu)                                                                    \\
-            CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m, a, b), CBN_RELU_##S)           \\
+            CBN_EACH_AHEAD(T, n, y, nt, chk, CBN_RUNS_WRITE_AHEAD,                   \\
+                           CBN_Z(x[i], m, a, b), CBN_RELU_##S)                       \\
         else                                                                         \\
-            CBN_EACH(T, n, y, nt, chk, CBN_Z(x[i], m, a, b), CBN_SAME)               \\
+            CBN_EACH_AHEAD(T, n, y, nt, chk, CBN_RUNS_WRITE_AHEAD,                   \\
+                           CBN_Z(x[i], m, a, b), CBN_SAME)                           \\
         return chk != 0;                                                             \\
     }                                                                                \\
     /* cbn_affine_run over runs u0 .. u1-1 of n values each (run u: channel      \\
