@@ -116,8 +116,10 @@ def test_good_attributes_take_effect(rng):
     y = layer(x)
     mu, var = x.mean(0), x.var(0)
     np.testing.assert_allclose(y, np.maximum((x - mu) / np.sqrt(var + 0.5), 0), atol=1e-12)
-    # momentum=None after one batch: the running mean is that batch's mean
-    np.testing.assert_allclose(layer.running_mean, mu, rtol=1e-12)
+    # momentum=None after one batch: the running mean is that batch's mean; a mean
+    # near 0 is known only to ~eps * max|x| (seen 2 eps), not to 1e-12 of itself
+    np.testing.assert_allclose(layer.running_mean, mu, rtol=1e-12,
+                               atol=64 * np.finfo(np.float64).eps * np.abs(x).max())
     layer.n_threads = None
     layer.axis = -1
     assert layer.config()["axis"] == -1 and layer.config()["n_threads"] is None
@@ -233,7 +235,9 @@ def test_matrix_input_is_taken_as_a_plain_array(rng):
     y, mean, var = F.batch_norm_train(m)
     assert type(y) is np.ndarray
     np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-12)
-    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    # a mean near 0 is known only to ~eps * max|x| (seen 2 eps), not to 1e-12 of itself
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12,
+                               atol=64 * np.finfo(np.float64).eps * np.abs(x).max())
     layer = cbn.BatchNorm(4, dtype=np.float64)
     np.testing.assert_array_equal(layer(m), y)
     dy = rng.standard_normal(x.shape)
@@ -267,8 +271,10 @@ def test_num_batches_tracked_takes_ints_and_tracks_on(rng):
     before = layer.running_mean.copy()
     layer(x)
     assert layer.num_batches_tracked == 5
-    # the cumulative average weighs the fifth batch by 1/5
-    np.testing.assert_allclose(layer.running_mean, 0.8 * before + 0.2 * x.mean(0), rtol=1e-12)
+    # the cumulative average weighs the fifth batch by 1/5; a mean near 0 is known
+    # only to ~eps * max|x|, not to 1e-12 of itself
+    np.testing.assert_allclose(layer.running_mean, 0.8 * before + 0.2 * x.mean(0), rtol=1e-12,
+                               atol=64 * np.finfo(np.float64).eps * np.abs(x).max())
     untracked = cbn.BatchNorm(C, track_running_stats=False)
     untracked.num_batches_tracked = None
     with pytest.raises(ValueError, match="num_batches_tracked is None"):

@@ -74,8 +74,11 @@ def test_stats_match_oracle(c, n, dtype):
     ref_mean, ref_var = R.exact_batch_stats(x.astype(np.float64))
     std = np.sqrt(ref_var)
     assert np.all(np.abs(mean - ref_mean) <= 1e-12 * np.abs(ref_mean) + 1e-9 * std)
-    # Variance: relative to itself; the offset/std ratio bounds the conditioning.
-    assert np.allclose(var, ref_var, rtol=1e-9, atol=0)
+    # Variance: relative to itself, plus the square of the mean's rounding (up to
+    # (eps * mean / 2)**2): two values that differ by < 1e-5 at 1e6 (about 1e-6 of
+    # channels of a batch of two) give a variance of < 1e-11 with a relative error > 1e-9.
+    e = np.finfo(np.float64).eps
+    assert np.all(np.abs(var - ref_var) <= 1e-9 * ref_var + 4 * (e * ref_mean) ** 2)
 
 
 @pytest.mark.parametrize("c", NARROW + GENERAL)

@@ -144,7 +144,10 @@ def test_fit_is_deterministic_and_learns():
     (h1, w1), (h2, w2) = results
     assert h1.train_loss == h2.train_loss
     np.testing.assert_array_equal(w1, w2)
-    assert h1.train_acc[-1] > 0.9 and h1.train_loss[-1] < h1.train_loss[0] / 2
+    # Learned: far past chance (loss log 3 = 1.1, accuracy 1/3). "Half the first epoch's
+    # loss" (an epoch that already learns) and "over 90%" failed 2e-4 of fresh draws; in
+    # 3e4 draws the last epoch's loss stayed below 0.41 and its accuracy above 0.87.
+    assert h1.train_acc[-1] > 0.8 and h1.train_loss[-1] < 0.6
 
 
 def test_callbacks_and_stop_training():
