@@ -3550,9 +3550,9 @@ cdef inline Py_ssize_t _group_channels(const Geometry* g, size_t item_bytes, int
     x and dy (half the L2 cache on Intel CPUs; 0 elsewhere) whose runs are at
     least CHANNEL_GROUP_STRETCH bytes is a group by itself: its second read
     then comes from L2. On the Xeon (2 MiB L2), session 28, against whole
-    passes, one and two threads: cold, 64x32x28x28 float32 1.23-1.25x,
-    64x16x32x32 1.04-1.14x, 32x64x56x56 float32 1.11-1.12x, 128x64x28x28
-    float32 1.05-1.07x; in cache, 1.15-1.35x (64x16x32x32 float32 0.75x ->
+    passes, one and two threads: cold, 64x32x28x28 1.09-1.21x, 16x64x56x56
+    1.08-1.23x, 64x16x32x32 1.00-1.14x, 32x64x56x56 float32 1.07-1.11x,
+    128x64x28x28 float32 1.02-1.05x; in cache, 1.08-1.45x (64x16x32x32 float32 0.75x ->
     0.94x PyTorch). Channels of 2 MiB lost (256x16x32x32 float32 0.86-0.88x),
     as did runs of 2 KiB (256x64x16x16 float64, 1 MiB: 0.78-0.81x); on the
     Zen 4 EPYC (1 MiB L2) a 512 KiB channel lost even in cache (64x16x32x32

@@ -190,7 +190,7 @@ _kernels.set_group_bytes(GROUP_BYTES)
 # A channel beyond that budget whose runs (an image's values of it) are at least
 # 3 KiB long and whose x and dy hold at most this many bytes is such a group by
 # itself, so that dx reads it from L2. Default: half the L2 cache on Intel CPUs
-# (1.04-1.25x cold and 1.15-1.35x in cache on a Xeon with 2 MiB of L2), 0
+# (1.0-1.23x cold and 1.08-1.45x in cache on a Xeon with 2 MiB of L2), 0
 # elsewhere (a 512 KiB channel lost on an AMD EPYC with 1 MiB of L2); the
 # environment variable CBN_CHANNEL_GROUP_BYTES overrides it (0: never).
 CHANNEL_GROUP_BYTES = _channel_group_bytes()
