@@ -474,13 +474,19 @@ def test_forward_one_row_budget_follows_the_cpu(monkeypatch, tmp_path):
     assert read(str(tmp_path / "missing")) == (None, None, None)
     info.write_bytes(b"vendor_id\t: \xff\xfe\n")
     assert read(str(info)) == (None, None, None)
+    _assert_overridden(monkeypatch, "CBN_FORWARD_ONE_ROW_BYTES", F._forward_one_row_bytes)
+
+
+def _assert_overridden(monkeypatch, name, read):
+    """read() returns a byte count set in the environment variable name, and
+    refuses one that is not a byte count by name."""
     value = int(np.random.default_rng().integers(0, 1 << 30))
-    monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", str(value))
-    assert F._forward_one_row_bytes() == value
+    monkeypatch.setenv(name, str(value))
+    assert read() == value
     for bad in ("lots", "-1", "1.5"):
-        monkeypatch.setenv("CBN_FORWARD_ONE_ROW_BYTES", bad)
-        with pytest.raises(ValueError, match="CBN_FORWARD_ONE_ROW_BYTES"):
-            F._forward_one_row_bytes()
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            read()
 
 
 def test_channel_group_budget_follows_the_cpu(monkeypatch):
@@ -496,13 +502,7 @@ def test_channel_group_budget_follows_the_cpu(monkeypatch):
         assert F._channel_group_wins(model[0]) is (want > 0)
         monkeypatch.setattr(F, "_cpu_model", lambda model=model: model)
         assert F._channel_group_bytes() == want
-    value = int(np.random.default_rng().integers(0, 1 << 30))
-    monkeypatch.setenv("CBN_CHANNEL_GROUP_BYTES", str(value))
-    assert F._channel_group_bytes() == value
-    for bad in ("lots", "-1", "1.5"):
-        monkeypatch.setenv("CBN_CHANNEL_GROUP_BYTES", bad)
-        with pytest.raises(ValueError, match="CBN_CHANNEL_GROUP_BYTES"):
-            F._channel_group_bytes()
+    _assert_overridden(monkeypatch, "CBN_CHANNEL_GROUP_BYTES", F._channel_group_bytes)
 
 
 def test_stream_threshold_follows_the_cpu(monkeypatch):
