@@ -13,7 +13,9 @@ every array size of 4 MiB and more in the benchmark's shapes:
   training forward (which must read x for its statistics before it can
   write y: at best the second read comes from cache);
 * ``affine-cached``: the same with ordinary stores, which read each line of y
-  before writing it (a third array of traffic). The least time of a pass that
+  before writing it (a third array of traffic), each line asked for 1 KiB ahead
+  for writing (without that, cbn's normalize ran 1.12-1.28x faster than this
+  loop on the Xeon of session 28). The least time of a pass that
   writes its output through the cache, as PyTorch always does and cbn does for
   outputs under its streaming threshold (``cbn.functional.STREAM_MIN_BYTES``,
   chosen so that a next layer finds y in cache);
