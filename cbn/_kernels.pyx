@@ -4535,12 +4535,15 @@ def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
 
 def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation, out,
                   n_threads, Py_ssize_t parallel_min, Py_ssize_t stream_min,
-                  dgamma_out=None, dbeta_out=None, bint need_param_grads=True):
+                  dgamma_out=None, dbeta_out=None, bint need_param_grads=True,
+                  Py_ssize_t rows_stream_min=-1):
     """``cbn.functional.batch_norm_backward`` for arguments the kernel takes as they are.
 
     ``dgamma_out``, ``dbeta_out``: (C,) arrays of x's dtype to write the
     parameter gradients into (only on success), or None for new ones;
-    ``need_param_grads`` as in ``backward``. Returns ``(dx, dgamma, dbeta)``;
+    ``need_param_grads`` as in ``backward``. dx streams from ``stream_min``
+    bytes, or from ``rows_stream_min`` (-1: the same) over rows (inner == 1;
+    see cbn.functional.ROWS_DX_STREAM_MIN_BYTES). Returns ``(dx, dgamma, dbeta)``;
     the kernel's status code if it failed; None if some argument needs the
     caller's validation (nothing was computed).
     """
@@ -4568,6 +4571,8 @@ def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation
         return None
     cdef void* dg = cnp.PyArray_DATA(<cnp.ndarray>dgamma)
     cdef void* dbe = cnp.PyArray_DATA(<cnp.ndarray>dbeta)
+    if xb.g.inner == 1 and rows_stream_min >= 0:
+        stream_min = rows_stream_min
     cdef bint stream = xb.nbytes >= stream_min
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:

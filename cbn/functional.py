@@ -43,6 +43,7 @@ __all__ = [
     "default_threads",
     "resolve_threads",
     "streams",
+    "dx_streams",
     "channel_view",
     "memory_order",
     "set_cache_limit",
@@ -119,6 +120,20 @@ def _stream_share(vendor, family, model):
 def _stream_min_bytes():
     num, den = _stream_share(*_cpu_model())
     return _env_bytes("CBN_STREAM_MIN_BYTES", _last_level_cache_bytes() * num // den)
+
+
+def _rows_dx_stream_wins(vendor):
+    """Whether backward's dx over rows was measured faster streamed from eight times
+    the L2 cache on this CPU, even with a next layer reading it: Intel (see
+    ROWS_DX_STREAM_MIN_BYTES)."""
+    return vendor == "GenuineIntel"
+
+
+def _rows_dx_stream_min_bytes(default_l2=1 << 20):
+    default = _stream_min_bytes()
+    if _rows_dx_stream_wins(_cpu_model()[0]):
+        default = min(default, 8 * _cache_sizes().get(2, default_l2))
+    return _env_bytes("CBN_ROWS_DX_STREAM_MIN_BYTES", default)
 
 
 def _group_bytes(default_l2=1 << 20):
@@ -217,9 +232,27 @@ FORWARD_ONE_ROW_BYTES = _forward_one_row_bytes()
 _kernels.set_one_row_bytes(FORWARD_ONE_ROW_BYTES, forward=True)
 
 
+# Backward's dx over rows (inner == 1: (N, C) batches, channels-last maps) of
+# at least this many bytes is written with streaming stores. On a Xeon, whose
+# large last-level cache gives one core little more than memory's bandwidth,
+# streaming dx ran 1.03-1.26x from 16 MiB (eight times its 2 MiB L2), on one
+# and two threads, with dx allocated per call and read by a next layer or not
+# (12 MiB: 1.0x; maps in NCHW order: 0.88-1.09x, so they keep
+# STREAM_MIN_BYTES). Default: the smaller of STREAM_MIN_BYTES and eight times
+# the L2 cache on Intel CPUs, STREAM_MIN_BYTES elsewhere; the environment
+# variable CBN_ROWS_DX_STREAM_MIN_BYTES overrides it.
+ROWS_DX_STREAM_MIN_BYTES = _rows_dx_stream_min_bytes()
+
+
 def streams(nbytes):
     """Whether an output of ``nbytes`` bytes is written with streaming stores."""
     return nbytes >= STREAM_MIN_BYTES
+
+
+def dx_streams(nbytes, inner):
+    """Whether backward writes a dx of ``nbytes`` bytes with streaming stores,
+    for a batch of ``inner`` values per (sample, channel) run (1: rows)."""
+    return nbytes >= (ROWS_DX_STREAM_MIN_BYTES if inner == 1 else STREAM_MIN_BYTES)
 
 
 # ---------------------------------------------------------------------------
@@ -924,7 +957,8 @@ def batch_norm_backward(
     """
     result = _kernels.backward_call(dy, x, mean, var, gamma, beta, axis, eps, training,
                                     activation, out, n_threads, PARALLEL_MIN_SIZE,
-                                    STREAM_MIN_BYTES)
+                                    STREAM_MIN_BYTES,
+                                    rows_stream_min=ROWS_DX_STREAM_MIN_BYTES)
     if result is None:  # arguments that need checking or converting
         return _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training,
                                  activation, out, n_threads)
@@ -956,7 +990,8 @@ def _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training, activa
     dbeta = np.empty(channels, dtype=x_c.dtype)
     status = _kernels.backward(
         dy3, x3, mean, var, gamma, beta, eps, dx3, dgamma, dbeta,
-        bool(training), True, relu, resolve_threads(n_threads, x3.size), streams(dx.nbytes),
+        bool(training), True, relu, resolve_threads(n_threads, x3.size),
+        dx_streams(dx.nbytes, x3.shape[2]),
     )
     _raise_for_status(
         status,

@@ -697,7 +697,7 @@ class BatchNorm:
         result = _kernels.backward_call(
             dy, x_c, mean, var, gamma, beta, axis, eps, batch_stats, activation,
             None, self._n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES, dgamma, dbeta,
-            self._affine,
+            self._affine, F.ROWS_DX_STREAM_MIN_BYTES,
         )
         if type(result) is tuple:
             return result[0]
@@ -715,7 +715,7 @@ class BatchNorm:
         status = _kernels.backward(
             dy3, x3, mean, var, gamma, beta, eps, dx3, dgamma, dbeta,
             batch_stats, self.affine, activation == "relu",
-            resolve_threads(self.n_threads, x3.size), streams(dx.nbytes),
+            resolve_threads(self.n_threads, x3.size), F.dx_streams(dx.nbytes, x3.shape[2]),
         )
         _raise_for_status(
             status,

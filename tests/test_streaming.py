@@ -1,7 +1,8 @@
 """Streaming (non-temporal) stores: the same numbers, the same error reports.
 
-Large outputs are written with streaming stores (cbn.functional.STREAM_MIN_BYTES);
-the test arrays are small, so these tests lower the threshold to 0 and compare
+Large outputs are written with streaming stores (cbn.functional.STREAM_MIN_BYTES,
+and ROWS_DX_STREAM_MIN_BYTES for backward's dx over rows); the test arrays are
+small, so these tests lower the thresholds to 0 and compare
 every result with the cached-store path, bit for bit, on layouts that put the
 output at every alignment a 64-byte line can have.
 """
@@ -17,16 +18,22 @@ from cbn import functional as F
 from cbn import reference as R
 
 
+def _stream_from(monkeypatch, nbytes):
+    """Every output of at least nbytes bytes streams, backward's dx over rows too."""
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", nbytes)
+    monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", nbytes)
+
+
 @pytest.fixture
 def stream_always(monkeypatch):
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    _stream_from(monkeypatch, 0)
 
 
 def _both(fn, monkeypatch):
     """fn() with streaming off, then on."""
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    _stream_from(monkeypatch, 1 << 62)
     plain = fn()
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    _stream_from(monkeypatch, 0)
     streamed = fn()
     return plain, streamed
 
@@ -119,7 +126,7 @@ def test_unstreamed_long_runs_in_one_loop(monkeypatch, shape, dtype, relu, n_thr
     runs = x.reshape(-1, math.prod(shape[2:]))
     u = rng.integers(runs.shape[0] // 2, runs.shape[0])
     runs[u, rng.integers(runs.shape[1])] = rng.choice([np.nan, np.inf, -np.inf])
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    _stream_from(monkeypatch, 1 << 62)
     with pytest.raises(FloatingPointError):
         F.batch_norm_eval(x, mean, var, gamma, beta, **kw)
 
@@ -185,9 +192,9 @@ def test_streamed_rows_at_every_line_offset(monkeypatch, shape, axis, dtype):
                                                training=training, **kw)[0].copy())
         return y, ye, *grads
 
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    _stream_from(monkeypatch, 1 << 62)
     want = {(relu, n): passes(None, relu, n) for relu in (False, True) for n in (1, 2)}
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    _stream_from(monkeypatch, 0)
     for offset in range(per_line):
         buf = np.full(x.size + 2 * per_line, 7.0, dtype=dtype)
         start = (-buf.ctypes.data % 64) // item + offset
@@ -257,10 +264,10 @@ def test_streamed_output_a_little_ahead_of_its_inputs(monkeypatch, shape, axis, 
     def passes(x, dy, out, relu, n):
         return _four_passes(x, dy, mean, var, gamma, beta, out, relu, n, axis)
 
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    _stream_from(monkeypatch, 1 << 62)
     want = {(relu, n): passes(x0, dy0, None, relu, n) for relu in (False, True)
             for n in (1, 2)}
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    _stream_from(monkeypatch, 0)
     for x_at in (0, item, 32 + item * int(rng.integers(0, 32 // item))):
         for ahead, dy_ahead in ((80, 1024), (48, 2048), (144, 64), (2048, 80)):
             x = _at_page_offset(shape, dtype, x_at)
@@ -336,9 +343,9 @@ def test_streamed_rows_with_coefficients_in_registers(monkeypatch, C, dtype, dat
     def passes(out, relu, n):
         return _four_passes(x, dy, mean, var, gamma, beta, out, relu, n)
 
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    _stream_from(monkeypatch, 1 << 62)
     want = {(relu, n): passes(None, relu, n) for relu in (False, True) for n in (1, 2)}
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+    _stream_from(monkeypatch, 0)
     full = np.full(x.size + 2 * pad, 7.0, dtype=dtype)
     start = (-full.ctypes.data % 64) // x.itemsize + int(rng.integers(pad))
     out = full[start:start + x.size].reshape(x.shape)
@@ -542,6 +549,77 @@ def test_cache_sizes_read_sysfs(tmp_path):
 def test_streams_rule():
     assert F.streams(F.STREAM_MIN_BYTES)
     assert not F.streams(F.STREAM_MIN_BYTES - 1)
+
+
+def test_dx_streams_rule(monkeypatch):
+    """Backward's dx over rows (inner == 1) streams from ROWS_DX_STREAM_MIN_BYTES,
+    over runs of several values from STREAM_MIN_BYTES."""
+    rng = np.random.default_rng()
+    rows_min, runs_min = (int(v) for v in rng.integers(1, 1 << 40, size=2))
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", runs_min)
+    monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", rows_min)
+    inner = int(rng.integers(2, 1000))
+    assert F.dx_streams(rows_min, 1) and not F.dx_streams(rows_min - 1, 1)
+    assert F.dx_streams(runs_min, inner) and not F.dx_streams(runs_min - 1, inner)
+
+
+def test_rows_dx_stream_threshold_follows_the_cpu(monkeypatch):
+    """Backward's dx over rows streams from the smaller of STREAM_MIN_BYTES and
+    eight times the L2 cache on Intel CPUs (where it was measured to win), from
+    STREAM_MIN_BYTES elsewhere; CBN_ROWS_DX_STREAM_MIN_BYTES overrides either,
+    refused by name when it is not a byte count."""
+    rng = np.random.default_rng()
+    eight_l2 = 8 * F._cache_sizes().get(2, 1 << 20)
+    monkeypatch.delenv("CBN_ROWS_DX_STREAM_MIN_BYTES", raising=False)
+    # A general threshold above eight L2 caches (a large last-level cache) and one below.
+    for stream_min in (int(rng.integers(eight_l2 + 1, 1 << 40)), int(rng.integers(0, eight_l2))):
+        monkeypatch.setenv("CBN_STREAM_MIN_BYTES", str(stream_min))
+        for model in [("GenuineIntel", 6, 167), ("GenuineIntel", None, None),
+                      ("AuthenticAMD", 25, 0x11), ("AuthenticAMD", 26, 2), (None, None, None)]:
+            intel = model[0] == "GenuineIntel"
+            assert F._rows_dx_stream_wins(model[0]) is intel
+            monkeypatch.setattr(F, "_cpu_model", lambda model=model: model)
+            want = min(stream_min, eight_l2) if intel else stream_min
+            assert F._rows_dx_stream_min_bytes() == want, (model, stream_min)
+    _assert_overridden(monkeypatch, "CBN_ROWS_DX_STREAM_MIN_BYTES", F._rows_dx_stream_min_bytes)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["rows", "channels-last"])
+def test_rows_dx_streamed_alone_gives_the_bits_of_cached_stores(monkeypatch, dtype, layout):
+    """Only backward's dx over rows streaming (ROWS_DX_STREAM_MIN_BYTES 0, the
+    general threshold out of reach): the functional and layer backward, on the
+    direct path and the checked one (a strided dy), give the cached-store bits."""
+    rng = np.random.default_rng()
+    C = int(rng.integers(1, 300))
+    if layout == "rows":
+        shape = (int(rng.integers(2, 400)), C)
+    else:
+        shape = (int(rng.integers(1, 4)), int(rng.integers(1, 9)), int(rng.integers(2, 9)), C)
+    x = (rng.standard_normal(shape) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma, beta = (rng.standard_normal(C).astype(dtype) for _ in range(2))
+    mean, var = x.reshape(-1, C).mean(axis=0), x.reshape(-1, C).var(axis=0)
+    strided = np.repeat(dy, 2, axis=-1)[..., ::2]
+
+    def run():
+        out = []
+        for g in (dy, strided):
+            for training in (True, False):
+                out += F.batch_norm_backward(g, x, mean, var, gamma, beta, axis=-1,
+                                             training=training, n_threads=int(rng.integers(1, 3)))
+            layer = BatchNorm(C, axis=-1, dtype=dtype, activation="relu")
+            layer.gamma, layer.beta = gamma, beta
+            layer(x)
+            out += [layer.backward(g), layer.dgamma.copy(), layer.dbeta.copy()]
+        return out
+
+    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", 1 << 62)
+    plain = run()
+    monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", 0)
+    for a, b in zip(plain, run(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # float64 NCHW batches whose streamed training forward goes by channel groups
