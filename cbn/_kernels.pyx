@@ -213,6 +213,23 @@ cdef extern from *:
     static inline void cbn_stream_line(void* dst, const void* src) { (void)dst; (void)src; }
     static inline void cbn_store_fence(void) {}
     #endif
+    /* cbn_stream_line of a line that two 32-byte stores have just written  */
+    /* (an `omp simd` loop's, where gcc prefers 256-bit vectors): read back  */
+    /* in halves, as CBN_CHECK_HALVES does, each load is forwarded from its  */
+    /* store; one 64-byte load would wait for both to reach the cache.       */
+    #ifndef CBN_STREAM_HALVES
+    #define CBN_STREAM_HALVES 1
+    #endif
+    static inline void cbn_stream_built(void* dst, const void* src) {
+    #if defined(__AVX512F__) && CBN_STREAM_HALVES
+        __m256i lo = _mm256_loadu_si256((const __m256i*)src);
+        __m256i hi = _mm256_loadu_si256((const __m256i*)((const char*)src + 32));
+        _mm512_stream_si512((__m512i*)dst,
+                            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    #else
+        cbn_stream_line(dst, src);
+    #endif
+    }
     /* `bytes` (a multiple of 64) from src streamed to dst, a line at a time. */
     static inline void cbn_stream_lines(void* dst, const void* src, size_t bytes) {
         for (size_t k = 0; k < bytes; k += 64)
@@ -405,7 +422,6 @@ cdef extern from *:
             for (Py_ssize_t i = 0; i < head; i++) {                                   \\
                 T v = EXPR; chk += v - v; (dst)[i] = STORE(v);                        \\
             }                                                                         \\
-            line_t vs;                                                                \\
             if ((nt) == CBN_NT_LAGGED) {                                              \\
                 /* Each block built into blk_[cur_] while the one before it */        \\
                 /* is streamed out (see CBN_NT_LAGGED).                     */        \\
@@ -433,9 +449,8 @@ cdef extern from *:
                         Py_ssize_t i = i0 + k;                                        \\
                         T v = EXPR; z[k] = v; line[k] = STORE(v);                     \\
                     }                                                                 \\
-                    memcpy(&vs, line, 64);                                            \\
                     CBN_CHECK_HALVES(half_t, z, chk_lo, chk_hi)                       \\
-                    cbn_stream_line((dst) + i0, &vs);                                 \\
+                    cbn_stream_built((dst) + i0, line);                               \\
                 }                                                                     \\
             }                                                                         \\
         } else if ((n) * (Py_ssize_t)sizeof(T) >= CBN_OR_CHECK_BYTES) {              \\
@@ -4460,8 +4475,17 @@ cdef object _params(const Batch* xb, object mean, object var, object gamma, obje
     return (mean, var, gamma, beta)
 
 
+cdef inline bint _streams(const Batch* b, Py_ssize_t stream_min, Py_ssize_t rows_stream_min):
+    """Whether a direct call writes its output with streaming stores: from
+    ``stream_min`` bytes, or from ``rows_stream_min`` (-1: the same) over rows
+    (inner == 1; see cbn.functional.ROWS_STREAM_MIN_BYTES)."""
+    if b.g.inner == 1 and rows_stream_min >= 0:
+        return b.nbytes >= rows_stream_min
+    return b.nbytes >= stream_min
+
+
 def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
-              Py_ssize_t parallel_min, Py_ssize_t stream_min):
+              Py_ssize_t parallel_min, Py_ssize_t stream_min, Py_ssize_t rows_stream_min=-1):
     """``cbn.functional.batch_norm_eval`` for arguments the kernel takes as they are.
 
     Returns y; the kernel's status code if it failed; None if some argument
@@ -4480,7 +4504,7 @@ def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
     y = _output(out, x, &xb, &y_data)
     if y is None or not _apart(y_data, xb.data, xb.nbytes):
         return None
-    cdef bint stream = xb.nbytes >= stream_min
+    cdef bint stream = _streams(&xb, stream_min, rows_stream_min)
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
             status = _forward(<const float*>xb.data, <float*>y_data, &xb.g, <double*>p.mean,
@@ -4494,7 +4518,7 @@ def eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
 
 
 def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
-               Py_ssize_t parallel_min, Py_ssize_t stream_min):
+               Py_ssize_t parallel_min, Py_ssize_t stream_min, Py_ssize_t rows_stream_min=-1):
     """``cbn.functional.batch_norm_train`` for arguments the kernel takes as they are.
 
     Returns ``(y, mean, var)``; the kernel's status code if it failed; None if
@@ -4520,7 +4544,7 @@ def train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
     cdef cnp.ndarray var = cnp.PyArray_EMPTY(1, &C, cnp.NPY_DOUBLE, 0)
     cdef double* m = <double*>cnp.PyArray_DATA(mean)
     cdef double* v = <double*>cnp.PyArray_DATA(var)
-    cdef bint stream = xb.nbytes >= stream_min
+    cdef bint stream = _streams(&xb, stream_min, rows_stream_min)
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
             status = _forward(<const float*>xb.data, <float*>y_data, &xb.g, m, v,
@@ -4541,9 +4565,8 @@ def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation
 
     ``dgamma_out``, ``dbeta_out``: (C,) arrays of x's dtype to write the
     parameter gradients into (only on success), or None for new ones;
-    ``need_param_grads`` as in ``backward``. dx streams from ``stream_min``
-    bytes, or from ``rows_stream_min`` (-1: the same) over rows (inner == 1;
-    see cbn.functional.ROWS_DX_STREAM_MIN_BYTES). Returns ``(dx, dgamma, dbeta)``;
+    ``need_param_grads`` as in ``backward``; ``rows_stream_min`` as in
+    ``_streams`` (cbn.functional.ROWS_DX_STREAM_MIN_BYTES). Returns ``(dx, dgamma, dbeta)``;
     the kernel's status code if it failed; None if some argument needs the
     caller's validation (nothing was computed).
     """
@@ -4571,9 +4594,7 @@ def backward_call(dy, x, mean, var, gamma, beta, axis, eps, training, activation
         return None
     cdef void* dg = cnp.PyArray_DATA(<cnp.ndarray>dgamma)
     cdef void* dbe = cnp.PyArray_DATA(<cnp.ndarray>dbeta)
-    if xb.g.inner == 1 and rows_stream_min >= 0:
-        stream_min = rows_stream_min
-    cdef bint stream = xb.nbytes >= stream_min
+    cdef bint stream = _streams(&xb, stream_min, rows_stream_min)
     with nogil:
         if xb.typenum == cnp.NPY_FLOAT:
             status = _backward(<const float*>db.data, <const float*>xb.data, &xb.g, p.mean,

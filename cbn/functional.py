@@ -122,18 +122,29 @@ def _stream_min_bytes():
     return _env_bytes("CBN_STREAM_MIN_BYTES", _last_level_cache_bytes() * num // den)
 
 
-def _rows_dx_stream_wins(vendor):
-    """Whether backward's dx over rows was measured faster streamed from eight times
-    the L2 cache on this CPU, even with a next layer reading it: Intel (see
-    ROWS_DX_STREAM_MIN_BYTES)."""
+def _rows_stream_wins(vendor):
+    """Whether outputs over rows were measured faster streamed from a multiple of
+    the L2 cache on this CPU, even with a next layer reading them: Intel (see
+    ROWS_STREAM_MIN_BYTES)."""
     return vendor == "GenuineIntel"
 
 
-def _rows_dx_stream_min_bytes(default_l2=1 << 20):
+def _rows_stream_min(name, l2_multiple, default_l2=1 << 20):
+    """The threshold in the environment variable ``name``, else the smaller of
+    STREAM_MIN_BYTES and ``l2_multiple`` L2 caches where _rows_stream_wins, else
+    STREAM_MIN_BYTES."""
     default = _stream_min_bytes()
-    if _rows_dx_stream_wins(_cpu_model()[0]):
-        default = min(default, 8 * _cache_sizes().get(2, default_l2))
-    return _env_bytes("CBN_ROWS_DX_STREAM_MIN_BYTES", default)
+    if _rows_stream_wins(_cpu_model()[0]):
+        default = min(default, l2_multiple * _cache_sizes().get(2, default_l2))
+    return _env_bytes(name, default)
+
+
+def _rows_stream_min_bytes():
+    return _rows_stream_min("CBN_ROWS_STREAM_MIN_BYTES", 16)
+
+
+def _rows_dx_stream_min_bytes():
+    return _rows_stream_min("CBN_ROWS_DX_STREAM_MIN_BYTES", 8)
 
 
 def _group_bytes(default_l2=1 << 20):
@@ -232,21 +243,27 @@ FORWARD_ONE_ROW_BYTES = _forward_one_row_bytes()
 _kernels.set_one_row_bytes(FORWARD_ONE_ROW_BYTES, forward=True)
 
 
-# Backward's dx over rows (inner == 1: (N, C) batches, channels-last maps) of
-# at least this many bytes is written with streaming stores. On a Xeon, whose
-# large last-level cache gives one core little more than memory's bandwidth,
-# streaming dx ran 1.03-1.26x from 16 MiB (eight times its 2 MiB L2), on one
-# and two threads, with dx allocated per call and read by a next layer or not
-# (12 MiB: 1.0x; maps in NCHW order: 0.88-1.09x, so they keep
-# STREAM_MIN_BYTES). Default: the smaller of STREAM_MIN_BYTES and eight times
-# the L2 cache on Intel CPUs, STREAM_MIN_BYTES elsewhere; the environment
-# variable CBN_ROWS_DX_STREAM_MIN_BYTES overrides it.
+# Outputs over rows (inner == 1: (N, C) batches, channels-last maps) stream
+# from their own thresholds. On a Xeon, whose large last-level cache gives one
+# core little more than memory's bandwidth, streaming beat cached stores, with
+# the output allocated per call and read by a next layer or not, on one and two
+# threads:
+# - forward's y from 32 MiB (16 times its 2 MiB L2): 1.03-1.34x (training and
+#   evaluation; 12-24 MiB lost up to 0.84x when a next layer read y);
+# - backward's dx from 16 MiB (8 times the L2): 1.03-1.26x (12 MiB: 1.0x).
+# Maps in NCHW order measured 0.88-1.09x, so they keep STREAM_MIN_BYTES.
+# Defaults: the smaller of STREAM_MIN_BYTES and those multiples of the L2 cache
+# on Intel CPUs, STREAM_MIN_BYTES elsewhere; the environment variables
+# CBN_ROWS_STREAM_MIN_BYTES and CBN_ROWS_DX_STREAM_MIN_BYTES override them.
+ROWS_STREAM_MIN_BYTES = _rows_stream_min_bytes()
 ROWS_DX_STREAM_MIN_BYTES = _rows_dx_stream_min_bytes()
 
 
-def streams(nbytes):
-    """Whether an output of ``nbytes`` bytes is written with streaming stores."""
-    return nbytes >= STREAM_MIN_BYTES
+def streams(nbytes, inner=0):
+    """Whether a forward output of ``nbytes`` bytes is written with streaming
+    stores, for a batch of ``inner`` values per (sample, channel) run (1: rows,
+    0: not said)."""
+    return nbytes >= (ROWS_STREAM_MIN_BYTES if inner == 1 else STREAM_MIN_BYTES)
 
 
 def dx_streams(nbytes, inner):
@@ -793,7 +810,8 @@ def batch_norm_train(
         groups with finite statistics are written.
     """
     result = _kernels.train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
-                                 PARALLEL_MIN_SIZE, STREAM_MIN_BYTES)
+                                 PARALLEL_MIN_SIZE, STREAM_MIN_BYTES,
+                           rows_stream_min=ROWS_STREAM_MIN_BYTES)
     if type(result) is tuple:
         return result
     if result is not None and result != _kernels.NONFINITE_STATS:
@@ -821,7 +839,7 @@ def _checked_train(x, gamma, beta, axis, eps, activation, out, n_threads):
     var = np.empty(channels)
     status = _kernels.forward_train(
         x3, y3, gamma, beta, eps, mean, var, relu, resolve_threads(n_threads, x3.size),
-        streams(y.nbytes),
+        streams(y.nbytes, x3.shape[2]),
     )
     if status == _kernels.NONFINITE_STATS:
         raise FloatingPointError(
@@ -870,7 +888,8 @@ def batch_norm_eval(
         x, the statistics, gamma or beta contain NaN or Inf.
     """
     y = _kernels.eval_call(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads,
-                           PARALLEL_MIN_SIZE, STREAM_MIN_BYTES)
+                           PARALLEL_MIN_SIZE, STREAM_MIN_BYTES,
+                           rows_stream_min=ROWS_STREAM_MIN_BYTES)
     if y is None:  # arguments that need checking or converting
         return _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threads)
     if type(y) is int:
@@ -891,7 +910,7 @@ def _checked_eval(x, mean, var, gamma, beta, axis, eps, activation, out, n_threa
     y, y3 = _result(out, x_c, x3, sources=(x_c,))
     status = _kernels.forward_eval(
         x3, y3, mean, var, gamma, beta, eps, relu, resolve_threads(n_threads, x3.size),
-        streams(y.nbytes),
+        streams(y.nbytes, x3.shape[2]),
     )
     _raise_for_status(
         status,

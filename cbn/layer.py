@@ -524,7 +524,7 @@ class BatchNorm:
         if batch_stats:
             result = _kernels.train_call(
                 x, gamma, beta, self._axis, self._eps, self._activation, None, self._n_threads,
-                F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
+                F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES, F.ROWS_STREAM_MIN_BYTES,
             )
             if type(result) is not tuple:
                 return self._checked_forward(x)
@@ -538,6 +538,7 @@ class BatchNorm:
             y = _kernels.eval_call(
                 x, mean, var, gamma, beta, self._axis, self._eps, self._activation, None,
                 self._n_threads, F.PARALLEL_MIN_SIZE, F.STREAM_MIN_BYTES,
+                F.ROWS_STREAM_MIN_BYTES,
             )
             if type(y) is not np.ndarray:
                 return self._checked_forward(x)
@@ -561,7 +562,8 @@ class BatchNorm:
             mean = np.empty(C)
             var = np.empty(C)
             status = _kernels.forward_train(
-                x3, y3, gamma, beta, self.eps, mean, var, relu, threads, streams(y.nbytes)
+                x3, y3, gamma, beta, self.eps, mean, var, relu, threads,
+                streams(y.nbytes, x3.shape[2]),
             )
             if status == _kernels.NONFINITE_STATS:
                 raise FloatingPointError(
@@ -577,7 +579,8 @@ class BatchNorm:
             mean = self._running_mean.astype(np.float64)
             var = self._running_var.astype(np.float64)
             status = _kernels.forward_eval(
-                x3, y3, mean, var, gamma, beta, self.eps, relu, threads, streams(y.nbytes)
+                x3, y3, mean, var, gamma, beta, self.eps, relu, threads,
+                streams(y.nbytes, x3.shape[2]),
             )
             _raise_for_status(
                 status,

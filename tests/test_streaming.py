@@ -1,8 +1,8 @@
 """Streaming (non-temporal) stores: the same numbers, the same error reports.
 
 Large outputs are written with streaming stores (cbn.functional.STREAM_MIN_BYTES,
-and ROWS_DX_STREAM_MIN_BYTES for backward's dx over rows); the test arrays are
-small, so these tests lower the thresholds to 0 and compare
+and ROWS_STREAM_MIN_BYTES and ROWS_DX_STREAM_MIN_BYTES over rows); the test
+arrays are small, so these tests lower the thresholds to 0 and compare
 every result with the cached-store path, bit for bit, on layouts that put the
 output at every alignment a 64-byte line can have.
 """
@@ -19,8 +19,9 @@ from cbn import reference as R
 
 
 def _stream_from(monkeypatch, nbytes):
-    """Every output of at least nbytes bytes streams, backward's dx over rows too."""
+    """Every output of at least nbytes bytes streams, over rows too."""
     monkeypatch.setattr(F, "STREAM_MIN_BYTES", nbytes)
+    monkeypatch.setattr(F, "ROWS_STREAM_MIN_BYTES", nbytes)
     monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", nbytes)
 
 
@@ -546,50 +547,53 @@ def test_cache_sizes_read_sysfs(tmp_path):
     assert F._cache_sizes(str(tmp_path / "missing")) == {}
 
 
-def test_streams_rule():
-    assert F.streams(F.STREAM_MIN_BYTES)
-    assert not F.streams(F.STREAM_MIN_BYTES - 1)
-
-
-def test_dx_streams_rule(monkeypatch):
-    """Backward's dx over rows (inner == 1) streams from ROWS_DX_STREAM_MIN_BYTES,
-    over runs of several values from STREAM_MIN_BYTES."""
+def test_streams_rules(monkeypatch):
+    """Outputs over rows (inner == 1) stream from their own thresholds (forward's
+    y from ROWS_STREAM_MIN_BYTES, backward's dx from ROWS_DX_STREAM_MIN_BYTES),
+    over runs of several values (or runs not said) from STREAM_MIN_BYTES."""
     rng = np.random.default_rng()
-    rows_min, runs_min = (int(v) for v in rng.integers(1, 1 << 40, size=2))
+    rows_min, dx_min, runs_min = (int(v) for v in rng.integers(1, 1 << 40, size=3))
     monkeypatch.setattr(F, "STREAM_MIN_BYTES", runs_min)
-    monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", rows_min)
+    monkeypatch.setattr(F, "ROWS_STREAM_MIN_BYTES", rows_min)
+    monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", dx_min)
     inner = int(rng.integers(2, 1000))
-    assert F.dx_streams(rows_min, 1) and not F.dx_streams(rows_min - 1, 1)
-    assert F.dx_streams(runs_min, inner) and not F.dx_streams(runs_min - 1, inner)
+    for rule, rows in ((F.streams, rows_min), (F.dx_streams, dx_min)):
+        assert rule(rows, 1) and not rule(rows - 1, 1)
+        assert rule(runs_min, inner) and not rule(runs_min - 1, inner)
+    assert F.streams(runs_min) and not F.streams(runs_min - 1)
 
 
-def test_rows_dx_stream_threshold_follows_the_cpu(monkeypatch):
-    """Backward's dx over rows streams from the smaller of STREAM_MIN_BYTES and
-    eight times the L2 cache on Intel CPUs (where it was measured to win), from
-    STREAM_MIN_BYTES elsewhere; CBN_ROWS_DX_STREAM_MIN_BYTES overrides either,
-    refused by name when it is not a byte count."""
+@pytest.mark.parametrize("name, read, multiple", [
+    ("CBN_ROWS_STREAM_MIN_BYTES", lambda: F._rows_stream_min_bytes(), 16),
+    ("CBN_ROWS_DX_STREAM_MIN_BYTES", lambda: F._rows_dx_stream_min_bytes(), 8)])
+def test_rows_stream_thresholds_follow_the_cpu(monkeypatch, name, read, multiple):
+    """Outputs over rows stream from the smaller of STREAM_MIN_BYTES and a
+    multiple of the L2 cache (forward 16, backward 8) on Intel CPUs (where it
+    was measured to win), from STREAM_MIN_BYTES elsewhere; the environment
+    variable overrides either, refused by name when it is not a byte count."""
     rng = np.random.default_rng()
-    eight_l2 = 8 * F._cache_sizes().get(2, 1 << 20)
-    monkeypatch.delenv("CBN_ROWS_DX_STREAM_MIN_BYTES", raising=False)
-    # A general threshold above eight L2 caches (a large last-level cache) and one below.
-    for stream_min in (int(rng.integers(eight_l2 + 1, 1 << 40)), int(rng.integers(0, eight_l2))):
+    l2_bytes = multiple * F._cache_sizes().get(2, 1 << 20)
+    monkeypatch.delenv(name, raising=False)
+    # A general threshold above the L2 multiple (a large last-level cache) and one below.
+    for stream_min in (int(rng.integers(l2_bytes + 1, 1 << 40)), int(rng.integers(0, l2_bytes))):
         monkeypatch.setenv("CBN_STREAM_MIN_BYTES", str(stream_min))
         for model in [("GenuineIntel", 6, 167), ("GenuineIntel", None, None),
                       ("AuthenticAMD", 25, 0x11), ("AuthenticAMD", 26, 2), (None, None, None)]:
             intel = model[0] == "GenuineIntel"
-            assert F._rows_dx_stream_wins(model[0]) is intel
+            assert F._rows_stream_wins(model[0]) is intel
             monkeypatch.setattr(F, "_cpu_model", lambda model=model: model)
-            want = min(stream_min, eight_l2) if intel else stream_min
-            assert F._rows_dx_stream_min_bytes() == want, (model, stream_min)
-    _assert_overridden(monkeypatch, "CBN_ROWS_DX_STREAM_MIN_BYTES", F._rows_dx_stream_min_bytes)
+            want = min(stream_min, l2_bytes) if intel else stream_min
+            assert read() == want, (model, stream_min)
+    _assert_overridden(monkeypatch, name, read)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["rows", "channels-last"])
-def test_rows_dx_streamed_alone_gives_the_bits_of_cached_stores(monkeypatch, dtype, layout):
-    """Only backward's dx over rows streaming (ROWS_DX_STREAM_MIN_BYTES 0, the
-    general threshold out of reach): the functional and layer backward, on the
-    direct path and the checked one (a strided dy), give the cached-store bits."""
+def test_rows_streamed_alone_give_the_bits_of_cached_stores(monkeypatch, dtype, layout):
+    """Only the outputs over rows streaming (ROWS_STREAM_MIN_BYTES and
+    ROWS_DX_STREAM_MIN_BYTES 0, the general threshold out of reach): the
+    functional and layer passes, on the direct path and the checked one (a
+    strided input), give the cached-store bits."""
     rng = np.random.default_rng()
     C = int(rng.integers(1, 300))
     if layout == "rows":
@@ -600,23 +604,29 @@ def test_rows_dx_streamed_alone_gives_the_bits_of_cached_stores(monkeypatch, dty
     dy = rng.standard_normal(shape).astype(dtype)
     gamma, beta = (rng.standard_normal(C).astype(dtype) for _ in range(2))
     mean, var = x.reshape(-1, C).mean(axis=0), x.reshape(-1, C).var(axis=0)
-    strided = np.repeat(dy, 2, axis=-1)[..., ::2]
+
+    def strided(a):
+        return np.repeat(a, 2, axis=-1)[..., ::2]
 
     def run():
         out = []
-        for g in (dy, strided):
+        for xi, g in ((x, dy), (strided(x), strided(dy))):
+            kw = {"axis": -1, "n_threads": int(rng.integers(1, 3))}
+            out += F.batch_norm_train(xi, gamma, beta, **kw)
+            out.append(F.batch_norm_eval(xi, mean, var, gamma, beta, **kw))
             for training in (True, False):
-                out += F.batch_norm_backward(g, x, mean, var, gamma, beta, axis=-1,
-                                             training=training, n_threads=int(rng.integers(1, 3)))
+                out += F.batch_norm_backward(g, xi, mean, var, gamma, beta,
+                                             training=training, **kw)
             layer = BatchNorm(C, axis=-1, dtype=dtype, activation="relu")
             layer.gamma, layer.beta = gamma, beta
-            layer(x)
+            out.append(layer(xi))
             out += [layer.backward(g), layer.dgamma.copy(), layer.dbeta.copy()]
+            out.append(layer.eval()(xi))
         return out
 
-    monkeypatch.setattr(F, "STREAM_MIN_BYTES", 1 << 62)
-    monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", 1 << 62)
+    _stream_from(monkeypatch, 1 << 62)
     plain = run()
+    monkeypatch.setattr(F, "ROWS_STREAM_MIN_BYTES", 0)
     monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", 0)
     for a, b in zip(plain, run(), strict=True):
         np.testing.assert_array_equal(a, b)
