@@ -811,7 +811,7 @@ def batch_norm_train(
     """
     result = _kernels.train_call(x, gamma, beta, axis, eps, activation, out, n_threads,
                                  PARALLEL_MIN_SIZE, STREAM_MIN_BYTES,
-                           rows_stream_min=ROWS_STREAM_MIN_BYTES)
+                                 rows_stream_min=ROWS_STREAM_MIN_BYTES)
     if type(result) is tuple:
         return result
     if result is not None and result != _kernels.NONFINITE_STATS:
