@@ -10,8 +10,10 @@ the same alternating rounds over the same rotated buffers as ``bench.py``:
 
 * ``cbn``: :mod:`cbn.functional` as users call it;
 * ``cbn:stream``: the same with every output streamed (non-temporal stores,
-  ``STREAM_MIN_BYTES = 0``), as oneDNN streams its float32 outputs; cbn
-  streams only outputs of half the last-level cache and more by default;
+  all of cbn's thresholds 0: ``cbn.benchmark.streaming_from``), as oneDNN
+  streams its float32 outputs; by default cbn streams only outputs of half the
+  last-level cache and more, and on Intel CPUs those over rows of 16 (forward)
+  or 8 (backward) L2 caches and more;
 * ``onednn``: oneDNN on the case's own layout (``nc`` for (N, C), ``nchw``
   for NCHW, ``nhwc`` for channels-last), the memory cbn reads and writes;
 * ``onednn:blocked``: for NCHW shapes whose C is a multiple of 16, oneDNN on
@@ -517,16 +519,12 @@ def _then_read(fn, output):
 
 
 def _streaming(fn):
-    """``fn`` with every output streamed (``STREAM_MIN_BYTES = 0``), as oneDNN streams
-    its float32 outputs; cbn's default streams outputs of half the last-level cache
-    and more only (the next layer would pay for it on smaller ones)."""
+    """``fn`` with every output streamed (all of cbn's thresholds 0), as oneDNN
+    streams its float32 outputs; cbn's defaults stream only outputs too large to
+    stay useful in cache (the next layer would pay for it on smaller ones)."""
     def streamed(i):
-        saved = F.STREAM_MIN_BYTES
-        F.STREAM_MIN_BYTES = 0
-        try:
+        with B.streaming_from(0):
             fn(i)
-        finally:
-            F.STREAM_MIN_BYTES = saved
     return streamed
 
 

@@ -35,12 +35,8 @@ SETTINGS = ("out=cold", "out=cold + next", "alloc", "alloc + next")
 
 def _forward(x, out, stream, consume):
     """One training forward (streamed or not), then the next layer's read of y."""
-    saved = F.STREAM_MIN_BYTES
-    F.STREAM_MIN_BYTES = 0 if stream else 1 << 62
-    try:
+    with B.streaming_from(0 if stream else 1 << 62):
         y, _, _ = F.batch_norm_train(x, out=out)
-    finally:
-        F.STREAM_MIN_BYTES = saved
     if consume:
         y.sum()
 

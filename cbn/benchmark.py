@@ -66,7 +66,7 @@ import sys
 import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -779,6 +779,26 @@ def _case_functions(impl, op, spec, buf, threads, torch):
         return (lambda i: bwd(t.dys[i], t.xs[i], t.weight, None, None, t.save_mean,
                               t.save_invstd, True, EPS, [True, True, True])), None
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+# cbn.functional's thresholds from which outputs stream: any output, forward's
+# y over rows, backward's dx over rows.
+STREAM_SETTINGS = ("STREAM_MIN_BYTES", "ROWS_STREAM_MIN_BYTES", "ROWS_DX_STREAM_MIN_BYTES")
+
+
+@contextmanager
+def streaming_from(nbytes):
+    """Within the block, every cbn output of at least ``nbytes`` bytes streams
+    (0: all of them, ``1 << 62``: none), over rows too; the thresholds are
+    restored after it."""
+    saved = {name: getattr(F, name) for name in STREAM_SETTINGS}
+    try:
+        for name in STREAM_SETTINGS:
+            setattr(F, name, nbytes)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(F, name, value)
 
 
 def _ratio(num, den):

@@ -299,3 +299,21 @@ def test_outputs_are_checked_by_opening_them_before_the_run(option, path, messag
     err = capsys.readouterr().err
     assert err.startswith(f"cbn bench: {option}") and message in err
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def test_streaming_from_sets_every_threshold_and_restores_them():
+    """streaming_from(n) sets every output threshold (rows too) for its block and
+    restores each after it, also when the block raises."""
+    from cbn import functional as F
+
+    before = {name: getattr(F, name) for name in B.STREAM_SETTINGS}
+    assert set(B.STREAM_SETTINGS) >= {"STREAM_MIN_BYTES", "ROWS_STREAM_MIN_BYTES",
+                                      "ROWS_DX_STREAM_MIN_BYTES"}
+    value = int(np.random.default_rng().integers(0, 1 << 40))
+    with B.streaming_from(value):
+        assert all(getattr(F, name) == value for name in B.STREAM_SETTINGS)
+        assert F.streams(value, 1) and F.dx_streams(value, 1) and F.streams(value, 7)
+    assert {name: getattr(F, name) for name in B.STREAM_SETTINGS} == before
+    with pytest.raises(KeyError), B.streaming_from(value):
+        raise KeyError("inside")
+    assert {name: getattr(F, name) for name in B.STREAM_SETTINGS} == before
