@@ -77,7 +77,6 @@ Usage (unset the OpenBLAS variables for the run, as for bench.py):
 """
 
 import ctypes
-import math
 import platform
 import statistics
 import sys
@@ -326,9 +325,7 @@ def measure_case(lib, torch, spec, dtype, op, config):
         return (lambda i: calls[i]()), None
 
     loops = {"floor": loop(kernel)} | ({"read": read} if op in TWO_PASS else {})
-    # (N, C) batches and channels-last maps are rows (one value per run).
-    inner = 1 if spec.channels_last or len(spec.shape) == 2 else math.prod(spec.shape[2:])
-    if not (F.dx_streams(nbytes, inner) if op == "backward" else F.streams(nbytes, inner)):
+    if not F.streams(nbytes, spec.inner, backward=op == "backward"):
         loops["cached"] = cached
     out = {"cbn": {}, "torch": {}, **{name: {} for name in loops}, "with_one": {}}
     for t in THREADS:

@@ -4,7 +4,8 @@ Streaming (non-temporal) stores skip reading each output line before writing
 it, so a pass over arrays that come from memory gets faster, but the output
 then sits in memory, not in the cache, and the next layer must fetch it from
 there. ``cbn.functional.STREAM_MIN_BYTES`` (half the last-level cache) decides
-which outputs stream. This script measures the trade for the training forward
+which outputs stream, and on Intel CPUs ``ROWS_STREAM_MIN_BYTES`` (16 L2 caches)
+for those over rows. This script measures the trade for the training forward
 pass at one thread, on arrays below that threshold, in four settings:
 
 * ``out=cold``: y written into a rotated ``out=`` buffer that is not in cache

@@ -172,6 +172,12 @@ class ShapeSpec:
         return self.shape[self.axis]
 
     @property
+    def inner(self):
+        """Values per (sample, channel) run in memory: 1 for (N, C) and channels-last
+        arrays (rows), H*W... for NCHW ones."""
+        return 1 if self.channels_last else math.prod(self.shape[2:])
+
+    @property
     def layout(self):
         """Layout label: NC, NCHW, NHWC, ..."""
         names = _CL_LAYOUT_NAMES if self.channels_last else _LAYOUT_NAMES

@@ -43,7 +43,6 @@ __all__ = [
     "default_threads",
     "resolve_threads",
     "streams",
-    "dx_streams",
     "channel_view",
     "memory_order",
     "set_cache_limit",
@@ -259,17 +258,13 @@ ROWS_STREAM_MIN_BYTES = _rows_stream_min_bytes()
 ROWS_DX_STREAM_MIN_BYTES = _rows_dx_stream_min_bytes()
 
 
-def streams(nbytes, inner=0):
-    """Whether a forward output of ``nbytes`` bytes is written with streaming
-    stores, for a batch of ``inner`` values per (sample, channel) run (1: rows,
-    0: not said)."""
-    return nbytes >= (ROWS_STREAM_MIN_BYTES if inner == 1 else STREAM_MIN_BYTES)
-
-
-def dx_streams(nbytes, inner):
-    """Whether backward writes a dx of ``nbytes`` bytes with streaming stores,
-    for a batch of ``inner`` values per (sample, channel) run (1: rows)."""
-    return nbytes >= (ROWS_DX_STREAM_MIN_BYTES if inner == 1 else STREAM_MIN_BYTES)
+def streams(nbytes, inner=0, *, backward=False):
+    """Whether an output of ``nbytes`` bytes (forward's y, or with ``backward``
+    the dx) is written with streaming stores, for a batch of ``inner`` values
+    per (sample, channel) run (1: rows, 0: not said)."""
+    if inner != 1:
+        return nbytes >= STREAM_MIN_BYTES
+    return nbytes >= (ROWS_DX_STREAM_MIN_BYTES if backward else ROWS_STREAM_MIN_BYTES)
 
 
 # ---------------------------------------------------------------------------
@@ -1010,7 +1005,7 @@ def _checked_backward(dy, x, mean, var, gamma, beta, axis, eps, training, activa
     status = _kernels.backward(
         dy3, x3, mean, var, gamma, beta, eps, dx3, dgamma, dbeta,
         bool(training), True, relu, resolve_threads(n_threads, x3.size),
-        dx_streams(dx.nbytes, x3.shape[2]),
+        streams(dx.nbytes, x3.shape[2], backward=True),
     )
     _raise_for_status(
         status,

@@ -718,7 +718,8 @@ class BatchNorm:
         status = _kernels.backward(
             dy3, x3, mean, var, gamma, beta, eps, dx3, dgamma, dbeta,
             batch_stats, self.affine, activation == "relu",
-            resolve_threads(self.n_threads, x3.size), F.dx_streams(dx.nbytes, x3.shape[2]),
+            resolve_threads(self.n_threads, x3.size),
+            streams(dx.nbytes, x3.shape[2], backward=True),
         )
         _raise_for_status(
             status,

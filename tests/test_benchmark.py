@@ -312,8 +312,21 @@ def test_streaming_from_sets_every_threshold_and_restores_them():
     value = int(np.random.default_rng().integers(0, 1 << 40))
     with B.streaming_from(value):
         assert all(getattr(F, name) == value for name in B.STREAM_SETTINGS)
-        assert F.streams(value, 1) and F.dx_streams(value, 1) and F.streams(value, 7)
+        assert F.streams(value, 1) and F.streams(value, 1, backward=True)
+        assert F.streams(value, 7)
     assert {name: getattr(F, name) for name in B.STREAM_SETTINGS} == before
     with pytest.raises(KeyError), B.streaming_from(value):
         raise KeyError("inside")
     assert {name: getattr(F, name) for name in B.STREAM_SETTINGS} == before
+
+
+def test_shape_spec_inner_is_the_run_length():
+    """ShapeSpec.inner: one value per (sample, channel) run for (N, C) and
+    channels-last arrays, the product of the spatial sizes for NCHW ones."""
+    rng = np.random.default_rng()
+    n, c, *spatial = (int(v) for v in rng.integers(1, 50, size=int(rng.integers(2, 6))))
+    dims = "x".join(map(str, (n, c, *spatial)))
+    assert B.parse_shape(dims).inner == int(np.prod(spatial, dtype=np.int64))
+    assert B.parse_shape(dims + ":nhwc").inner == 1
+    assert B.parse_shape("256x1024").inner == 1
+    assert B.parse_shape("32x64x56x56").inner == 56 * 56

@@ -557,9 +557,11 @@ def test_streams_rules(monkeypatch):
     monkeypatch.setattr(F, "ROWS_STREAM_MIN_BYTES", rows_min)
     monkeypatch.setattr(F, "ROWS_DX_STREAM_MIN_BYTES", dx_min)
     inner = int(rng.integers(2, 1000))
-    for rule, rows in ((F.streams, rows_min), (F.dx_streams, dx_min)):
-        assert rule(rows, 1) and not rule(rows - 1, 1)
-        assert rule(runs_min, inner) and not rule(runs_min - 1, inner)
+    for backward, rows in ((False, rows_min), (True, dx_min)):
+        assert F.streams(rows, 1, backward=backward)
+        assert not F.streams(rows - 1, 1, backward=backward)
+        assert F.streams(runs_min, inner, backward=backward)
+        assert not F.streams(runs_min - 1, inner, backward=backward)
     assert F.streams(runs_min) and not F.streams(runs_min - 1)
 
 
