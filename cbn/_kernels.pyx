@@ -182,6 +182,23 @@ cdef extern from *:
         (sizeof(T) == 4 || (n) * sizeof(T) >= 8192 ? 2048 : 1024)
     #define UNCENTRED_MAX 4.0
     #define CBN_SAME(v) (v)
+    /* A backward channel group's dx pass, image by image, first prefetches  */
+    /* into L2 this many bytes (at most) of the same image's x and dy of the  */
+    /* thread's next group, whose sums pass then starts its strided runs     */
+    /* with their heads fetched; 0: no such prefetch. On the Xeon (session   */
+    /* 31), cold data, one process, one and two threads, against none:       */
+    /* 64x16x32x32 1.06-1.12x, 8x256x28x28 1.03-1.07x, 32x64x56x56 and      */
+    /* 16x64x56x56 0.97-1.04x (noise); 2 KiB 0.95-1.10x, 4 KiB 0.85-1.06x,   */
+    /* and prefetching the next group whole 0.75-0.98x.                      */
+    #ifndef CBN_GROUP_PREFETCH_BYTES
+    #define CBN_GROUP_PREFETCH_BYTES 1024
+    #endif
+    static inline void cbn_prefetch_l2(const void* p, size_t nbytes) {
+        const char* c = (const char*)p;
+        size_t k;
+        for (k = 0; k < nbytes; k += 64)
+            __builtin_prefetch(c + k, 0, 2);
+    }
     #define CBN_RELU_f(v) ((v) > 0 ? (v) : 0.0f)
     #define CBN_RELU_d(v) ((v) > 0 ? (v) : 0.0)
 
@@ -1379,6 +1396,8 @@ cdef extern from *:
                                const double* mu, const double* m, const double* a,
                                const double* b, int relu, double* s1, double* s2) noexcept nogil
     void cbn_store_fence() noexcept nogil
+    void cbn_prefetch_l2(const void* p, size_t nbytes) noexcept nogil
+    enum: CBN_GROUP_PREFETCH_BYTES
     enum: RUN_GRAD_AHEAD
     int cbn_invstd(Py_ssize_t C, const double* var, double eps, double* invstd) noexcept nogil
     int cbn_forward_coefs_f(Py_ssize_t C, Py_ssize_t stride, const double* mean,
@@ -3736,13 +3755,15 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
 
 
 cdef int _backward_group(const floating* dy, const floating* x, floating* dx,
-                         const Geometry* g, Py_ssize_t c0, Py_ssize_t c1, const double* mean,
-                         const double* invstd, floating* coef, double* part, double* sum_g,
+                         const Geometry* g, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t c2,
+                         const double* mean, const double* invstd, floating* coef, double* part, double* sum_g,
                          double* sum_gd, bint training, bint relu, bint use_x,
                          bint nt) noexcept nogil:
     """_backward for channels [c0, c1) alone: their sums (as _backward_reduce
-    computes them), their coefficients, then their dx, image by image. Writes
-    only those channels' entries of part, sum_g, sum_gd and coef. A status."""
+    computes them), their coefficients, then their dx, image by image, while
+    the heads of the next group's runs, channels [c1, c2) (none if c2 == c1),
+    are prefetched (see CBN_GROUP_PREFETCH_BYTES). Writes only those
+    channels' entries of part, sum_g, sum_gd and coef. A status."""
     cdef Py_ssize_t C = g.channels, size = _part_stride(g), ob, n0, n1, n
     cdef int bad = 0
     for ob in range(g.n_outer_blocks):
@@ -3753,7 +3774,12 @@ cdef int _backward_group(const floating* dy, const floating* x, floating* dx,
     _sum_blocks(g, c0, c1, part, sum_g, sum_gd)
     if _backward_coefficients(g, c0, c1, mean, invstd, sum_g, sum_gd, training, coef) & 1:
         return STATUS_NONFINITE_OUTPUT
+    cdef Py_ssize_t ahead = _min((c2 - c1) * g.inner * <Py_ssize_t>sizeof(floating),
+                                 CBN_GROUP_PREFETCH_BYTES)
     for n in range(g.outer):
+        if ahead > 0:
+            cbn_prefetch_l2(x + (n * C + c1) * g.inner, <size_t>ahead)
+            cbn_prefetch_l2(dy + (n * C + c1) * g.inner, <size_t>ahead)
         bad |= _apply_runs(dy, x, dx, g, coef, n * C + c0, n * C + c1, relu, use_x, nt)
     if nt:
         cbn_store_fence()
@@ -3766,19 +3792,24 @@ cdef int _backward_grouped(const floating* dy, const floating* x, floating* dx,
                            double* sum_gd, bint training, bint relu, bint use_x,
                            int n_threads, bint nt) noexcept nogil:
     """The backward group by group of cg channels (see _group_channels), the
-    groups shared among the threads. Returns a status."""
-    cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k
+    groups shared among the threads in contiguous ranges, so that each group
+    knows the next one its thread takes. Returns a status."""
+    cdef Py_ssize_t C = g.channels, n_groups = (C + cg - 1) // cg, k, t, per, last, c1
     cdef int status = STATUS_OK, team = _team(n_threads, n_groups)
     cdef double* part = _part_alloc(2 * _part_stride(g))
     cdef int* group_status = <int*>malloc(n_groups * sizeof(int))
     if part == NULL or group_status == NULL:
         status = STATUS_NO_MEMORY
     else:
-        for k in prange(n_groups, schedule='static', num_threads=team,
+        per = (n_groups + team - 1) // team
+        for t in prange(team, schedule='static', num_threads=team,
                         use_threads_if=team > 1):
-            group_status[k] = _backward_group(dy, x, dx, g, k * cg, _min(k * cg + cg, C),
-                                              mean, invstd, coef, part, sum_g, sum_gd,
-                                              training, relu, use_x, nt)
+            last = _min(t * per + per, n_groups)
+            for k in range(t * per, last):
+                c1 = _min(k * cg + cg, C)
+                group_status[k] = _backward_group(
+                    dy, x, dx, g, k * cg, c1, _min(c1 + cg, C) if k + 1 < last else c1,
+                    mean, invstd, coef, part, sum_g, sum_gd, training, relu, use_x, nt)
         for k in range(n_groups):
             if status == STATUS_OK:
                 status = group_status[k]
