@@ -186,10 +186,10 @@ cdef extern from *:
     /* into L2 this many bytes (at most) of the same image's x and dy of the  */
     /* thread's next group, whose sums pass then starts its strided runs     */
     /* with their heads fetched; 0: no such prefetch. On the Xeon (session   */
-    /* 31), cold data, one process, one and two threads, against none:       */
-    /* 64x16x32x32 1.06-1.12x, 8x256x28x28 1.03-1.07x, 32x64x56x56 and      */
-    /* 16x64x56x56 0.97-1.04x (noise); 2 KiB 0.95-1.10x, 4 KiB 0.85-1.06x,   */
-    /* and prefetching the next group whole 0.75-0.98x.                      */
+    /* 31), one process, one and two threads, against none: cold data (1 GB  */
+    /* rotated) 64x16x32x32 1.02-1.16x, 8x256x28x28 1.02-1.03x, 32x64x56x56  */
+    /* 0.98-1.01x; 300 MB rotated 1.03-1.12x, 16x64x56x56 0.98-1.05x. There  */
+    /* 2 KiB ran 0.95-1.10x, 4 KiB 0.85-1.06x, the next group whole 0.75-0.98x.*/
     #ifndef CBN_GROUP_PREFETCH_BYTES
     #define CBN_GROUP_PREFETCH_BYTES 1024
     #endif
