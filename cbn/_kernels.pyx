@@ -3756,15 +3756,17 @@ cdef int _forward(const floating* x, floating* y, const Geometry* g, double* mea
 
 cdef int _backward_group(const floating* dy, const floating* x, floating* dx,
                          const Geometry* g, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t c2,
-                         const double* mean, const double* invstd, floating* coef, double* part, double* sum_g,
-                         double* sum_gd, bint training, bint relu, bint use_x,
-                         bint nt) noexcept nogil:
+                         const double* mean, const double* invstd, floating* coef,
+                         double* part, double* sum_g, double* sum_gd, bint training,
+                         bint relu, bint use_x, bint nt) noexcept nogil:
     """_backward for channels [c0, c1) alone: their sums (as _backward_reduce
     computes them), their coefficients, then their dx, image by image, while
     the heads of the next group's runs, channels [c1, c2) (none if c2 == c1),
     are prefetched (see CBN_GROUP_PREFETCH_BYTES). Writes only those
     channels' entries of part, sum_g, sum_gd and coef. A status."""
     cdef Py_ssize_t C = g.channels, size = _part_stride(g), ob, n0, n1, n
+    cdef Py_ssize_t ahead = _min((c2 - c1) * g.inner * <Py_ssize_t>sizeof(floating),
+                                 CBN_GROUP_PREFETCH_BYTES)
     cdef int bad = 0
     for ob in range(g.n_outer_blocks):
         n0 = ob * g.outer_per_block
@@ -3774,8 +3776,6 @@ cdef int _backward_group(const floating* dy, const floating* x, floating* dx,
     _sum_blocks(g, c0, c1, part, sum_g, sum_gd)
     if _backward_coefficients(g, c0, c1, mean, invstd, sum_g, sum_gd, training, coef) & 1:
         return STATUS_NONFINITE_OUTPUT
-    cdef Py_ssize_t ahead = _min((c2 - c1) * g.inner * <Py_ssize_t>sizeof(floating),
-                                 CBN_GROUP_PREFETCH_BYTES)
     for n in range(g.outer):
         if ahead > 0:
             cbn_prefetch_l2(x + (n * C + c1) * g.inner, <size_t>ahead)
